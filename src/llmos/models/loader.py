@@ -1,0 +1,180 @@
+"""Weight loaders: a GGUF file (dequantized with numpy) or a Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmos.models.config import ModelConfig, ModelError
+from llmos.models.llama import LlamaForCausalLM
+from llmos.models.registry import resolve_model
+from llmos.models.tokenizer import Tokenizer
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    path: Path
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_TOP_NAMES = {
+    "token_embd.weight": "embed_tokens.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+def _gguf_name(name: str) -> str | None:
+    if name in _GGUF_TOP_NAMES:
+        return _GGUF_TOP_NAMES[name]
+    if name.startswith("blk."):
+        _, idx, rest = name.split(".", 2)
+        if rest in _GGUF_LAYER_NAMES:
+            return f"layers.{idx}.{_GGUF_LAYER_NAMES[rest]}"
+    return None
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's interleaved-RoPE row order so weights use the rotate-half layout."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, Hugging Face-named fp32 weights and tokenizer of a GGUF file."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the gguf package raises assorted errors on bad files
+        raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    arch = fields.get("general.architecture")
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported")
+
+    def meta(key: str, default: Any = None) -> Any:
+        return fields.get(f"{arch}.{key}", default)
+
+    try:
+        heads = int(meta("attention.head_count"))
+        hidden = int(meta("embedding_length"))
+        tokens = fields.get("tokenizer.ggml.tokens") or []
+        eos = fields.get("tokenizer.ggml.eos_token_id")
+        eot = fields.get("tokenizer.ggml.eot_token_id")
+        names = {t.name for t in reader.tensors}
+        config = ModelConfig(
+            arch=arch,
+            vocab_size=int(meta("vocab_size", len(tokens))),
+            hidden_size=hidden,
+            intermediate_size=int(meta("feed_forward_length")),
+            num_layers=int(meta("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(meta("attention.head_count_kv", heads)),
+            head_dim=int(meta("attention.key_length", hidden // heads)),
+            rope_theta=float(meta("rope.freq_base", 10000.0)),
+            rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+            max_position_embeddings=int(meta("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in names,
+            attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
+            bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=tuple(dict.fromkeys(i for i in (eos, eot) if i is not None)),
+        )
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{path}: GGUF metadata is incomplete or invalid ({e})") from None
+
+    weights: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        name = _gguf_name(t.name)
+        if name is None:
+            continue
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelError(
+                f"{path}: tensor {t.name} uses {t.tensor_type.name}, which llmos cannot dequantize"
+            ) from None
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not arr.flags.writeable:  # F32 tensors come back as views of the memory map
+            arr = arr.copy()
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            n = config.num_heads if "q_proj" in name else config.num_kv_heads
+            arr = _unpermute_rope(arr, n)
+        weights[name] = torch.from_numpy(arr)
+    return config, weights, Tokenizer.from_gguf_fields(fields)
+
+
+def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, weights and tokenizer of a Hugging Face model directory."""
+    from safetensors.torch import load_file
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"{path} is not a model directory: it has no config.json")
+    try:
+        config = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ModelError(f"{cfg_file} is invalid: {e}") from None
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            ids = eos if isinstance(eos, list) else [eos]
+            merged = tuple(dict.fromkeys([*config.eos_token_ids, *ids]))
+            config = ModelConfig(**{**config.__dict__, "eos_token_ids": merged})
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelError(f"{path} has no .safetensors weights")
+    weights: dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return config, weights, Tokenizer.from_hf_dir(path)
+
+
+def load_model(
+    name_or_path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    max_positions: int | None = None,
+) -> LoadedModel:
+    """Load any supported model (registered name, GGUF file or HF directory) ready to run."""
+    path = resolve_model(name_or_path)
+    reader = read_hf_dir if path.is_dir() else read_gguf
+    config, weights, tokenizer = reader(path)
+    if not config.eos_token_ids and tokenizer.eos_token_id is not None:
+        config = ModelConfig(**{**config.__dict__, "eos_token_ids": (tokenizer.eos_token_id,)})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
+    model.rope.build(device)
+    try:
+        model.load_hf_state_dict({k: v.to(dtype) for k, v in weights.items()})
+    except (KeyError, ValueError) as e:
+        raise ModelError(f"{path}: weights do not match the config: {e}") from None
+    model.eval().requires_grad_(False)
+    return LoadedModel(config, model, tokenizer, path)
