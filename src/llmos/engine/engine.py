@@ -1,0 +1,273 @@
+"""The inference engine: requests in, token streams out (the engine's one public object).
+
+One `step()` is one iteration of continuous batching: schedule, move KV blocks
+(swap, copy-on-write), run the model once over every scheduled token, sample,
+detokenize, and finish requests that hit a stop condition.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llmos.engine.block_manager import BlockManager, SwapSpace
+from llmos.engine.config import EngineConfig
+from llmos.engine.kv_cache import KVCache
+from llmos.engine.metrics import EngineMetrics
+from llmos.engine.model_runner import ModelRunner
+from llmos.engine.outputs import CompletionOutput, RequestOutput
+from llmos.engine.sampler import sample
+from llmos.engine.sampling_params import InvalidRequestError, SamplingParams
+from llmos.engine.scheduler import Scheduler
+from llmos.engine.sequence import Sequence, SequenceStatus
+from llmos.models.loader import LoadedModel, load_model
+from llmos.models.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    arrival: float = 0.0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.seqs) == self.params.n and all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """Owns the model, the paged KV cache and the scheduler; knows nothing of agents."""
+
+    def __init__(self, model: str | LoadedModel = "smollm2-135m-instruct",
+                 config: EngineConfig | None = None, **kwargs) -> None:
+        self.config = config or EngineConfig(**kwargs)
+        cfg = self.config
+        device, dtype = cfg.torch_device, cfg.torch_dtype
+        if isinstance(model, LoadedModel):
+            self.loaded = model
+        else:
+            self.loaded = load_model(model, dtype=dtype, device=device)
+        self.model_config = self.loaded.config
+        self.tokenizer: Tokenizer = self.loaded.tokenizer
+        self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, dtype)
+        num_blocks = cfg.kv_budget_bytes() // block_bytes
+        if num_blocks < 1:
+            raise InvalidRequestError(
+                f"kv_budget of {cfg.kv_budget_bytes()} bytes holds no block of {block_bytes} bytes")
+        num_swap = cfg.swap_space // block_bytes
+        self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, dtype, device)
+        self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(cfg, self.blocks, SwapSpace(num_swap))
+        self.runner = ModelRunner(self.loaded.model, self.kv_cache, cfg.block_size)
+        self.requests: dict[str, _Request] = {}
+        self.metrics = EngineMetrics(kv_blocks_total=num_blocks)
+        self._ids = itertools.count()
+        self._stop_token_ids = set(self.model_config.eos_token_ids)
+
+    # -- requests -----------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> str:
+        """Queue a prompt (text or token ids); returns its request id."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, [int(t) for t in prompt]
+        self._validate(ids, params)
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        if params.max_tokens is None:
+            params.max_tokens = self.max_model_len - len(ids)
+        req = _Request(request_id, text, ids, params, arrival=time.perf_counter())
+        seq = self._new_sequence(req, 0, list(ids), priority)
+        req.seqs.append(seq)
+        self.requests[request_id] = req
+        self.scheduler.add(seq)
+        self.metrics.prompt_tokens += len(ids)
+        return request_id
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        total = len(ids) + (params.max_tokens or 1)
+        if total > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} exceeds "
+                f"the model's context length of {self.max_model_len} tokens")
+        need = -(-total // self.config.block_size) * params.n
+        if need > self.blocks.num_blocks:
+            raise InvalidRequestError(
+                f"the request needs {need} KV blocks at most but the KV budget holds "
+                f"{self.blocks.num_blocks}; raise kv_budget or lower max_tokens")
+
+    def _new_sequence(self, req: _Request, index: int, ids: list[int], priority: int) -> Sequence:
+        gen = torch.Generator()
+        seed = req.params.seed
+        gen.manual_seed(random.getrandbits(63) if seed is None else hash((seed, index)) & (2**63 - 1))
+        return Sequence(req.request_id, index, ids, len(req.prompt_token_ids), req.params,
+                        priority=priority, arrival=req.arrival, generator=gen)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request now; its KV blocks are freed before this returns."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+                seq.finish_reason = "abort"
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step -----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One iteration; returns an output for every request that made progress."""
+        out = self.scheduler.schedule()
+        self.kv_cache.swap_out(out.swap_out)
+        self.kv_cache.swap_in(out.swap_in)
+        self.kv_cache.copy(out.copies)
+        if out.is_empty:
+            self._update_gauges()
+            return []
+        logits, sampled = self.runner.execute(out.scheduled)
+        for seq, n in out.scheduled.items():
+            seq.num_computed_tokens += n
+        touched: dict[str, _Request] = {}
+        if sampled:
+            logits, sampled = self._fork_for_n(logits, sampled)
+            tokens, logprobs = sample(logits, sampled)
+            now = time.perf_counter()
+            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
+                self._append_token(seq, token, lp, now)
+                touched[seq.request_id] = self.requests[seq.request_id]
+        self.metrics.steps += 1
+        self._update_gauges()
+        return [self._output(req) for req in touched.values()]
+
+    def _fork_for_n(self, logits: torch.Tensor, seqs: list[Sequence]):
+        """A request with n > 1 forks after its prompt: children share the prompt's blocks."""
+        rows = list(range(len(seqs)))
+        out = list(seqs)
+        for i, seq in enumerate(seqs):
+            req = self.requests[seq.request_id]
+            if req.params.n > 1 and len(req.seqs) == 1 and seq.num_output_tokens == 0:
+                for index in range(1, req.params.n):
+                    child = self._new_sequence(req, index, list(seq.token_ids), seq.priority)
+                    self.blocks.fork(seq, child)
+                    child.status = SequenceStatus.RUNNING
+                    self.scheduler.running.append(child)
+                    req.seqs.append(child)
+                    out.append(child)
+                    rows.append(i)
+        if len(out) == len(seqs):
+            return logits, seqs
+        return logits[torch.tensor(rows, device=logits.device)], out
+
+    def _append_token(self, seq: Sequence, token: int, logprobs, now: float) -> None:
+        seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+        m = self.metrics
+        m.generation_tokens += 1
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            m.ttft.append(now - self.requests[seq.request_id].arrival)
+        else:
+            m.itl.append(now - seq.last_token_time)
+        seq.last_token_time = now
+        self._detokenize(seq)
+        p = seq.params
+        reason: tuple[str, int | str | None] | None = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self._stop_token_ids):
+            reason = ("stop", token)
+        elif (hit := self._find_stop_string(seq)) is not None:
+            reason = ("stop", hit)
+        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+            reason = ("length", None)
+        if reason is not None:
+            seq.finish_reason, seq.stop_reason = reason
+            self.scheduler.finish(seq)
+            req = self.requests[seq.request_id]
+            if req.finished:
+                m.requests_finished += 1
+                m.e2e.append(now - req.arrival)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Incremental detokenization; waits while the last token ends mid-character."""
+        ids = seq.output_token_ids
+        skip = seq.params.skip_special_tokens
+        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            seq.output_text += full[len(prefix) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+
+    def _find_stop_string(self, seq: Sequence) -> str | None:
+        stops = seq.params.stop
+        if not stops:
+            return None
+        text = seq.output_text
+        start = max(0, seq.stop_checked - max(len(s) for s in stops) + 1)
+        seq.stop_checked = len(text)
+        best: tuple[int, str] | None = None
+        for s in stops:
+            idx = text.find(s, start)
+            if idx != -1 and (best is None or idx < best[0]):
+                best = (idx, s)
+        if best is None:
+            return None
+        seq.output_text = text[: best[0]]
+        return best[1]
+
+    def _output(self, req: _Request) -> RequestOutput:
+        holdback = max((len(s) for s in req.params.stop), default=1) - 1
+        outputs = []
+        for seq in req.seqs:
+            text = seq.output_text
+            if not seq.is_finished and holdback:
+                text = text[: max(0, len(text) - holdback)]  # may still become a stop string
+            outputs.append(CompletionOutput(
+                seq.index, text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
+                list(seq.output_logprobs) if seq.params.logprobs is not None else None))
+        if req.finished:
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs,
+                             req.finished, req.seqs[0].num_cached_tokens)
+
+    def _update_gauges(self) -> None:
+        m, s, bm = self.metrics, self.scheduler, self.blocks
+        m.num_running, m.num_waiting, m.num_swapped = len(s.running), len(s.waiting), len(s.swapped)
+        m.kv_blocks_used = bm.num_used_blocks
+        m.preemptions = s.stats.preemptions
+        m.prefix_cache_queries, m.prefix_cache_hits = bm.prefix_stats.queries, bm.prefix_stats.hits
+        if s.running:
+            slots = bm.num_used_blocks * bm.block_size
+            filled = sum(min(q.num_computed_tokens, len(q.block_table) * bm.block_size)
+                         for q in s.running)
+            m.kv_slots_allocated += slots
+            m.kv_slots_filled += min(filled, slots)
+
+    def stats(self) -> dict[str, float]:
+        return self.metrics.as_dict()

@@ -1,0 +1,57 @@
+"""The KV pool: device blocks for all layers in one tensor, plus host blocks for swap."""
+
+from __future__ import annotations
+
+import torch
+
+from llmos.models.config import ModelConfig
+
+
+class KVCache:
+    """Physical memory of the paged KV cache.
+
+    Layout [layers, 2 (K, V), blocks, block_size, kv_heads, head_dim]: one block
+    index moves a block's K and V of every layer at once (swap, copy-on-write).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        num_swap_blocks: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # Zeroed: masked-out slots are multiplied by zero weights, and garbage could be NaN.
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        host_shape = (*shape[:2], num_swap_blocks, *shape[3:])
+        pin = device.type == "cuda"
+        self.host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        return cfg.kv_bytes_per_token * block_size * dtype.itemsize
+
+    def _index(self, pairs: list[tuple[int, int]], device: torch.device):
+        src = torch.tensor([p[0] for p in pairs], device=device)
+        dst = torch.tensor([p[1] for p in pairs], device=device)
+        return src, dst
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy device blocks to host blocks: (device block, host block) pairs."""
+        if pairs:
+            src, dst = self._index(pairs, self.kv.device)
+            self.host[:, :, dst.cpu()] = self.kv[:, :, src].to("cpu")
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy host blocks to device blocks: (host block, device block) pairs."""
+        if pairs:
+            src, dst = self._index(pairs, self.kv.device)
+            self.kv[:, :, dst] = self.host[:, :, src.cpu()].to(self.kv.device, non_blocking=True)
+
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write: device block to device block, in order."""
+        for src, dst in pairs:
+            self.kv[:, :, dst] = self.kv[:, :, src]

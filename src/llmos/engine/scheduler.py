@@ -1,0 +1,156 @@
+"""Continuous batching at iteration level, with preemption (vLLM's scheduler).
+
+Each step gets a token budget. Running sequences come first, in priority
+order, each taking the tokens it still has to compute (one for a decode, a
+chunk for a prefill); so prefill chunks and decodes share a step, and a prefix
+hit is just fewer tokens to compute. When blocks run out, the lowest-priority,
+newest running sequence is preempted: swapped to host memory or dropped for
+recompute. New and swapped sequences are admitted only in a step that
+preempted nobody, so memory pressure never makes things worse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmos.engine.block_manager import BlockManager, SwapSpace
+from llmos.engine.config import EngineConfig
+from llmos.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: dict[Sequence, int] = field(default_factory=dict)  # sequence -> tokens this step
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host) blocks
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device) blocks
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class SchedulerStats:
+    preemptions: int = 0
+    swap_outs: int = 0
+    recomputes: int = 0
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, swap: SwapSpace) -> None:
+        self.config = config
+        self.blocks = blocks
+        self.swap = swap
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.swapped: list[Sequence] = []
+        self.stats = SchedulerStats()
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.swapped)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=Sequence.sort_key)
+        for seq in list(self.running):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(seq.num_uncomputed, budget)
+            if n <= 0:
+                continue
+            while not self.blocks.can_allocate(seq, n):
+                victim = max(self.running, key=Sequence.sort_key)
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.copies += self.blocks.allocate(seq, n)
+                out.scheduled[seq] = n
+                budget -= n
+        if out.preempted:
+            return out
+        budget = self._admit_swapped(out, budget)
+        self._admit_waiting(out, budget)
+        return out
+
+    def _admit_swapped(self, out: SchedulerOutput, budget: int) -> int:
+        self.swapped.sort(key=Sequence.sort_key)
+        while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.swapped[0]
+            if self.blocks.num_free_blocks < len(seq.block_table) + 1:
+                break
+            host = seq.block_table
+            device = self.blocks.allocate_blocks(len(host))
+            out.swap_in += zip(host, device, strict=True)
+            self.swap.free(host)
+            seq.block_table = device
+            seq.num_cached_blocks = 0
+            self.swapped.pop(0)
+            self._run(seq)
+            n = min(seq.num_uncomputed, budget)
+            out.copies += self.blocks.allocate(seq, n)
+            out.scheduled[seq] = n
+            budget -= n
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        self.waiting.sort(key=Sequence.sort_key)
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.blocks.match_prefix(seq)
+            n = min(len(seq) - len(hits) * self.blocks.block_size, budget)
+            if not self.blocks.can_allocate(seq, n, hits):
+                break
+            self.waiting.pop(0)
+            out.copies += self.blocks.allocate(seq, n, hits)
+            self._run(seq)
+            out.scheduled[seq] = n
+            budget -= n
+
+    def _run(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Take a running sequence's memory: swap its blocks out, or drop them for recompute."""
+        self.running.remove(seq)
+        out.preempted.append(seq)
+        self.stats.preemptions += 1
+        mode = self.config.preemption_mode
+        can_swap = self.swap.num_free_blocks >= len(seq.block_table)
+        if mode == "swap" and not can_swap:
+            raise MemoryError("swap space is full; raise swap_space or use preemption_mode=auto")
+        if mode != "recompute" and can_swap:
+            host = self.swap.allocate(len(seq.block_table))
+            out.swap_out += zip(seq.block_table, host, strict=True)
+            self.blocks.free(seq)
+            seq.block_table = host
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.append(seq)
+            self.stats.swap_outs += 1
+        else:
+            self.blocks.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.append(seq)
+            self.stats.recomputes += 1
+
+    def finish(self, seq: Sequence) -> None:
+        """Release a finished or aborted sequence's memory, wherever it is queued."""
+        if seq.status is SequenceStatus.SWAPPED:
+            self.swap.free(seq.block_table)
+            seq.block_table = []
+            self.swapped.remove(seq)
+        else:
+            self.blocks.free(seq)
+            for queue in (self.running, self.waiting):
+                if seq in queue:
+                    queue.remove(seq)
+        seq.status = SequenceStatus.FINISHED
