@@ -1,13 +1,147 @@
-"""The llmos command."""
+"""The llmos command line (typer + rich)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
 
 import typer
+from rich.console import Console
 
-app = typer.Typer(no_args_is_help=True)
+from llmos import __version__
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="llmos: an operating system for LLM agents.")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: llmos and its peers side by side.")
+app.add_typer(bench_app, name="bench")
+console = Console()
+err = Console(stderr=True)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, GGUF file or HF directory.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"llmos {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """llmos: an operating system for LLM agents."""
+
+
+def _fail(message: str) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+def _load_engine(model: str, **engine_kwargs):
+    """Load a model and build an engine behind a progress spinner; errors are one line."""
+    from llmos.engine import LLM, InvalidRequestError
+    from llmos.models.config import ModelError
+
+    with console.status(f"loading {model} ..."):
+        try:
+            return LLM(model, **engine_kwargs)
+        except (ModelError, InvalidRequestError) as e:
+            _fail(str(e))
 
 
 @app.command()
-def version() -> None:
-    """Print the version."""
-    from llmos import __version__
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="One or more prompts, run as one batch.")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")]
+    = False,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+) -> None:
+    """Generate text; one prompt streams to the terminal, several run as one batch.
 
-    print(__version__)
+    Example: llmos generate --chat "What is an operating system?" "Name three colors."
+    """
+    from llmos.engine import InvalidRequestError, SamplingParams
+
+    try:
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k, seed=seed, stop=stop or [])
+    except InvalidRequestError as e:
+        _fail(str(e))
+    llm = _load_engine(model)
+    inputs = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else p
+              for p in prompts]
+    streamed: dict[str, int] = {}
+
+    def on_step(outputs) -> None:
+        if len(prompts) != 1:
+            return
+        for o in outputs:
+            text = o.outputs[0].text
+            sys.stdout.write(text[streamed.get(o.request_id, 0):])
+            sys.stdout.flush()
+            streamed[o.request_id] = len(text)
+
+    try:
+        if len(prompts) > 1:
+            with console.status(f"generating {len(prompts)} completions in one batch ..."):
+                results = llm.generate(inputs, params)
+        else:
+            results = llm.generate(inputs, params, on_step=on_step)
+    except InvalidRequestError as e:
+        _fail(str(e))
+    if len(prompts) == 1:
+        print()
+        return
+    for prompt, result in zip(prompts, results, strict=True):
+        out = result.outputs[0]
+        console.rule(f"[bold]{prompt}")
+        console.print(out.text, markup=False, highlight=False)
+        console.print(f"[dim]{len(out.token_ids)} tokens, finish: {out.finish_reason}[/]")
+
+
+@app.command()
+def models() -> None:
+    """List the models llmos knows by name and where they are.
+
+    Example: llmos models
+    """
+    from rich.table import Table
+
+    from llmos.models.registry import available_models
+
+    table = Table("name", "location")
+    for name, location in available_models():
+        table.add_row(name, location)
+    console.print(table)
+    console.print("[dim]Any GGUF file or Hugging Face model directory also works as --model PATH.[/]")
+
+
+@bench_app.command("engine")
+def bench_engine(
+    quick: Annotated[bool, typer.Option(help="Shrink the work (the demo's form).")] = False,
+    model: ModelOpt = "smollm2-135m-instruct",
+    output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+    peers: Annotated[bool, typer.Option(help="Also run the peers (HF transformers).")] = True,
+    workload: Annotated[str, typer.Option(help="C (CPU) or G (GPU, Qwen3-0.6B shape); auto picks.")]
+    = "auto",
+) -> None:
+    """llmos vs HF transformers on the same model and work, one after the other.
+
+    Example: llmos bench engine --quick
+    """
+    from llmos.bench.engine import run_engine_bench
+
+    run_engine_bench(console, quick=quick, model=model, json_path=output, peers=peers,
+                     workload=workload)
+
+
+if __name__ == "__main__":
+    app()

@@ -39,7 +39,7 @@ class EngineConfig:
     preemption_mode: str = "auto"  # "recompute", "swap", or "auto" (swap while it fits)
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
     device: str = "auto"
-    kv_cpu_cap: str = "4GiB"  # upper bound of the KV pool on CPU when given as a fraction
+    kv_cpu_cap: str = "2GiB"  # upper bound of the KV pool on CPU when given as a fraction
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):

@@ -149,7 +149,6 @@ class LLMEngine:
         self.kv_cache.swap_in(out.swap_in)
         self.kv_cache.copy(out.copies)
         if out.is_empty:
-            self._update_gauges()
             return []
         logits, sampled = self.runner.execute(out.scheduled)
         for seq, n in out.scheduled.items():
@@ -163,7 +162,7 @@ class LLMEngine:
                 self._append_token(seq, token, lp, now)
                 touched[seq.request_id] = self.requests[seq.request_id]
         self.metrics.steps += 1
-        self._update_gauges()
+        self._account_kv()
         return [self._output(req) for req in touched.values()]
 
     def _fork_for_n(self, logits: torch.Tensor, seqs: list[Sequence]):
@@ -256,18 +255,20 @@ class LLMEngine:
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs,
                              req.finished, req.seqs[0].num_cached_tokens)
 
-    def _update_gauges(self) -> None:
+    def _account_kv(self) -> None:
+        """Add this step's allocated and filled KV slots to the utilisation average."""
+        bm, running = self.blocks, self.scheduler.running
+        if running:
+            slots = bm.num_used_blocks * bm.block_size
+            filled = sum(min(q.num_computed_tokens, len(q.block_table) * bm.block_size) for q in running)
+            self.metrics.kv_slots_allocated += slots
+            self.metrics.kv_slots_filled += min(filled, slots)
+
+    def stats(self) -> dict[str, float]:
+        """A snapshot of the metrics, gauges read now."""
         m, s, bm = self.metrics, self.scheduler, self.blocks
         m.num_running, m.num_waiting, m.num_swapped = len(s.running), len(s.waiting), len(s.swapped)
         m.kv_blocks_used = bm.num_used_blocks
         m.preemptions = s.stats.preemptions
         m.prefix_cache_queries, m.prefix_cache_hits = bm.prefix_stats.queries, bm.prefix_stats.hits
-        if s.running:
-            slots = bm.num_used_blocks * bm.block_size
-            filled = sum(min(q.num_computed_tokens, len(q.block_table) * bm.block_size)
-                         for q in s.running)
-            m.kv_slots_allocated += slots
-            m.kv_slots_filled += min(filled, slots)
-
-    def stats(self) -> dict[str, float]:
-        return self.metrics.as_dict()
+        return m.as_dict()

@@ -1,0 +1,161 @@
+"""The asyncio face of the engine: streams tokens per request, aborts at once.
+
+The engine steps in one background thread (torch releases the GIL while it
+computes); requests and aborts reach it as commands run between two steps,
+so engine state is only ever touched by that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from llmos.engine.config import EngineConfig
+from llmos.engine.engine import LLMEngine
+from llmos.engine.outputs import RequestOutput
+from llmos.engine.sampling_params import SamplingParams
+from llmos.models.loader import LoadedModel
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped; no request can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, model: str | LoadedModel | LLMEngine = "smollm2-135m-instruct",
+                 config: EngineConfig | None = None, **kwargs) -> None:
+        self.engine = model if isinstance(model, LLMEngine) else LLMEngine(model, config, **kwargs)
+        self.tokenizer = self.engine.tokenizer
+        self._commands: deque[Callable[[], None]] = deque()
+        self._wake = threading.Condition()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield the request's output after every step that changed it; the last is finished.
+
+        Leaving the iteration early (a client went away) aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        request_id = request_id or uuid.uuid4().hex
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def add() -> str:
+            rid = self.engine.add_request(prompt, params, request_id, priority)
+            self._streams[rid] = (loop, queue)
+            return rid
+
+        await self._call(add)
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; returns once its KV blocks are free."""
+        if self._stopped:
+            return
+
+        def do() -> None:
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+        await self._call(do)
+
+    async def stats(self) -> dict[str, float]:
+        return await self._call(self.engine.stats)
+
+    def shutdown(self) -> None:
+        with self._wake:
+            self._stopped = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the engine thread ----------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the engine thread between two steps and return its result."""
+        if self._stopped:
+            raise EngineDeadError("the engine is shut down")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn()
+            except Exception as e:  # handed to the caller, not raised in the engine thread
+                loop.call_soon_threadsafe(_settle, future, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        with self._wake:
+            self._commands.append(command)
+            self._wake.notify()
+        return await future
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopped and not self._commands and not self.engine.has_unfinished_requests():
+                    self._wake.wait()
+                if self._stopped:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for command in commands:
+                command()
+            if not self.engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a failed step fails its requests, never the process
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out, out.finished)
+        self._fail_all(EngineDeadError("the engine shut down"))
+
+    def _deliver(self, request_id: str, item: Any, last: bool) -> None:
+        stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if stream is not None:
+            loop, queue = stream
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+            self._deliver(request_id, error, True)
+        for request_id in list(self._streams):
+            self._deliver(request_id, error, True)
+
+
+def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
