@@ -59,3 +59,21 @@ def test_paged_matches_dense_for_mixed_decode_and_prefill_steps():
     expected = torch.cat([dense(q_all[s], k_all[s], v_all[s])[a:] for s, a in
                           [(1, 6), (0, 0), (2, 10), (3, 13)]])
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_native_decode_kernel_matches_torch_path():
+    from llmos.engine import native
+    from llmos.engine.attention import _decode
+
+    assert native.available(), "the C kernel must build here (cc is part of the set-up)"
+    torch.manual_seed(1)
+    b, hq, hkv, d, bs, nblocks = 5, 9, 3, 64, 16, 40
+    k = torch.randn(nblocks, bs, hkv, d)
+    v = torch.randn(nblocks, bs, hkv, d)
+    lens = torch.tensor([1, 16, 17, 40, 100])
+    tables = torch.stack([torch.randperm(nblocks)[:7] for _ in range(b)])
+    q = torch.randn(b, hq, d)
+    mask = (torch.arange(7 * bs)[None] < lens[:, None])[:, None, None, :]
+    expected = _decode(q, k, v, tables, mask)
+    torch.testing.assert_close(native.paged_decode(q, k, v, tables, lens), expected,
+                               rtol=1e-5, atol=1e-5)

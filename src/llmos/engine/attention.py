@@ -4,7 +4,8 @@ Each step's tokens arrive as one flat batch: single-token decodes first, then
 prefill chunks. A layer first writes the new K and V into their cache slots,
 then every query attends to its sequence's cached keys through the block
 table, so a chunk sees both the prefix cached by earlier steps (or shared
-from another request) and itself.
+from another request) and itself. On the CPU, decodes read the blocks in
+place through a small C kernel (native.py); elsewhere they are gathered.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from llmos.engine import native
 
 
 @dataclass
@@ -39,7 +42,8 @@ class PagedAttention:
         self.kv = kv  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.meta = meta
         block_size = kv.shape[3]
-        if meta.num_decodes:
+        self._native = kv.device.type == "cpu" and kv.dtype == torch.float32 and native.available()
+        if meta.num_decodes and not self._native:
             lens = meta.decode_context_lens
             max_len = meta.decode_block_tables.shape[1] * block_size
             pos = torch.arange(max_len, device=lens.device)
@@ -54,7 +58,10 @@ class PagedAttention:
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
         out = torch.empty_like(q)
         nd = self.meta.num_decodes
-        if nd:
+        if nd and self._native:
+            out[:nd] = native.paged_decode(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
+                                           self.meta.decode_context_lens)
+        elif nd:
             out[:nd] = _decode(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
                                self._decode_mask)
         for chunk, mask in zip(self.meta.prefills, self._prefill_masks, strict=True):

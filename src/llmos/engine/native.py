@@ -1,0 +1,94 @@
+"""The CPU decode-attention kernel (paged_attention.c), built once with the system compiler.
+
+Pure PyTorch must gather every sequence's blocks into a padded copy each
+layer of each step; on a CPU that copy costs more than the whole model's
+matmuls. The kernel reads blocks in place. Built on first use into the llmos
+cache directory; where no compiler works, the engine keeps the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("paged_attention.c")
+_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
+          "-fno-signed-zeros", "-fno-trapping-math"]
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("LLMOS_HOME")
+    return (Path(home) if home else Path.home() / ".llmos") / "cache"
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("LLMOS_NATIVE", "1") == "0":
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()
+    target = cache_dir() / "native" / f"paged_attention-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        compiler = os.environ.get("CC", "cc")
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            try:
+                subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
+                               check=True, capture_output=True, timeout=120)
+            except (OSError, subprocess.SubprocessError) as e:
+                print(f"llmos: CPU attention kernel not built ({e}); using PyTorch", file=sys.stderr)
+                return None
+            os.replace(built, target)  # atomic: concurrent builders agree
+    lib = ctypes.CDLL(str(target))
+    fn = lib.paged_decode_f32
+    p, i = ctypes.c_void_p, ctypes.c_int
+    fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, ctypes.c_float, p]
+    fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+@cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmos-attn")
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] against each row's cached keys, read through its table."""
+    lib = _library()
+    b, hq, d = q.shape
+    hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    q = q.contiguous()
+    tables = block_tables.contiguous()
+    lens = context_lens.contiguous()
+    out = torch.empty_like(q)
+    max_len = int(lens.max())
+    workers = max(1, min(torch.get_num_threads(), b))
+    scratch = torch.empty(workers, hq * max_len, dtype=torch.float32)
+    scale = 1.0 / d**0.5
+    bounds = [b * i // workers for i in range(workers + 1)]
+
+    def run(i: int) -> None:  # ctypes drops the GIL for the call: workers run in parallel
+        lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
+                             lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], hq, hkv, d, bs,
+                             tables.shape[1], scale, scratch[i].data_ptr())
+
+    if workers == 1:
+        run(0)
+    else:
+        list(_pool(workers).map(run, range(workers)))
+    return out
