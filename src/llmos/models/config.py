@@ -49,9 +49,14 @@ class ModelConfig:
         )
         if arch is None:
             raise ModelError(f"unsupported model_type {model_type!r} in config.json")
-        scaling = cfg.get("rope_scaling")
-        if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-            raise ModelError(f"unsupported rope_scaling {scaling!r}")
+        # transformers >= 5 writes `rope_parameters` (holding rope_theta); older ones
+        # `rope_scaling` beside a top-level rope_theta.
+        rope = cfg.get("rope_parameters") or {}
+        for r in (rope, cfg.get("rope_scaling") or {}):
+            if r.get("rope_type", r.get("type", "default")) != "default":
+                raise ModelError(f"unsupported RoPE scaling {r!r}; llmos runs plain RoPE only")
+        if cfg.get("use_sliding_window"):
+            raise ModelError("sliding-window attention (use_sliding_window) is not supported")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -64,7 +69,7 @@ class ModelConfig:
             num_heads=heads,
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_theta=float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -91,10 +96,11 @@ class ModelConfig:
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
             "rms_norm_eps": self.rms_norm_eps,
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias if self.arch == "llama" else False,
+            "attention_bias": self.attention_bias and self.arch != "qwen2",  # Qwen2's is implied
             "hidden_act": "silu",
             "bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_ids) or None,
