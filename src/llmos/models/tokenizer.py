@@ -66,7 +66,8 @@ class Tokenizer:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        """Token ids; add_special_tokens runs tokenizer.json's post-processor and adds BOS if configured."""
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.add_bos and self.bos_token_id is not None:
             if not ids or ids[0] != self.bos_token_id:
                 ids = [self.bos_token_id, *ids]
@@ -108,12 +109,24 @@ class Tokenizer:
         """Token ids of a rendered chat; the template already holds any BOS it wants."""
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
 
+    def save_pretrained(self, path: Path) -> None:
+        """Write tokenizer.json and tokenizer_config.json, as from_hf_dir (and transformers) read them."""
+        path.mkdir(parents=True, exist_ok=True)
+        self._tok.save(str(path / "tokenizer.json"))
+        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "add_bos_token": self.add_bos,
+               "chat_template": self.chat_template}
+        cfg = {k: v for k, v in cfg.items() if v is not None}
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+
     @classmethod
     def from_hf_dir(cls, path: Path) -> Tokenizer:
         tok_file = path / "tokenizer.json"
         if not tok_file.is_file():
             raise ModelError(f"{path} has no tokenizer.json")
-        tok = _HFTokenizer.from_file(str(tok_file))
+        try:
+            tok = _HFTokenizer.from_file(str(tok_file))
+        except Exception as e:  # the tokenizers library raises a bare Exception
+            raise ModelError(f"{tok_file} is not a valid tokenizer.json: {e}") from None
         cfg: dict[str, Any] = {}
         if (path / "tokenizer_config.json").is_file():
             cfg = json.loads((path / "tokenizer_config.json").read_text())
@@ -143,6 +156,8 @@ class Tokenizer:
                 f"GGUF tokenizer model {kind!r} is not supported (llmos reads byte-level BPE, "
                 "'gpt2'); use the model's Hugging Face directory instead"
             )
+        if "tokenizer.ggml.tokens" not in fields or "tokenizer.ggml.merges" not in fields:
+            raise ModelError("GGUF file lacks tokenizer.ggml.tokens or tokenizer.ggml.merges")
         tokens: list[str] = fields["tokenizer.ggml.tokens"]
         types: list[int] = fields.get("tokenizer.ggml.token_type", [1] * len(tokens))
         merges = [tuple(m.split(" ", 1)) for m in fields["tokenizer.ggml.merges"]]
