@@ -57,10 +57,15 @@ class RotaryEmbedding(nn.Module):
         self.build()
 
     def build(self, device: torch.device | str | None = None) -> None:
-        """(Re)compute the cos/sin tables, e.g. after the module was made on the meta device."""
-        d = self.head_dim
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64), inv_freq)
+        """(Re)compute the cos/sin tables on a device (default: the ambient one).
+
+        The tables are computed on the CPU and then moved, even for a meta-device
+        build: meta arange imports torch._dynamo (~1.5 s of every load).
+        """
+        device = torch.empty(()).device if device is None else device
+        d, cpu = self.head_dim, torch.device("cpu")
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=cpu) / d))
+        freqs = torch.outer(torch.arange(self.max_positions, dtype=torch.float64, device=cpu), inv_freq)
         self.register_buffer("cos", freqs.cos().float().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().float().to(device), persistent=False)
 
@@ -112,7 +117,12 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # Passing the weight in keeps a meta-device build from calling normal_, whose meta
+        # kernel imports torch._dynamo (~1.5 s of every load_model).
+        embedding = torch.empty(cfg.vocab_size, cfg.hidden_size)  # on the ambient device
+        if not embedding.is_meta:
+            nn.init.normal_(embedding)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=embedding)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -141,38 +151,71 @@ class LlamaForCausalLM(nn.Module):
     @torch.no_grad()
     def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face parameter names, fusing q/k/v and gate/up projections."""
-        weights = {k.removeprefix("model."): v for k, v in weights.items()}
-        own = dict(self.named_parameters())
-        done: set[str] = set()
+        self.load_weights(fuse_hf_weights(self.config, weights))
 
-        def put(name: str, tensor: torch.Tensor) -> None:
-            param = own.get(name)
-            if param is None or param.shape != tensor.shape:
-                shape = None if param is None else tuple(param.shape)
-                raise ValueError(f"weight {name}: expected shape {shape}, got {tuple(tensor.shape)}")
-            param.copy_(tensor)
-            done.add(name)
+    @torch.no_grad()
+    def load_weights(self, state: dict[str, torch.Tensor]) -> None:
+        """Load this model's own parameter names (as fuse_hf_weights returns them).
 
-        for i in range(self.config.num_layers):
-            p = f"layers.{i}."
-            for kind in ("weight", "bias"):
-                parts = [weights.get(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"]
-                if all(t is not None for t in parts):
-                    put(f"{p}qkv_proj.{kind}", torch.cat(parts))
-            gate, up = weights[f"{p}mlp.gate_proj.weight"], weights[f"{p}mlp.up_proj.weight"]
-            put(f"{p}gate_up_proj.weight", torch.cat([gate, up]))
-            put(f"{p}o_proj.weight", weights[f"{p}self_attn.o_proj.weight"])
-            put(f"{p}down_proj.weight", weights[f"{p}mlp.down_proj.weight"])
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                put(f"{p}{norm}.weight", weights[f"{p}{norm}.weight"])
-            if self.config.qk_norm:
-                put(f"{p}q_norm.weight", weights[f"{p}self_attn.q_norm.weight"])
-                put(f"{p}k_norm.weight", weights[f"{p}self_attn.k_norm.weight"])
-        put("embed_tokens.weight", weights["embed_tokens.weight"])
-        put("norm.weight", weights["norm.weight"])
-        if not self.config.tie_word_embeddings:
-            head = weights.get("lm_head.weight", weights["embed_tokens.weight"])
-            put("lm_head.weight", head)
-        missing = set(own) - done - ({"lm_head.weight"} if self.config.tie_word_embeddings else set())
-        if missing:
-            raise ValueError(f"checkpoint lacks weights for {sorted(missing)[:5]}")
+        A model built on the meta device adopts the tensors as they are (same dtype,
+        device and memory, e.g. a safetensors memory map), so loading never holds two
+        copies; a materialized model copies them into its parameters.
+        """
+        own = dict(self.named_parameters())  # a tied lm_head is listed once, as embed_tokens
+        missing = sorted(set(own) - set(state))
+        unknown = sorted(set(state) - set(own) - {"lm_head.weight"})
+        if missing or unknown:
+            raise ValueError(f"checkpoint lacks weights {missing[:5]} or has unknown ones {unknown[:5]}")
+        for name, param in own.items():
+            tensor = state[name]
+            if tensor.shape != param.shape:
+                raise ValueError(
+                    f"weight {name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
+                )
+            if param.is_meta:
+                module_name, _, attr = name.rpartition(".")
+                setattr(self.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+            else:
+                param.copy_(tensor)
+        self.tie_weights()
+        device = self.embed_tokens.weight.device
+        if self.rope.cos.device != device:
+            self.rope.build(device)
+
+
+def fuse_hf_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face parameter names -> this model's, concatenating q/k/v and gate/up.
+
+    Unfused tensors are passed through untouched (no copy). A tied lm_head is left out.
+    """
+    weights = {k.removeprefix("model."): v for k, v in weights.items()}
+    out: dict[str, torch.Tensor] = {}
+
+    def need(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise ValueError(f"checkpoint lacks weight {name}")
+        return weights[name]
+
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [weights.get(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"]
+            if kind == "weight" or cfg.attention_bias:
+                out[f"{p}qkv_proj.{kind}"] = torch.cat([need(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
+            elif any(t is not None for t in parts):
+                raise ValueError(f"checkpoint has q/k/v biases in layer {i} but the config has none")
+        gate, up = need(f"{p}mlp.gate_proj.weight"), need(f"{p}mlp.up_proj.weight")
+        out[f"{p}gate_up_proj.weight"] = torch.cat([gate, up])
+        out[f"{p}o_proj.weight"] = need(f"{p}self_attn.o_proj.weight")
+        out[f"{p}down_proj.weight"] = need(f"{p}mlp.down_proj.weight")
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            out[f"{p}{norm}.weight"] = need(f"{p}{norm}.weight")
+        if cfg.qk_norm:
+            out[f"{p}q_norm.weight"] = need(f"{p}self_attn.q_norm.weight")
+            out[f"{p}k_norm.weight"] = need(f"{p}self_attn.k_norm.weight")
+    out["embed_tokens.weight"] = need("embed_tokens.weight")
+    out["norm.weight"] = need("norm.weight")
+    if not cfg.tie_word_embeddings:
+        # A checkpoint without lm_head shares the embedding (some Qwen2 exports do).
+        out["lm_head.weight"] = weights.get("lm_head.weight", out["embed_tokens.weight"])
+    return out

@@ -1,4 +1,4 @@
-"""Weight loaders: a GGUF file (dequantized with numpy) or a Hugging Face directory."""
+"""Weight loaders: a GGUF file (dequantized with numpy, then cached) or a Hugging Face directory."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmos.models.cache import load_cached_weights, save_cached_weights, weight_cache_path
 from llmos.models.config import ModelConfig, ModelError
-from llmos.models.llama import LlamaForCausalLM
+from llmos.models.gguf_file import GGUFFile, read_gguf_file
+from llmos.models.llama import LlamaForCausalLM, fuse_hf_weights
 from llmos.models.registry import resolve_model
 from llmos.models.tokenizer import Tokenizer
 
@@ -63,15 +65,8 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
-    """Config, Hugging Face-named fp32 weights and tokenizer of a GGUF file."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as e:  # the gguf package raises assorted errors on bad files
-        raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
-    fields = {k: f.contents() for k, f in reader.fields.items()}
+def _gguf_config(path: Path, gg: GGUFFile) -> ModelConfig:
+    fields = gg.fields
     arch = fields.get("general.architecture")
     if arch not in ("llama", "qwen2", "qwen3"):
         raise ModelError(f"{path}: GGUF architecture {arch!r} is not supported")
@@ -85,8 +80,7 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
         tokens = fields.get("tokenizer.ggml.tokens") or []
         eos = fields.get("tokenizer.ggml.eos_token_id")
         eot = fields.get("tokenizer.ggml.eot_token_id")
-        names = {t.name for t in reader.tensors}
-        config = ModelConfig(
+        return ModelConfig(
             arch=arch,
             vocab_size=int(meta("vocab_size", len(tokens))),
             hidden_size=hidden,
@@ -98,34 +92,58 @@ def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokeniz
             rope_theta=float(meta("rope.freq_base", 10000.0)),
             rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
             max_position_embeddings=int(meta("context_length", 2048)),
-            tie_word_embeddings="output.weight" not in names,
+            tie_word_embeddings=all(t.name != "output.weight" for t in gg.tensors),
             attention_bias=arch == "qwen2",
             qk_norm=arch == "qwen3",
             bos_token_id=fields.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=tuple(dict.fromkeys(i for i in (eos, eot) if i is not None)),
         )
-    except (TypeError, ValueError) as e:
+    except ModelError:
+        raise
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ModelError(f"{path}: GGUF metadata is incomplete or invalid ({e})") from None
 
+
+def _gguf_weights(path: Path, gg: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face-named fp32 weights, dequantized with gguf.quants."""
+    from gguf.quants import dequantize
+
     weights: dict[str, torch.Tensor] = {}
-    for t in reader.tensors:
+    for t in gg.tensors:
         name = _gguf_name(t.name)
         if name is None:
             continue
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = dequantize(t.data, t.type)
         except NotImplementedError:
             raise ModelError(
-                f"{path}: tensor {t.name} uses {t.tensor_type.name}, which llmos cannot dequantize"
+                f"{path}: tensor {t.name} uses {t.type.name}, which llmos cannot dequantize"
             ) from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(t.shape)
         if not arr.flags.writeable:  # F32 tensors come back as views of the memory map
             arr = arr.copy()
-        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             n = config.num_heads if "q_proj" in name else config.num_kv_heads
             arr = _unpermute_rope(arr, n)
         weights[name] = torch.from_numpy(arr)
-    return config, weights, Tokenizer.from_gguf_fields(fields)
+    return weights
+
+
+def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
+    """Config, Hugging Face-named fp32 weights and tokenizer of a GGUF file."""
+    gg = read_gguf_file(path)
+    config = _gguf_config(path, gg)
+    return config, _gguf_weights(path, gg, config), Tokenizer.from_gguf_fields(gg.fields)
+
+
+def _gguf_state(path: Path, gg: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's fused fp32 weights, from the dequantized-weight cache when it has them."""
+    entry = weight_cache_path(path)
+    state = load_cached_weights(entry)
+    if state is None:
+        state = fuse_hf_weights(config, _gguf_weights(path, gg, config))
+        save_cached_weights(entry, state)
+    return state
 
 
 def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
@@ -161,20 +179,30 @@ def load_model(
     device: str | torch.device = "cpu",
     max_positions: int | None = None,
 ) -> LoadedModel:
-    """Load any supported model (registered name, GGUF file or HF directory) ready to run."""
+    """Load any supported model (registered name, GGUF file or HF directory) ready to run.
+
+    A GGUF file is dequantized once; later loads map the cached fp32 weights (see cache.py).
+    """
     path = resolve_model(name_or_path)
-    reader = read_hf_dir if path.is_dir() else read_gguf
-    config, weights, tokenizer = reader(path)
+    if path.is_dir():
+        config, hf_weights, tokenizer = read_hf_dir(path)
+    else:
+        gg = read_gguf_file(path)
+        config = _gguf_config(path, gg)
+        tokenizer = Tokenizer.from_gguf_fields(gg.fields)
     if not config.eos_token_ids and tokenizer.eos_token_id is not None:
         config = ModelConfig(**{**config.__dict__, "eos_token_ids": (tokenizer.eos_token_id,)})
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
-    model = model.to_empty(device=device).to(dtype)
-    model.tie_weights()
-    model.rope.build(device)
     try:
-        model.load_hf_state_dict({k: v.to(dtype) for k, v in weights.items()})
-    except (KeyError, ValueError) as e:
+        if path.is_dir():  # cast before fusing, so each weight is copied at most once
+            state = fuse_hf_weights(config, {k: v.to(device, dtype) for k, v in hf_weights.items()})
+        else:
+            state = {k: v.to(device, dtype) for k, v in _gguf_state(path, gg, config).items()}
+        model.load_weights(state)
+    except ModelError:
+        raise
+    except ValueError as e:
         raise ModelError(f"{path}: weights do not match the config: {e}") from None
     model.eval().requires_grad_(False)
     return LoadedModel(config, model, tokenizer, path)
