@@ -55,7 +55,7 @@ class LLMEngine:
         else:
             self.loaded = load_model(model, dtype=dtype, device=device)
         self.model_config = self.loaded.config
-        self.tokenizer: Tokenizer = self.loaded.tokenizer
+        self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, dtype)
@@ -85,6 +85,8 @@ class LLMEngine:
         """Queue a prompt (text or token ids); returns its request id."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer: send token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
@@ -196,8 +198,9 @@ class LLMEngine:
         else:
             m.itl.append(now - seq.last_token_time)
         seq.last_token_time = now
-        self._detokenize(seq)
         p = seq.params
+        if p.detokenize and self.tokenizer is not None:
+            self._detokenize(seq)
         reason: tuple[str, int | str | None] | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self._stop_token_ids):
             reason = ("stop", token)

@@ -22,6 +22,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # also return this many top logprobs per token
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (benchmarks); stop strings then never match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
