@@ -1,16 +1,19 @@
-"""Paged attention in pure PyTorch (CPU and CUDA).
+"""Paged attention over the block tables (CPU and CUDA).
 
 Each step's tokens arrive as one flat batch: single-token decodes first, then
 prefill chunks. A layer first writes the new K and V into their cache slots,
 then every query attends to its sequence's cached keys through the block
 table, so a chunk sees both the prefix cached by earlier steps (or shared
-from another request) and itself. On the CPU, decodes read the blocks in
-place through a small C kernel (native.py); elsewhere they are gathered.
+from another request) and itself. Decodes read the blocks in place through
+a kernel, C on the CPU (native.py) and Triton on CUDA (triton_attention.py);
+where neither runs, they are gathered into a padded copy in plain PyTorch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +45,8 @@ class PagedAttention:
         self.kv = kv  # [layers, 2, num_blocks, block_size, kv_heads, head_dim]
         self.meta = meta
         block_size = kv.shape[3]
-        self._native = kv.device.type == "cpu" and kv.dtype == torch.float32 and native.available()
-        if meta.num_decodes and not self._native:
+        self._kernel = decode_kernel(kv.device.type, kv.dtype)
+        if meta.num_decodes and self._kernel is None:
             lens = meta.decode_context_lens
             max_len = meta.decode_block_tables.shape[1] * block_size
             pos = torch.arange(max_len, device=lens.device)
@@ -58,9 +61,9 @@ class PagedAttention:
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
         out = torch.empty_like(q)
         nd = self.meta.num_decodes
-        if nd and self._native:
-            out[:nd] = native.paged_decode(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
-                                           self.meta.decode_context_lens)
+        if nd and self._kernel is not None:
+            out[:nd] = self._kernel(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
+                                    self.meta.decode_context_lens)
         elif nd:
             out[:nd] = _decode(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
                                self._decode_mask)
@@ -73,6 +76,20 @@ class PagedAttention:
                 values = _gather(v_cache, chunk.block_table)[: chunk.context_start + chunk.length]
                 out[sl] = _prefill(q[sl], keys, values, mask)
         return out
+
+
+@cache
+def decode_kernel(device_type: str, dtype: torch.dtype) -> Callable | None:
+    """The in-place paged decode kernel for this device, or None for the gather path."""
+    if device_type == "cpu" and dtype == torch.float32 and native.available():
+        return native.paged_decode
+    if device_type == "cuda":
+        try:
+            from llmos.engine import triton_attention
+        except ImportError:
+            return None
+        return triton_attention.paged_decode
+    return None
 
 
 def _gather(cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:

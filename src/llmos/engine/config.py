@@ -32,8 +32,8 @@ class EngineConfig:
     block_size: int = 16
     kv_budget: int | float | str = 0.9  # bytes, or a fraction of free memory (after weights)
     swap_space: int | str = "1GiB"  # host memory for swapped-out KV blocks
-    max_num_seqs: int = 64  # running sequences at most
-    max_num_batched_tokens: int = 512  # tokens per step (chunked prefill)
+    max_num_seqs: int | None = None  # running sequences at most (64 on CPU, 256 on CUDA)
+    max_num_batched_tokens: int | None = None  # tokens per step (512 on CPU, 8192 on CUDA)
     max_model_len: int | None = None  # default: the model's context length
     enable_prefix_caching: bool = True
     preemption_mode: str = "auto"  # "recompute", "swap", or "auto" (swap while it fits)
@@ -47,6 +47,11 @@ class EngineConfig:
         if self.preemption_mode not in ("recompute", "swap", "auto"):
             raise InvalidRequestError(
                 f"preemption_mode must be recompute, swap or auto, got {self.preemption_mode!r}")
+        cuda = self.torch_device.type == "cuda"
+        if self.max_num_seqs is None:
+            self.max_num_seqs = 256 if cuda else 64
+        if self.max_num_batched_tokens is None:
+            self.max_num_batched_tokens = 8192 if cuda else 512
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive")
         self.kv_budget = parse_bytes(self.kv_budget)
