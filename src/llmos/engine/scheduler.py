@@ -84,7 +84,9 @@ class Scheduler:
         self.swapped.sort(key=Sequence.sort_key)
         while self.swapped and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.swapped[0]
-            if self.blocks.num_free_blocks < len(seq.block_table) + 1:
+            n = min(seq.num_uncomputed, budget)
+            # The blocks swapped back in plus those this step's n tokens fill.
+            if self.blocks.num_free_blocks < -(-(seq.num_computed_tokens + n) // self.blocks.block_size):
                 break
             host = seq.block_table
             device = self.blocks.allocate_blocks(len(host))
@@ -94,7 +96,6 @@ class Scheduler:
             seq.num_cached_blocks = 0
             self.swapped.pop(0)
             self._run(seq)
-            n = min(seq.num_uncomputed, budget)
             out.copies += self.blocks.allocate(seq, n)
             out.scheduled[seq] = n
             budget -= n
