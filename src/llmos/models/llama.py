@@ -7,6 +7,7 @@ weights serve a dense reference and the engine's paged KV cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -183,8 +184,12 @@ class LlamaForCausalLM(nn.Module):
             self.rope.build(device)
 
 
-def fuse_hf_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face parameter names -> this model's, concatenating q/k/v and gate/up.
+def fuse_hf_weights(
+    cfg: ModelConfig,
+    weights: dict[str, torch.Tensor],
+    cat: Callable[[list[torch.Tensor]], torch.Tensor] = torch.cat,
+) -> dict[str, torch.Tensor]:
+    """Hugging Face parameter names -> this model's, concatenating q/k/v and gate/up with `cat`.
 
     Unfused tensors are passed through untouched (no copy). A tied lm_head is left out.
     """
@@ -201,11 +206,11 @@ def fuse_hf_weights(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict[
         for kind in ("weight", "bias"):
             parts = [weights.get(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"]
             if kind == "weight" or cfg.attention_bias:
-                out[f"{p}qkv_proj.{kind}"] = torch.cat([need(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
+                out[f"{p}qkv_proj.{kind}"] = cat([need(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"])
             elif any(t is not None for t in parts):
                 raise ValueError(f"checkpoint has q/k/v biases in layer {i} but the config has none")
         gate, up = need(f"{p}mlp.gate_proj.weight"), need(f"{p}mlp.up_proj.weight")
-        out[f"{p}gate_up_proj.weight"] = torch.cat([gate, up])
+        out[f"{p}gate_up_proj.weight"] = cat([gate, up])
         out[f"{p}o_proj.weight"] = need(f"{p}self_attn.o_proj.weight")
         out[f"{p}down_proj.weight"] = need(f"{p}mlp.down_proj.weight")
         for norm in ("input_layernorm", "post_attention_layernorm"):
