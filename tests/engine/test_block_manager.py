@@ -137,8 +137,7 @@ class PagedMemory(RuleBasedStateMachine):
         self._run_step(seq, n, hits)
         if seq in self.running:
             self.waiting.remove(seq)
-            if hits:
-                assert seq.num_cached_tokens == len(hits) * BS
+            assert seq.num_cached_tokens == len(hits) * BS
 
     @rule(i=st.integers(0, 99), new_tokens=st.lists(st.integers(0, 3), max_size=6), chunk=st.integers(1, 24))
     def step(self, i: int, new_tokens: list[int], chunk: int) -> None:

@@ -159,16 +159,16 @@ class BlockManager:
         later in the same step can share them: every KV write of a layer
         happens before any attention read of it.
         """
-        if not seq.num_computed_tokens and not seq.block_table:
+        if not seq.num_computed_tokens and not seq.block_table:  # an admission: a prefix lookup
+            seq.num_cached_tokens = len(hits) * self.block_size
             self.prefix_stats.queries += len(seq)
-            self.prefix_stats.hits += len(hits) * self.block_size
+            self.prefix_stats.hits += seq.num_cached_tokens
         if hits:
             for block in hits:
                 self._incref(block)
             seq.block_table.extend(hits)
             seq.num_computed_tokens = len(hits) * self.block_size
             seq.num_cached_blocks = len(hits)
-            seq.num_cached_tokens = seq.num_computed_tokens
         copies: list[tuple[int, int]] = []
         bs = self.block_size
         start_block = seq.num_computed_tokens // bs

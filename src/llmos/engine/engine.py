@@ -176,6 +176,7 @@ class LLMEngine:
             if req.params.n > 1 and len(req.seqs) == 1 and seq.num_output_tokens == 0:
                 for index in range(1, req.params.n):
                     child = self._new_sequence(req, index, list(seq.token_ids), seq.priority)
+                    child.num_cached_tokens = seq.num_cached_tokens
                     self.blocks.fork(seq, child)
                     child.status = SequenceStatus.RUNNING
                     self.scheduler.running.append(child)

@@ -6,7 +6,8 @@ chunk for a prefill); so prefill chunks and decodes share a step, and a prefix
 hit is just fewer tokens to compute. When blocks run out, the lowest-priority,
 newest running sequence is preempted: swapped to host memory or dropped for
 recompute. New and swapped sequences are admitted only in a step that
-preempted nobody, so memory pressure never makes things worse.
+preempted nobody, and new ones only once every swapped sequence is back, so
+memory pressure never makes things worse.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class Scheduler:
         if out.preempted:
             return out
         budget = self._admit_swapped(out, budget)
-        self._admit_waiting(out, budget)
+        if not self.swapped:  # swapped sequences come back before anything new starts
+            self._admit_waiting(out, budget)
         return out
 
     def _admit_swapped(self, out: SchedulerOutput, budget: int) -> int:

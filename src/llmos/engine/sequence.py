@@ -44,7 +44,7 @@ class Sequence:
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    num_cached_tokens: int = 0  # prompt tokens the prefix cache served at admission
+    num_cached_tokens: int = 0  # tokens the prefix cache served at the latest admission
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     # Incremental detokenization state (see engine.detokenize).
     output_text: str = ""
