@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmos.engine.block_manager import BlockManager, SwapSpace
+from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import EngineConfig
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
@@ -22,7 +22,7 @@ from llmos.engine.model_runner import ModelRunner
 from llmos.engine.outputs import CompletionOutput, RequestOutput
 from llmos.engine.sampler import sample
 from llmos.engine.sampling_params import InvalidRequestError, SamplingParams
-from llmos.engine.scheduler import Scheduler
+from llmos.engine.scheduler import Scheduler, SchedulerStats
 from llmos.engine.sequence import Sequence, SequenceStatus
 from llmos.models.loader import LoadedModel, load_model
 from llmos.models.tokenizer import Tokenizer
@@ -267,6 +267,12 @@ class LLMEngine:
             filled = sum(min(q.num_computed_tokens, len(q.block_table) * bm.block_size) for q in running)
             self.metrics.kv_slots_allocated += slots
             self.metrics.kv_slots_filled += min(filled, slots)
+
+    def reset_metrics(self) -> None:
+        """Start the counters afresh (after a warm-up, say); the prefix cache keeps its content."""
+        self.metrics = EngineMetrics(kv_blocks_total=self.blocks.num_blocks)
+        self.scheduler.stats = SchedulerStats()
+        self.blocks.prefix_stats = PrefixCacheStats()
 
     def stats(self) -> dict[str, float]:
         """A snapshot of the metrics, gauges read now."""
