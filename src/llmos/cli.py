@@ -139,8 +139,37 @@ def bench_engine(
     """
     from llmos.bench.engine import run_engine_bench
 
-    run_engine_bench(console, quick=quick, model=model, json_path=output, peers=peers,
+    run_engine_bench(console, quick=quick, model=model, json_path=output, peers_too=peers,
                      workload=workload)
+
+
+@bench_app.command("preemption")
+def bench_preemption(
+    quick: Annotated[bool, typer.Option(help="Shrink the work.")] = False,
+    model: ModelOpt = "smollm2-135m-instruct",
+    output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """Workload C in a quarter of its KV memory: recompute and swap must change no token.
+
+    Example: llmos bench preemption --quick
+    """
+    from llmos.bench.memory import run_preemption_bench
+
+    run_preemption_bench(console, quick=quick, model=model, json_path=output)
+
+
+@bench_app.command("prefix")
+def bench_prefix(
+    model: ModelOpt = "smollm2-135m-instruct",
+    output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """Requests sharing a 256-token prefix: how much the prefix cache serves.
+
+    Example: llmos bench prefix
+    """
+    from llmos.bench.memory import run_prefix_bench
+
+    run_prefix_bench(console, model=model, json_path=output)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,190 @@
+"""`llmos bench engine`: llmos and HF transformers side by side on the same model and work.
+
+Every system runs alone, one after the other in this process (on 2 cores a
+second busy process stalls torch's threads many-fold), on identical weights
+and requests; the table gives each one's requested output tokens per second
+and its ratio to HF `generate`. Results are also written as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from llmos.bench import peers
+from llmos.bench.peers import PeerResult, PeerSkipped
+from llmos.bench.workloads import BenchRequest, describe, qwen3_0_6b_config, workload_c, workload_g
+from llmos.engine import LLM, SamplingParams
+from llmos.models.loader import LoadedModel, load_model, read_gguf
+from llmos.models.registry import resolve_model
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("tokens"), TimeElapsedColumn(), console=console)
+
+
+def run_llmos(loaded: LoadedModel, requests: list[BenchRequest], advance=None,
+              **engine_kwargs: Any) -> PeerResult:
+    """llmos on a workload: greedy, EOS ignored, every request to its max_tokens."""
+    llm = LLM(loaded, **engine_kwargs)
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False)
+              for r in requests]
+    llm.generate([requests[0].prompt_token_ids[:8]], SamplingParams(max_tokens=2))  # warm-up
+    llm.engine.reset_metrics()
+    peak = 0
+
+    def on_step(outputs) -> None:
+        nonlocal peak
+        peak = max(peak, len(llm.engine.scheduler.running))
+        if advance:
+            advance(len(outputs))
+
+    t0 = time.perf_counter()
+    outs = llm.generate([r.prompt_token_ids for r in requests], params, on_step=on_step)
+    wall = time.perf_counter() - t0
+    requested = sum(r.max_tokens for r in requests)
+    stats = llm.engine.stats()
+    cfg = llm.engine.config
+    extra = {
+        "kv_utilization": stats["kv_utilization"],
+        "kv_waste": stats["kv_waste"],
+        "kv_blocks_total": stats["kv_blocks_total"],
+        "block_size": cfg.block_size,
+        "max_num_seqs": cfg.max_num_seqs,
+        "max_num_batched_tokens": cfg.max_num_batched_tokens,
+        "peak_running": peak,
+        "steps": stats["steps"],
+        "preemptions": stats["preemptions"],
+        "prefix_cache_hit_rate": stats["prefix_cache_hit_rate"],
+        "ttft_p50_s": stats["ttft_p50_s"],
+        "itl_p50_s": stats["itl_p50_s"],
+        "dtype": str(cfg.torch_dtype).removeprefix("torch."),
+    }
+    outputs = [o.outputs[0].token_ids for o in outs]
+    return PeerResult("llmos", requested, wall, requested / wall, extra, outputs)
+
+
+def kv_comparison(requests: list[BenchRequest], utilization: float, block_size: int,
+                  budget_tokens: int) -> dict[str, float]:
+    """Paged KV against a static reservation of prompt + max_tokens per request.
+
+    A static reservation holds p + m slots from the start while the request fills
+    them, p + i after its i-th token: its time-averaged utilisation is
+    sum(p + (m + 1) / 2) / sum(p + m). In a budget of B slots it fits B / mean(p + m)
+    requests; paging fits B / (mean(p + (m + 1) / 2) / measured utilisation).
+    """
+    held = sum(len(r.prompt_token_ids) + (r.max_tokens + 1) / 2 for r in requests)
+    reserved = sum(len(r.prompt_token_ids) + r.max_tokens for r in requests)
+    n = len(requests)
+    paged_footprint = held / n / utilization if utilization else float("inf")
+    return {
+        "static_utilization": held / reserved,
+        "paged_utilization": utilization,
+        "budget_tokens": budget_tokens,
+        "static_concurrency": int(budget_tokens // (reserved / n)),
+        "paged_concurrency": int(budget_tokens // paged_footprint),
+    }
+
+
+def _load_workload(name: str, model: str, quick: bool, device: torch.device):
+    """(loaded llmos model, HF-named weights, requests, dtype) for workload C or G."""
+    if name == "G":
+        config = qwen3_0_6b_config()
+        dtype = torch.bfloat16
+        weights = peers.random_state_dict(config, dtype, device)
+        from llmos.models.llama import LlamaForCausalLM
+
+        with torch.device("meta"):
+            net = LlamaForCausalLM(config, max_positions=4096)
+        net = net.to_empty(device=device).to(dtype)
+        net.tie_weights()
+        net.rope.build(device)
+        net.load_hf_state_dict(weights)
+        loaded = LoadedModel(config, net.eval().requires_grad_(False), None, Path("random"))
+        return loaded, weights, workload_g(quick), dtype
+    dtype = torch.float32
+    path = resolve_model(model)
+    _, weights, _ = read_gguf(path) if path.is_file() else (None, None, None)
+    loaded = load_model(path, dtype=dtype, device=device)
+    if weights is None:
+        weights = {k: v for k, v in loaded.model.state_dict().items()}
+    return loaded, weights, workload_c(quick), dtype
+
+
+def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
+                     json_path: str | None = None, peers_too: bool = True, workload: str = "auto",
+                     **engine_kwargs: Any) -> dict[str, Any]:
+    cuda = torch.cuda.is_available()
+    name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
+    device = torch.device("cuda" if name == "G" else "cpu")
+    with console.status(f"loading workload {name} ..."):
+        loaded, weights, requests, dtype = _load_workload(name, model, quick, device)
+    info = describe(requests)
+    console.print(f"workload {name}{' (quick)' if quick else ''}: {info['requests']} requests, "
+                  f"{info['prompt_tokens']} prompt tokens, {info['requested_output_tokens']} "
+                  f"output tokens requested; {dtype}, {device}, {torch.get_num_threads()} threads")
+    results: list[PeerResult | PeerSkipped] = []
+    with _progress(console) as bar:
+        def task(label: str):
+            t = bar.add_task(label, total=info["requested_output_tokens"])
+            return lambda n: bar.advance(t, n)
+
+        results.append(run_llmos(loaded, requests, task("llmos"), device=str(device),
+                                 dtype=str(dtype).removeprefix("torch."), **engine_kwargs))
+        ours = results[0]
+        if peers_too:
+            hf = peers.build_hf_model(loaded.config, weights, dtype, device)
+            del weights
+            if name == "C":
+                results.append(peers.run_hf_generate(hf, requests, 16, task("hf generate (batch 16)")))
+            results.append(peers.run_hf_continuous_batching(hf, requests, task("hf continuous batching"),
+                                                            timeout_s=300 if name == "G" else None))
+    baseline = next((r for r in results if r and r.name == "hf-generate"), None)
+    baseline = baseline or next((r for r in results[1:] if r), None)
+    table = Table(title=f"llmos bench engine: workload {name}{' (quick)' if quick else ''}")
+    for col in ("system", "requested tok/s", "wall s", "vs " + (baseline.name if baseline else "-"),
+                "same tokens as llmos"):
+        table.add_column(col, justify="right" if col != "system" else "left")
+    for r in results:
+        if not r:
+            table.add_row(r.name, "-", "-", "-", f"skipped: {r.reason}"[:60])
+            continue
+        ratio = f"{r.throughput / baseline.throughput:.2f}x" if baseline else "-"
+        same = "-" if r is ours or r.outputs is None else (
+            f"{sum(a == b for a, b in zip(r.outputs, ours.outputs, strict=True))}/{len(requests)}")
+        table.add_row(r.name, f"{r.throughput:.1f}", f"{r.wall_s:.1f}", ratio, same)
+    console.print(table)
+    budget_tokens = ours.extra["kv_blocks_total"] * ours.extra["block_size"]
+    kv = kv_comparison(requests, ours.extra["kv_utilization"], ours.extra["block_size"], budget_tokens)
+    console.print(
+        f"KV token-state utilisation: llmos {kv['paged_utilization']:.1%} (waste "
+        f"{ours.extra['kv_waste']:.1%}) vs static reservation {kv['static_utilization']:.1%}; "
+        f"in this budget of {budget_tokens} tokens: {kv['paged_concurrency']} concurrent requests "
+        f"paged vs {kv['static_concurrency']} static. Peak running {ours.extra['peak_running']}, "
+        f"{ours.extra['preemptions']} preemptions.")
+    report = {
+        "bench": "engine",
+        "workload": name,
+        "quick": quick,
+        "workload_info": info,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
+        "kv": kv,
+    }
+    path = Path(json_path or f"bench-results/engine-{name}{'-quick' if quick else ''}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    console.print(f"[dim]results written to {path}[/]")
+    return report
