@@ -108,12 +108,16 @@ def _causal_mask(chunk: PrefillChunk, block_size: int) -> torch.Tensor | None:
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
-    """One sequence's chunk: q [Q, Hq, D] against k, v [K, Hkv, D] (causal)."""
+    """One sequence's chunk: q [Q, Hq, D] against k, v [K, Hkv, D] (causal).
+
+    The leading batch dimension matters: with it, PyTorch takes its fused (flash)
+    CPU kernel, about 3.5x faster here than the 3-D path.
+    """
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=mask is None, enable_gqa=True,
     )
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _decode(q, k_cache, v_cache, block_tables, mask):

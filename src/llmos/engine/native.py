@@ -80,7 +80,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     workers = max(1, min(torch.get_num_threads(), b))
     scratch = torch.empty(workers, hq * max_len, dtype=torch.float32)
     scale = 1.0 / d**0.5
-    bounds = [b * i // workers for i in range(workers + 1)]
+    # Split rows so each worker reads about the same number of cached tokens.
+    cum = lens.cumsum(0)
+    targets = torch.arange(1, workers, dtype=cum.dtype) * int(cum[-1]) // workers
+    bounds = [0, *torch.searchsorted(cum, targets, right=True).tolist(), b]
 
     def run(i: int) -> None:  # ctypes drops the GIL for the call: workers run in parallel
         lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
