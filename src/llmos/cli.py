@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -39,16 +40,24 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _load_engine(model: str, **engine_kwargs):
-    """Load a model and build an engine behind a progress spinner; errors are one line."""
-    from llmos.engine import LLM, InvalidRequestError
+@contextmanager
+def _user_errors():
+    """Turn the errors a user can cause (bad model, bad parameters) into one red line."""
+    from llmos.engine import InvalidRequestError
     from llmos.models.config import ModelError
 
-    with console.status(f"loading {model} ..."):
-        try:
-            return LLM(model, **engine_kwargs)
-        except (ModelError, InvalidRequestError) as e:
-            _fail(str(e))
+    try:
+        yield
+    except (ModelError, InvalidRequestError) as e:
+        _fail(str(e))
+
+
+def _load_engine(model: str, **engine_kwargs):
+    """Load a model and build an engine behind a progress spinner; errors are one line."""
+    from llmos.engine import LLM
+
+    with console.status(f"loading {model} ..."), _user_errors():
+        return LLM(model, **engine_kwargs)
 
 
 @app.command()
@@ -68,13 +77,11 @@ def generate(
 
     Example: llmos generate --chat "What is an operating system?" "Name three colors."
     """
-    from llmos.engine import InvalidRequestError, SamplingParams
+    from llmos.engine import SamplingParams
 
-    try:
+    with _user_errors():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop or [])
-    except InvalidRequestError as e:
-        _fail(str(e))
     llm = _load_engine(model)
     inputs = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else p
               for p in prompts]
@@ -89,14 +96,12 @@ def generate(
             sys.stdout.flush()
             streamed[o.request_id] = len(text)
 
-    try:
+    with _user_errors():
         if len(prompts) > 1:
             with console.status(f"generating {len(prompts)} completions in one batch ..."):
                 results = llm.generate(inputs, params)
         else:
             results = llm.generate(inputs, params, on_step=on_step)
-    except InvalidRequestError as e:
-        _fail(str(e))
     if len(prompts) == 1:
         print()
         return
@@ -139,8 +144,9 @@ def bench_engine(
     """
     from llmos.bench.engine import run_engine_bench
 
-    run_engine_bench(console, quick=quick, model=model, json_path=output, peers_too=peers,
-                     workload=workload)
+    with _user_errors():
+            run_engine_bench(console, quick=quick, model=model, json_path=output, peers_too=peers,
+                         workload=workload)
 
 
 @bench_app.command("preemption")
@@ -155,7 +161,8 @@ def bench_preemption(
     """
     from llmos.bench.memory import run_preemption_bench
 
-    run_preemption_bench(console, quick=quick, model=model, json_path=output)
+    with _user_errors():
+        run_preemption_bench(console, quick=quick, model=model, json_path=output)
 
 
 @bench_app.command("prefix")
@@ -169,7 +176,8 @@ def bench_prefix(
     """
     from llmos.bench.memory import run_prefix_bench
 
-    run_prefix_bench(console, model=model, json_path=output)
+    with _user_errors():
+        run_prefix_bench(console, model=model, json_path=output)
 
 
 if __name__ == "__main__":

@@ -22,9 +22,17 @@ from rich.table import Table
 
 from llmos.bench import peers
 from llmos.bench.peers import PeerResult, PeerSkipped
-from llmos.bench.workloads import BenchRequest, describe, qwen3_0_6b_config, workload_c, workload_g
+from llmos.bench.workloads import (
+    BenchRequest,
+    describe,
+    max_sequence_len,
+    qwen3_0_6b_config,
+    workload_c,
+    workload_g,
+)
 from llmos.engine import LLM, SamplingParams
-from llmos.models.loader import LoadedModel, load_model, read_gguf
+from llmos.models.llama import LlamaForCausalLM
+from llmos.models.loader import LoadedModel, load_model, read_gguf, read_hf_dir
 from llmos.models.registry import resolve_model
 
 
@@ -97,28 +105,19 @@ def kv_comparison(requests: list[BenchRequest], utilization: float, block_size: 
 
 
 def _load_workload(name: str, model: str, quick: bool, device: torch.device):
-    """(loaded llmos model, HF-named weights, requests, dtype) for workload C or G."""
+    """(loaded llmos model, a function giving HF-named weights for the peers, requests, dtype)."""
     if name == "G":
-        config = qwen3_0_6b_config()
-        dtype = torch.bfloat16
+        config, dtype = qwen3_0_6b_config(), torch.bfloat16
         weights = peers.random_state_dict(config, dtype, device)
-        from llmos.models.llama import LlamaForCausalLM
-
         with torch.device("meta"):
-            net = LlamaForCausalLM(config, max_positions=4096)
-        net = net.to_empty(device=device).to(dtype)
-        net.tie_weights()
-        net.rope.build(device)
+            net = LlamaForCausalLM(config, max_positions=max_sequence_len(workload_g()))
         net.load_hf_state_dict(weights)
         loaded = LoadedModel(config, net.eval().requires_grad_(False), None, Path("random"))
-        return loaded, weights, workload_g(quick), dtype
-    dtype = torch.float32
+        return loaded, lambda: weights, workload_g(quick), dtype
     path = resolve_model(model)
-    _, weights, _ = read_gguf(path) if path.is_file() else (None, None, None)
-    loaded = load_model(path, dtype=dtype, device=device)
-    if weights is None:
-        weights = {k: v for k, v in loaded.model.state_dict().items()}
-    return loaded, weights, workload_c(quick), dtype
+    loaded = load_model(path, dtype=torch.float32, device=device)
+    reader = read_hf_dir if path.is_dir() else read_gguf  # the peers read the same file
+    return loaded, lambda: reader(path)[1], workload_c(quick), torch.float32
 
 
 def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
@@ -128,7 +127,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
     name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
     device = torch.device("cuda" if name == "G" else "cpu")
     with console.status(f"loading workload {name} ..."):
-        loaded, weights, requests, dtype = _load_workload(name, model, quick, device)
+        loaded, peer_weights, requests, dtype = _load_workload(name, model, quick, device)
     info = describe(requests)
     console.print(f"workload {name}{' (quick)' if quick else ''}: {info['requests']} requests, "
                   f"{info['prompt_tokens']} prompt tokens, {info['requested_output_tokens']} "
@@ -143,8 +142,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
                                  dtype=str(dtype).removeprefix("torch."), **engine_kwargs))
         ours = results[0]
         if peers_too:
-            hf = peers.build_hf_model(loaded.config, weights, dtype, device)
-            del weights
+            hf = peers.build_hf_model(loaded.config, peer_weights(), dtype, device)
             if name == "C":
                 results.append(peers.run_hf_generate(hf, requests, 16, task("hf generate (batch 16)")))
             results.append(peers.run_hf_continuous_batching(hf, requests, task("hf continuous batching"),

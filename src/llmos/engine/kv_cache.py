@@ -25,10 +25,11 @@ class KVCache:
     ) -> None:
         shape = (cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         # Zeroed: masked-out slots are multiplied by zero weights, and garbage could be NaN.
-        self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.kv = _zeros(shape, dtype, device)
         host_shape = (*shape[:2], num_swap_blocks, *shape[3:])
         pin = device.type == "cuda"
-        self.host = torch.zeros(host_shape, dtype=dtype, pin_memory=pin)
+        self.host = torch.zeros(host_shape, dtype=dtype, pin_memory=True) if pin else _zeros(
+            host_shape, dtype, torch.device("cpu"))
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -55,3 +56,12 @@ class KVCache:
         """Copy-on-write: device block to device block, in order."""
         for src, dst in pairs:
             self.kv[:, :, dst] = self.kv[:, :, src]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on the CPU from calloc'ed pages, so a large pool costs memory only once used."""
+    if device.type == "cpu" and dtype == torch.float32:
+        import numpy as np
+
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+    return torch.zeros(shape, dtype=dtype, device=device)
