@@ -72,14 +72,16 @@ class BlockManager:
 
     # -- prefix cache -------------------------------------------------------
 
+    def _key(self, seq: Sequence, i: int) -> tuple[int, tuple[int, ...]]:
+        """What block i of a sequence holds: its parent's hash and its own tokens."""
+        bs = self.block_size
+        return (seq.block_hashes[i - 1] if i else _NO_PARENT, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+
     def _hashes(self, seq: Sequence, upto_block: int) -> list[int]:
         """Chained hashes of the first `upto_block` full blocks, extended on the sequence."""
-        hashes = seq.block_hashes
-        bs = self.block_size
-        for i in range(len(hashes), upto_block):
-            parent = hashes[i - 1] if i else _NO_PARENT
-            hashes.append(hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))))
-        return hashes
+        for i in range(len(seq.block_hashes), upto_block):
+            seq.block_hashes.append(hash(self._key(seq, i)))
+        return seq.block_hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding the longest full-block prefix of a new sequence's tokens.
@@ -88,15 +90,12 @@ class BlockManager:
         """
         if not self.enable_prefix_caching or seq.num_computed_tokens or seq.block_table:
             return []
-        bs = self.block_size
-        max_blocks = (len(seq) - 1) // bs
+        max_blocks = (len(seq) - 1) // self.block_size
         hashes = self._hashes(seq, max_blocks)
         blocks: list[int] = []
         for i in range(max_blocks):
             block = self._cached.get(hashes[i])
-            parent = hashes[i - 1] if i else _NO_PARENT
-            key = (parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
-            if block is None or self._block_key.get(block) != key:
+            if block is None or self._block_key.get(block) != self._key(seq, i):
                 break
             blocks.append(block)
         return blocks
@@ -107,15 +106,13 @@ class BlockManager:
             return
         full = min(num_tokens // self.block_size, len(seq.block_table))
         hashes = self._hashes(seq, full)
-        bs = self.block_size
         for i in range(seq.num_cached_blocks, full):
             block = seq.block_table[i]
             if block in self._block_hash or hashes[i] in self._cached:
                 continue  # already cached, or an identical block is
-            parent = hashes[i - 1] if i else _NO_PARENT
             self._cached[hashes[i]] = block
             self._block_hash[block] = hashes[i]
-            self._block_key[block] = (parent, tuple(seq.token_ids[i * bs : (i + 1) * bs]))
+            self._block_key[block] = self._key(seq, i)
         seq.num_cached_blocks = max(seq.num_cached_blocks, full)
 
     # -- allocation ---------------------------------------------------------

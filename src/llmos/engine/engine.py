@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -83,7 +83,7 @@ class LLMEngine:
         priority: int = 0,
     ) -> str:
         """Queue a prompt (text or token ids); returns its request id."""
-        params = params or SamplingParams()
+        params = replace(params) if params else SamplingParams()  # ours to resolve max_tokens in
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: send token ids")

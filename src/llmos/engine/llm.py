@@ -32,7 +32,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         ids = [
-            self.engine.add_request(p, _copy(sp), priority=priorities[i] if priorities else 0)
+            self.engine.add_request(p, sp, priority=priorities[i] if priorities else 0)
             for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
         ]
         final: dict[str, RequestOutput] = {}
@@ -51,9 +51,3 @@ class LLM:
         prompts = [self.tokenizer.encode_chat(c) for c in conversations]
         return self.generate(prompts, params, **kwargs)
 
-
-def _copy(params: SamplingParams) -> SamplingParams:
-    """Each request gets its own params (max_tokens=None is resolved per request)."""
-    from dataclasses import replace
-
-    return replace(params)
