@@ -33,8 +33,8 @@ def test_workload_c_size_bounds_and_determinism():
     check_bounds(reqs, (32, 512), (16, 256), (100, 9999))
     assert reqs == workload_c()
     quick = workload_c(quick=True)
-    assert len(quick) == 16
-    check_bounds(quick, (32, 128), (16, 64), (100, 9999))
+    assert len(quick) == 32
+    check_bounds(quick, (32, 256), (16, 128), (100, 9999))
 
 
 def test_workload_g_is_nano_vllm_bench():

@@ -51,11 +51,11 @@ def workload_c(quick: bool = False) -> list[BenchRequest]:
 
     Token ids are uniform in [100, 10000) (ordinary vocabulary of any model llmos runs),
     drawn from numpy's default_rng(0): per request its prompt length, its token ids, then
-    its max_tokens. `quick` gives 16 requests with prompts U[32, 128] and max_tokens
-    U[16, 64] for a run of seconds.
+    its max_tokens. `quick` gives 32 requests with prompts U[32, 256] and max_tokens
+    U[16, 128]: two of HF's static batches, for a run of a minute.
     """
     if quick:
-        return _random_requests(16, (32, 128), (16, 64), seed=0)
+        return _random_requests(32, (32, 256), (16, 128), seed=0)
     return _random_requests(64, (32, 512), (16, 256), seed=0)
 
 
