@@ -11,7 +11,7 @@ import pytest
 import torch
 from reference_models import byte_level_vocab, hf_logits, mixed_quant, our_logits, tiny_hf_model, write_gguf
 
-from llmos.models import cache
+from llmos import home
 from llmos.models.cache import weight_cache_path
 from llmos.models.llama import fuse_hf_weights
 from llmos.models.loader import LoadedModel, load_model, read_gguf
@@ -25,7 +25,7 @@ def _params(loaded: LoadedModel) -> dict[str, torch.Tensor]:
 
 
 def test_cache_lives_under_llmos_home(llmos_home: Path, smollm_path: Path) -> None:
-    assert cache.llmos_home() == llmos_home
+    assert home.llmos_home() == llmos_home
     assert weight_cache_path(smollm_path).parent == llmos_home / "cache"
 
 

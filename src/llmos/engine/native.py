@@ -20,14 +20,11 @@ from pathlib import Path
 
 import torch
 
+from llmos.home import cache_dir
+
 _SOURCE = Path(__file__).with_name("paged_attention.c")
 _FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
           "-fno-signed-zeros", "-fno-trapping-math"]
-
-
-def cache_dir() -> Path:
-    home = os.environ.get("LLMOS_HOME")
-    return (Path(home) if home else Path.home() / ".llmos") / "cache"
 
 
 @cache

@@ -18,13 +18,10 @@ from pathlib import Path
 
 import torch
 
+from llmos.home import cache_dir
+
 CACHE_FORMAT = 1  # bump when the cached tensors' names or layout change
 log = logging.getLogger(__name__)
-
-
-def llmos_home() -> Path:
-    """Where llmos keeps its state: $LLMOS_HOME, else ~/.llmos."""
-    return Path(os.environ.get("LLMOS_HOME") or "~/.llmos").expanduser()
 
 
 def weight_cache_path(source: Path) -> Path:
@@ -32,7 +29,7 @@ def weight_cache_path(source: Path) -> Path:
     st = source.stat()
     key = f"{CACHE_FORMAT}:{source.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return llmos_home() / "cache" / f"{source.stem}-{digest}.safetensors"
+    return cache_dir() / f"{source.stem}-{digest}.safetensors"
 
 
 def load_cached_weights(entry: Path) -> dict[str, torch.Tensor] | None:
