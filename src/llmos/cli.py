@@ -113,6 +113,37 @@ def generate(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option("--model", "-m", envvar="LLMOS_MODEL",
+                                       help="Registered name, GGUF file or HF directory.")]
+    = "smollm2-135m-instruct",
+    host: Annotated[str, typer.Option(envvar="LLMOS_HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="LLMOS_PORT", help="Port to listen on.")] = 8000,
+    kv_budget: Annotated[str, typer.Option(envvar="LLMOS_KV_BUDGET",
+                                           help="KV cache size: bytes (2GiB) or a fraction (0.5).")] = "0.9",
+    api_key: Annotated[str | None, typer.Option(envvar="LLMOS_API_KEY",
+                                                help="Require this bearer token.")] = None,
+) -> None:
+    """Serve the OpenAI API (completions, chat, models, tokenize, metrics).
+
+    Example: llmos serve --port 8000, then point any OpenAI client at http://127.0.0.1:8000/v1
+    """
+    import uvicorn
+
+    from llmos.engine import AsyncLLM
+    from llmos.server import create_app
+
+    with console.status(f"loading {model} ..."), _user_errors():
+        llm = AsyncLLM(model, kv_budget=kv_budget)
+    name = model if not model.endswith(".gguf") and "/" not in model else llm.engine.loaded.path.stem
+    console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1")
+    try:
+        uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
+    finally:
+        llm.shutdown()
+
+
+@app.command()
 def models() -> None:
     """List the models llmos knows by name and where they are.
 

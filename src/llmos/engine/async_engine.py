@@ -88,6 +88,10 @@ class AsyncLLM:
     async def stats(self) -> dict[str, float]:
         return await self._call(self.engine.stats)
 
+    @property
+    def is_dead(self) -> bool:
+        return self._stopped or not self._thread.is_alive()
+
     def shutdown(self) -> None:
         with self._wake:
             self._stopped = True
