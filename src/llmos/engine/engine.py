@@ -16,6 +16,7 @@ import torch
 
 from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import EngineConfig
+from llmos.engine.guided import GrammarCompiler
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
 from llmos.engine.model_runner import ModelRunner
@@ -72,6 +73,7 @@ class LLMEngine:
         self.metrics = EngineMetrics(kv_blocks_total=num_blocks)
         self._ids = itertools.count()
         self._stop_token_ids = set(self.model_config.eos_token_ids)
+        self._grammar_compiler: GrammarCompiler | None = None
 
     # -- requests -----------------------------------------------------------
 
@@ -98,6 +100,8 @@ class LLMEngine:
             params.max_tokens = self.max_model_len - len(ids)
         req = _Request(request_id, text, ids, params, arrival=time.perf_counter())
         seq = self._new_sequence(req, 0, list(ids), priority)
+        if params.grammar is not None:
+            seq.matcher = self._grammars().matcher(params.grammar)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
@@ -121,6 +125,14 @@ class LLMEngine:
             raise InvalidRequestError(
                 f"the request needs {need} KV blocks at most but the KV budget holds "
                 f"{self.blocks.num_blocks}; raise kv_budget or lower max_tokens")
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("grammars need a model with a tokenizer")
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                     self.model_config.eos_token_ids)
+        return self._grammar_compiler
 
     def _new_sequence(self, req: _Request, index: int, ids: list[int], priority: int) -> Sequence:
         gen = torch.Generator()
@@ -177,6 +189,8 @@ class LLMEngine:
                 for index in range(1, req.params.n):
                     child = self._new_sequence(req, index, list(seq.token_ids), seq.priority)
                     child.num_cached_tokens = seq.num_cached_tokens
+                    if seq.matcher is not None:
+                        child.matcher = seq.matcher.deep_copy()
                     self.blocks.fork(seq, child)
                     child.status = SequenceStatus.RUNNING
                     self.scheduler.running.append(child)
@@ -203,8 +217,12 @@ class LLMEngine:
         if p.detokenize and self.tokenizer is not None:
             self._detokenize(seq)
         reason: tuple[str, int | str | None] | None = None
+        if seq.matcher is not None:
+            seq.matcher.consume_token(token)
         if token in p.stop_token_ids or (not p.ignore_eos and token in self._stop_token_ids):
             reason = ("stop", token)
+        elif seq.matcher is not None and seq.matcher.is_stopped():
+            reason = ("stop", None)  # the grammar is complete
         elif (hit := self._find_stop_string(seq)) is not None:
             reason = ("stop", hit)
         elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:

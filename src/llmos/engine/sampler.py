@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from llmos.engine.guided import mask_logits
 from llmos.engine.sequence import Sequence
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """One next token per row of `logits` [N, V] (float32); plus logprobs where asked."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
-    if any(want_logprobs) or not all(s.params.greedy for s in seqs):
-        logits = logits.cpu()  # per-request generators live on the host
+    guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
+    if any(want_logprobs) or guided or not all(s.params.greedy for s in seqs):
+        logits = logits.cpu()  # per-request generators and grammar masks live on the host
     logits = logits.float()
+    for i in guided:
+        mask_logits(logits[i], seqs[i].matcher)
     tokens: list[int] = logits.argmax(dim=-1).tolist()
     logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
     for i, seq in enumerate(seqs):

@@ -23,6 +23,7 @@ class SamplingParams:
     logprobs: int | None = None  # also return this many top logprobs per token
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings then never match
+    grammar: str | None = None  # an llguidance grammar (see guided.json_schema_grammar)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

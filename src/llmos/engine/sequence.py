@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -51,6 +52,7 @@ class Sequence:
     read_offset: int = 0
     prefix_offset: int = 0
     stop_checked: int = 0  # chars of output_text already scanned for stop strings
+    matcher: Any = None  # grammar state when the request is constrained (guided.py)
     first_token_time: float | None = None
     last_token_time: float | None = None
 

@@ -21,8 +21,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from llmos.engine import AsyncLLM, InvalidRequestError, RequestOutput, SamplingParams
 from llmos.engine.async_engine import EngineDeadError
+from llmos.engine.guided import json_schema_grammar
 from llmos.models.config import ModelError
-from llmos.server import metrics
+from llmos.server import guidance, metrics
 from llmos.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -133,13 +134,22 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fa
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
         try:
-            ids = tokenizer.encode_chat(req.messages)
+            schema, tool_mode = guidance.constraint(req)
+        except guidance.GuidanceError as e:
+            raise APIError(400, str(e), param="tools" if req.tools else "response_format") from None
+        messages = req.messages
+        if tool_mode and "tools" not in (tokenizer.chat_template or ""):
+            messages = [guidance.tools_prompt(req.tools), *messages]
+        try:
+            ids = tokenizer.encode_chat(messages, tools=req.tools)
         except (ModelError, TypeError, KeyError) as e:
             raise APIError(400, f"messages do not fit the chat template: {e}", param="messages") from None
         limit = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(req, limit, top)
-        return await _respond(llm, request, req, [ids], params, "chat.completion", model_name)
+        params.grammar = json_schema_grammar(schema) if schema is not None else None
+        tools = req.tools if tool_mode else None
+        return await _respond(llm, request, req, [ids], params, "chat.completion", model_name, tools)
 
     return app
 
@@ -162,10 +172,10 @@ def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams
 
 
 async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: SamplingParams, kind: str,
-                   model_name: str):
+                   model_name: str, tools: list[dict[str, Any]] | None = None):
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
     streams = [llm.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
-    shape = _Shape(llm, kind, rid, model_name, params.n)
+    shape = _Shape(llm, kind, rid, model_name, params.n, tools)
     if req.stream:
         return StreamingResponse(_sse(shape, streams, req.include_usage), media_type="text/event-stream")
     finals: list[RequestOutput] = await asyncio.gather(*(_last(s) for s in streams))
@@ -240,8 +250,10 @@ def _event(body: dict[str, Any]) -> str:
 class _Shape:
     """Builds OpenAI response bodies (full and streamed) from engine outputs."""
 
-    def __init__(self, llm: AsyncLLM, kind: str, rid: str, model: str, n: int) -> None:
+    def __init__(self, llm: AsyncLLM, kind: str, rid: str, model: str, n: int,
+                 tools: list[dict[str, Any]] | None = None) -> None:
         self.tok, self.kind, self.rid, self.model, self.n = llm.tokenizer, kind, rid, model, n
+        self.tools = tools  # replies may be tool calls: they are sent whole, when finished
         self.chat = kind == "chat.completion"
         self.created = int(time.time())
         self.sent_text: dict[int, int] = {}
@@ -272,8 +284,11 @@ class _Shape:
 
     def _choice(self, index: int, text: str, finish: str | None, logprobs) -> dict[str, Any]:
         if self.chat:
-            return {"index": index, "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs, "finish_reason": finish}
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            calls = guidance.tool_calls(text, self.tools) if self.tools else None
+            if calls:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": calls}, "tool_calls"
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def usage(self, finals: list[RequestOutput]) -> dict[str, int]:
@@ -302,7 +317,7 @@ class _Shape:
             sent, sent_tok = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
             text = c.text[sent:]
             new_ids = c.token_ids[sent_tok:]
-            if not text and not c.finished:
+            if (not text or self.tools) and not c.finished:
                 continue
             self.sent_text[index] = len(c.text)
             self.sent_tokens[index] = len(c.token_ids)
@@ -310,8 +325,12 @@ class _Shape:
                   if c.logprobs is not None else None)
             finish = _finish(c.finish_reason)
             if self.chat:
-                choices.append({"index": index, "delta": {"content": text} if text else {},
-                                "logprobs": lp, "finish_reason": finish})
+                delta: dict[str, Any] = {"content": text} if text else {}
+                calls = guidance.tool_calls(c.text, self.tools) if self.tools else None
+                if calls:
+                    delta = {"tool_calls": [{"index": 0, **calls[0]}]}
+                    finish = "tool_calls"
+                choices.append({"index": index, "delta": delta, "logprobs": lp, "finish_reason": finish})
             else:
                 choices.append({"index": index, "text": text, "logprobs": lp, "finish_reason": finish})
         return choices
