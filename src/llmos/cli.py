@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from contextlib import contextmanager
 from typing import Annotated
@@ -113,6 +114,61 @@ def generate(
 
 
 @app.command()
+def chat(
+    model: ModelOpt = "smollm2-135m-instruct",
+    system: Annotated[str | None, typer.Option(help="A system message to start the chat with.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
+    seed: int | None = None,
+) -> None:
+    """Chat in the terminal; the conversation is kept until /exit.
+
+    Example: llmos chat --system "You are terse."
+    """
+    from llmos.engine import InvalidRequestError, SamplingParams
+
+    with _user_errors():
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+    llm = _load_engine(model)
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    console.print("[dim]Type a message; /exit leaves.[/]")
+    while True:
+        try:
+            line = console.input("[bold green]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if line in ("/exit", "/quit"):
+            break
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        ids = llm.tokenizer.encode_chat(history)
+        # The context window is finite: drop the oldest turns (never the system message) until it fits.
+        while len(ids) + max_tokens > llm.engine.max_model_len and len(history) > 1 + bool(system):
+            del history[bool(system)]
+            ids = llm.tokenizer.encode_chat(history)
+        shown = 0
+
+        def show(outputs) -> None:
+            nonlocal shown
+            for o in outputs:
+                text = o.outputs[0].text
+                sys.stdout.write(text[shown:])
+                sys.stdout.flush()
+                shown = len(text)
+
+        sys.stdout.write("llmos> ")
+        try:
+            reply = llm.generate(ids, params, on_step=show)[0].outputs[0].text
+        except InvalidRequestError as e:
+            err.print(f"[bold red]error:[/] {e}")
+            history.pop()
+            continue
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+@app.command()
 def serve(
     model: Annotated[str, typer.Option("--model", "-m", envvar="LLMOS_MODEL",
                                        help="Registered name, GGUF file or HF directory.")]
@@ -137,6 +193,10 @@ def serve(
         llm = AsyncLLM(model, kv_budget=kv_budget)
     name = model if not model.endswith(".gguf") and "/" not in model else llm.engine.loaded.path.stem
     console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1")
+    # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
+    # handler it found: a no-op here, so shutdown ends with exit status 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
     finally:
