@@ -159,3 +159,16 @@ def test_concurrent_streams_and_metrics(server, client):
     assert after["llmos_requests_finished_total"] >= before["llmos_requests_finished_total"] + 32
     assert after["llmos_generation_tokens_total"] >= before["llmos_generation_tokens_total"] + 32 * 8
     assert after["llmos_num_running"] == 0
+
+
+def test_completion_of_several_prompts_and_token_ids(client, server):
+    ids = server.llm.tokenizer.encode("1, 2, 3, 4,")
+    r = client.completions.create(model=MODEL, prompt=["1, 2, 3, 4,", "The sky is"], max_tokens=6,
+                                  temperature=0)
+    assert [c.index for c in r.choices] == [0, 1]
+    by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=6, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text
+    assert r.usage.prompt_tokens == len(ids) + len(server.llm.tokenizer.encode("The sky is"))
+    with pytest.raises(openai.BadRequestError, match="outside the vocabulary"):
+        client.completions.create(model=MODEL, prompt=[[100, 200], [10**7]], max_tokens=4)
+    assert wait_for_no_used_blocks(server) == 0

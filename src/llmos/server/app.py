@@ -122,14 +122,14 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fa
         return {"prompt": tokenizer.decode(req.tokens)}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, request: Request):
+    async def completions(req: CompletionRequest):
         check_model(req.model)
         prompts = _prompts(req.prompt)
         params = _params(req, req.max_tokens if req.max_tokens is not None else 16, req.logprobs)
-        return await _respond(llm, request, req, prompts, params, "text_completion", model_name)
+        return await _respond(llm, req, prompts, params, "text_completion", model_name)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatCompletionRequest, request: Request):
+    async def chat(req: ChatCompletionRequest):
         check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages must not be empty", param="messages")
@@ -149,7 +149,7 @@ def create_app(llm: AsyncLLM, model_name: str, api_key: str | None = None) -> Fa
         params = _params(req, limit, top)
         params.grammar = json_schema_grammar(schema) if schema is not None else None
         tools = req.tools if tool_mode else None
-        return await _respond(llm, request, req, [ids], params, "chat.completion", model_name, tools)
+        return await _respond(llm, req, [ids], params, "chat.completion", model_name, tools)
 
     return app
 
@@ -171,14 +171,19 @@ def _params(req, max_tokens: int | None, logprobs: int | None) -> SamplingParams
                           ignore_eos=req.ignore_eos, logprobs=logprobs)
 
 
-async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: SamplingParams, kind: str,
+async def _respond(llm: AsyncLLM, req, prompts, params: SamplingParams, kind: str,
                    model_name: str, tools: list[dict[str, Any]] | None = None):
     rid = f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex}"
     streams = [llm.generate(p, params, f"{rid}-{i}") for i, p in enumerate(prompts)]
     shape = _Shape(llm, kind, rid, model_name, params.n, tools)
     if req.stream:
         return StreamingResponse(_sse(shape, streams, req.include_usage), media_type="text/event-stream")
-    finals: list[RequestOutput] = await asyncio.gather(*(_last(s) for s in streams))
+    tasks = [asyncio.ensure_future(_last(s)) for s in streams]
+    try:
+        finals: list[RequestOutput] = await asyncio.gather(*tasks)
+    finally:  # one prompt failed, or the client left: abort the rest
+        for t in tasks:
+            t.cancel()
     return shape.full(finals)
 
 
