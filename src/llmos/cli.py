@@ -53,6 +53,21 @@ def _user_errors():
         _fail(str(e))
 
 
+def _streamer():
+    """An on_step callback that writes one request's new text to stdout as it grows."""
+    shown = 0
+
+    def show(outputs) -> None:
+        nonlocal shown
+        for o in outputs:
+            text = o.outputs[0].text
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+
+    return show
+
+
 def _load_engine(model: str, **engine_kwargs):
     """Load a model and build an engine behind a progress spinner; errors are one line."""
     from llmos.engine import LLM
@@ -86,23 +101,12 @@ def generate(
     llm = _load_engine(model)
     inputs = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else p
               for p in prompts]
-    streamed: dict[str, int] = {}
-
-    def on_step(outputs) -> None:
-        if len(prompts) != 1:
-            return
-        for o in outputs:
-            text = o.outputs[0].text
-            sys.stdout.write(text[streamed.get(o.request_id, 0):])
-            sys.stdout.flush()
-            streamed[o.request_id] = len(text)
-
     with _user_errors():
         if len(prompts) > 1:
             with console.status(f"generating {len(prompts)} completions in one batch ..."):
                 results = llm.generate(inputs, params)
         else:
-            results = llm.generate(inputs, params, on_step=on_step)
+            results = llm.generate(inputs, params, on_step=_streamer())
     if len(prompts) == 1:
         print()
         return
@@ -147,19 +151,9 @@ def chat(
         while len(ids) + max_tokens > llm.engine.max_model_len and len(history) > 1 + bool(system):
             del history[bool(system)]
             ids = llm.tokenizer.encode_chat(history)
-        shown = 0
-
-        def show(outputs) -> None:
-            nonlocal shown
-            for o in outputs:
-                text = o.outputs[0].text
-                sys.stdout.write(text[shown:])
-                sys.stdout.flush()
-                shown = len(text)
-
         sys.stdout.write("llmos> ")
         try:
-            reply = llm.generate(ids, params, on_step=show)[0].outputs[0].text
+            reply = llm.generate(ids, params, on_step=_streamer())[0].outputs[0].text
         except InvalidRequestError as e:
             err.print(f"[bold red]error:[/] {e}")
             history.pop()

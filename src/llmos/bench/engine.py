@@ -109,11 +109,12 @@ def _load_workload(name: str, model: str, quick: bool, device: torch.device):
     if name == "G":
         config, dtype = qwen3_0_6b_config(), torch.bfloat16
         weights = peers.random_state_dict(config, dtype, device)
+        requests = workload_g(quick)
         with torch.device("meta"):
-            net = LlamaForCausalLM(config, max_positions=max_sequence_len(workload_g()))
+            net = LlamaForCausalLM(config, max_positions=max_sequence_len(requests))
         net.load_hf_state_dict(weights)
         loaded = LoadedModel(config, net.eval().requires_grad_(False), None, Path("random"))
-        return loaded, lambda: weights, workload_g(quick), dtype
+        return loaded, lambda: weights, requests, dtype
     path = resolve_model(model)
     loaded = load_model(path, dtype=torch.float32, device=device)
     reader = read_hf_dir if path.is_dir() else read_gguf  # the peers read the same file

@@ -60,10 +60,10 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, dtype)
-        num_blocks = cfg.kv_budget_bytes() // block_bytes
+        budget = cfg.kv_budget_bytes()
+        num_blocks = budget // block_bytes
         if num_blocks < 1:
-            raise InvalidRequestError(
-                f"kv_budget of {cfg.kv_budget_bytes()} bytes holds no block of {block_bytes} bytes")
+            raise InvalidRequestError(f"kv_budget of {budget} bytes holds no block of {block_bytes} bytes")
         num_swap = cfg.swap_space // block_bytes
         self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, dtype, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)

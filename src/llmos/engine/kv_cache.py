@@ -35,22 +35,17 @@ class KVCache:
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
         return cfg.kv_bytes_per_token * block_size * dtype.itemsize
 
-    def _index(self, pairs: list[tuple[int, int]], device: torch.device):
-        src = torch.tensor([p[0] for p in pairs], device=device)
-        dst = torch.tensor([p[1] for p in pairs], device=device)
-        return src, dst
-
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy device blocks to host blocks: (device block, host block) pairs."""
         if pairs:
-            src, dst = self._index(pairs, self.kv.device)
-            self.host[:, :, dst.cpu()] = self.kv[:, :, src].to("cpu")
+            src, dst = zip(*pairs, strict=True)
+            self.host[:, :, list(dst)] = self.kv[:, :, list(src)].to("cpu")
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy host blocks to device blocks: (host block, device block) pairs."""
         if pairs:
-            src, dst = self._index(pairs, self.kv.device)
-            self.kv[:, :, dst] = self.host[:, :, src.cpu()].to(self.kv.device, non_blocking=True)
+            src, dst = zip(*pairs, strict=True)
+            self.kv[:, :, list(dst)] = self.host[:, :, list(src)].to(self.kv.device, non_blocking=True)
 
     def copy(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: device block to device block, in order."""
