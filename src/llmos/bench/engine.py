@@ -182,8 +182,13 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
         "kv": kv,
     }
-    path = Path(json_path or f"bench-results/engine-{name}{'-quick' if quick else ''}.json")
+    write_report(report, json_path, f"bench-results/engine-{name}{'-quick' if quick else ''}.json", console)
+    return report
+
+
+def write_report(report: dict[str, Any], json_path: str | None, default: str, console: Console) -> None:
+    """Write a bench's results as JSON (to `json_path`, else `default`) and say where."""
+    path = Path(json_path or default)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     console.print(f"[dim]results written to {path}[/]")
-    return report

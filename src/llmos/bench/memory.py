@@ -9,24 +9,15 @@ tokens the prefix cache served, and the speed-up against no prefix cache.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from llmos.bench.engine import run_llmos
+from llmos.bench.engine import run_llmos, write_report
 from llmos.bench.workloads import static_reservation_tokens, workload_c, workload_shared_prefix
 from llmos.engine.kv_cache import KVCache
 from llmos.models.loader import load_model
-
-
-def _write(report: dict[str, Any], json_path: str | None, default: str, console: Console) -> None:
-    path = Path(json_path or default)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
-    console.print(f"[dim]results written to {path}[/]")
 
 
 def run_preemption_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
@@ -56,7 +47,7 @@ def run_preemption_bench(console: Console, quick: bool = False, model: str = "sm
         report["runs"][name] = {"throughput": r.throughput, "wall_s": r.wall_s, "identical": same,
                                 "requests": len(requests), **r.extra}
     console.print(table)
-    _write(report, json_path, f"bench-results/preemption{'-quick' if quick else ''}.json", console)
+    write_report(report, json_path, f"bench-results/preemption{'-quick' if quick else ''}.json", console)
     return report
 
 
@@ -83,5 +74,5 @@ def run_prefix_bench(console: Console, model: str = "smollm2-135m-instruct",
               "served_share": hits / shareable,
               "runs": {k: {"throughput": v.throughput, "wall_s": v.wall_s, **v.extra}
                        for k, v in runs.items()}}
-    _write(report, json_path, "bench-results/prefix.json", console)
+    write_report(report, json_path, "bench-results/prefix.json", console)
     return report
