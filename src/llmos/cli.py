@@ -265,5 +265,18 @@ def bench_prefix(
         run_prefix_bench(console, model=model, json_path=output)
 
 
+def _register_commands() -> None:
+    """Let every module in llmos.commands add its sub-commands (each imports lazily)."""
+    import importlib
+    import pkgutil
+
+    import llmos.commands
+
+    for mod in pkgutil.iter_modules(llmos.commands.__path__):
+        importlib.import_module(f"llmos.commands.{mod.name}").register(app, bench_app)
+
+
+_register_commands()
+
 if __name__ == "__main__":
     app()
