@@ -50,12 +50,13 @@ class Rule:
 
 
 def default_rules(cpu_percent: float = 80.0, rss_mb: float = 512.0, scratch_mb: float = 256.0,
-                  preemption_rate: float = 20.0) -> list[Rule]:
+                  preemption_rate: float = 20.0, quota_use: float = 0.9) -> list[Rule]:
+    """The fixed lines; `quota_use` fires before the kernel's hard quota ends the agent."""
     return [
         Rule("runaway_cpu", "proc.*.cpu_percent", cpu_percent, for_samples=3),
         Rule("memory_hog", "proc.*.rss_mb", rss_mb),
         Rule("scratch_full", "scratch.*.mb", scratch_mb),
-        Rule("over_quota", "agent.*.quota_use", 1.0),
+        Rule("over_quota", "agent.*.quota_use", quota_use),
         Rule("kv_thrashing", "llmos.preemption_rate", preemption_rate, for_samples=2),
     ]
 

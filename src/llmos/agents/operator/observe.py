@@ -10,16 +10,17 @@ name -> number, so rules and baselines treat every source alike.
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import psutil
 
-StateFn = Callable[[], dict[str, Any]]
+StateFn = Callable[[], dict[str, Any] | Awaitable[dict[str, Any]]]
 _MB = 2**20
 
 
@@ -137,16 +138,18 @@ class Observer:
     """Samples the host and llmos; per-process CPU is measured between consecutive samples."""
 
     def __init__(self, pids: Iterable[int] = (), children_of: Iterable[int] = (),
-                 scratch: Iterable[str | Path] = (), llmos_state: StateFn | None = None) -> None:
+                 scratch: Iterable[str | Path] = (), llmos_state: StateFn | None = None,
+                 agent_budget: dict[str, int] | None = None) -> None:
         self.pids = set(pids)
         self.children_of = set(children_of)
         self.scratch = [Path(p) for p in scratch]
         self.llmos_state = llmos_state
+        self.agent_budget = agent_budget or {}  # {"llm_tokens": n, "tool_calls": n}
         self._procs: dict[int, psutil.Process] = {}
         self._last_llmos: tuple[float, dict[str, Any]] | None = None
         psutil.cpu_percent(None)  # start the host CPU interval
 
-    def sample(self) -> Observation:
+    async def sample(self) -> Observation:
         t = time.monotonic()
         vm = psutil.virtual_memory()
         host = {"cpu_percent": psutil.cpu_percent(None), "mem_percent": vm.percent,
@@ -173,11 +176,13 @@ class Observer:
         for path in self.scratch:
             obs.scratch[str(path)] = dir_usage(path)
         if self.llmos_state is not None:
-            obs.llmos, obs.agents = self._llmos(t)
+            stats = self.llmos_state()
+            if inspect.isawaitable(stats):  # Kernel.stats is a coroutine
+                stats = await stats
+            obs.llmos, obs.agents = self._llmos(t, stats or {})
         return obs
 
-    def _llmos(self, t: float) -> tuple[dict[str, float], dict[int, dict[str, Any]]]:
-        stats = self.llmos_state() or {}
+    def _llmos(self, t: float, stats: dict[str, Any]) -> tuple[dict[str, float], dict[int, dict[str, Any]]]:
         engine = stats.get("engine", stats)
         out = {k: float(engine[k]) for k in ("kv_usage", "kv_blocks_used", "kv_blocks_total", "num_running",
                                              "num_waiting", "preemptions") if k in engine}
@@ -191,12 +196,18 @@ class Observer:
         agents: dict[int, dict[str, Any]] = {}
         raw = stats.get("agents", [])
         for a in raw.values() if isinstance(raw, dict) else raw:
+            if a.get("state") in ("terminated", "suspended"):
+                continue
             info = {k: a.get(k) for k in ("pid", "name", "state", "tokens_used", "tool_calls",
                                           "syscall_errors") if k in a}
             quotas = a.get("quotas") or {}
-            limit = (quotas.get("max_tokens") if isinstance(quotas, dict)
-                     else getattr(quotas, "max_tokens", None))
-            info["max_tokens"] = limit
-            info["quota_use"] = (a.get("tokens_used", 0) / limit) if limit else None
+            if not isinstance(quotas, dict):
+                quotas = dict(getattr(quotas, "__dict__", {}))
+            # the operator's own budget where the kernel sets no quota: a soft limit it enforces by suspending
+            limits = {"tokens_used": quotas.get("llm_tokens") or self.agent_budget.get("llm_tokens"),
+                      "tool_calls": quotas.get("tool_calls") or self.agent_budget.get("tool_calls")}
+            uses = [a.get(k, 0) / v for k, v in limits.items() if v]
+            info["quotas"] = {k: v for k, v in limits.items() if v}
+            info["quota_use"] = max(uses) if uses else None
             agents[int(a["pid"])] = info
         return out, agents

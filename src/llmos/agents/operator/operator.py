@@ -179,7 +179,7 @@ class Operator:
 
     async def tick(self) -> Observation:
         """One pass: observe, detect, verify what is in flight, run approved actions, handle new findings."""
-        obs = self.observer.sample()
+        obs = await self.observer.sample()
         signals = obs.signals()
         findings = self.detector.update(signals)
         await self._verify(obs, signals)
