@@ -185,8 +185,15 @@ class Operator:
         await self._verify(obs, signals)
         await self._run_approved(obs)
         for finding in self._one_per_subject(findings):
-            if finding.subject in self._inflight or obs.t < self._quiet_until.get(finding.subject, 0.0):
+            busy = self._inflight.get(finding.subject)
+            # a rule firing while a baseline anomaly's gentler action is still verified escalates now
+            escalate = busy is not None and busy.finding.source == "baseline" and finding.source == "rule"
+            quiet = obs.t < self._quiet_until.get(finding.subject, 0.0)
+            if (busy or quiet) and not escalate:
                 continue
+            if escalate:
+                del self._inflight[finding.subject]
+                self._attempt(finding.subject, busy.action, False)
             await self._handle(finding, obs)
         return obs
 
@@ -258,8 +265,10 @@ class Operator:
                      and value > self.worse_factor * max(f.before, 1e-9) and f.before > 0)
             if not recovered and not worse and obs.t < f.deadline:
                 continue
+            # at the deadline a setting that moved the signal the right way is kept (a partial fix)
+            partial = not recovered and not worse and value is not None and value < f.before
             del self._inflight[subject]
-            self._attempt(subject, f.action, recovered)
+            self._attempt(subject, f.action, None if partial else recovered)
             args = f.action.model_dump()
             evidence = {"finding": f.finding.as_dict(), "value_now": value, **obs.evidence(subject)}
             if recovered:
@@ -267,12 +276,13 @@ class Operator:
                 self._audit("verify", args, "recovered", detail, evidence)
                 self._emit(obs.t, "recovered", subject, args, detail)
                 continue
-            detail = (f"{f.finding.signal} {'grew to' if worse else 'still'} {value} "
-                      f"{'' if worse else f'after {self.verify_s:g}s'}").strip()
+            detail = f"{f.finding.signal} {'grew to' if worse else 'still'} {value}"
+            if not worse:
+                detail += f" after {self.verify_s:g}s" + (" (kept: it helped)" if partial else "")
             self._quiet_until[subject] = obs.t + self.cooldown_s
             self._audit("verify", args, "unrecovered", detail, evidence)
             self._emit(obs.t, "unrecovered", subject, args, detail)
-            if f.undo is not None:
+            if f.undo is not None and not partial:
                 outcome = await self.actuator.rollback(f.undo)
                 self._audit("rollback", f.undo, "executed" if outcome.ok else "failed", outcome.detail,
                             evidence)

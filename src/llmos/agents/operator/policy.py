@@ -44,7 +44,7 @@ class FallbackPolicy:
         return self.decide(finding, obs, attempts)
 
     def decide(self, finding: Finding, obs: Observation, attempts: list[Attempt]) -> Any:
-        tried = {a.kind for a in attempts} | {a.target for a in attempts if not a.recovered}
+        tried = {a.kind for a in attempts} | {a.target for a in attempts if a.recovered is False}
         kind, subject = finding.kind, finding.subject
         key = subject.partition(":")[2]
         why = finding.describe()[:80]
