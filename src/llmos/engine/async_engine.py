@@ -3,6 +3,10 @@
 The engine steps in one background thread (torch releases the GIL while it
 computes); requests and aborts reach it as commands run between two steps,
 so engine state is only ever touched by that thread.
+
+A `step_hook` (the agent scheduler above) runs on that thread before every
+step with the outputs of the step before: it may pause and resume requests,
+so its decisions and the engine's KV memory always agree.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ class AsyncLLM:
         self._wake = threading.Condition()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = False
+        self.step_hook: Callable[[LLMEngine, list[RequestOutput]], None] | None = None
         self._thread = threading.Thread(target=self._run, name="llmos-engine", daemon=True)
         self._thread.start()
 
@@ -45,21 +50,27 @@ class AsyncLLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        paused: bool = False,
+        on_added: Callable[[str], None] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield the request's output after every step that changed it; the last is finished.
 
-        Leaving the iteration early (a client went away) aborts the request.
+        Leaving the iteration early (a client went away) aborts the request. A
+        `paused` request waits for the step hook to resume it; `on_added` runs on
+        the engine thread right after the request is queued.
         """
         loop = asyncio.get_running_loop()
         request_id = request_id or uuid.uuid4().hex
         queue: asyncio.Queue = asyncio.Queue()
 
         def add() -> str:
-            rid = self.engine.add_request(prompt, params, request_id, priority)
+            rid = self.engine.add_request(prompt, params, request_id, priority, paused)
             self._streams[rid] = (loop, queue)
+            if on_added is not None:
+                on_added(rid)
             return rid
 
-        await self._call(add)
+        await self.call(add)
         finished = False
         try:
             while True:
@@ -83,10 +94,10 @@ class AsyncLLM:
             self._streams.pop(request_id, None)
             self.engine.abort_request(request_id)
 
-        await self._call(do)
+        await self.call(do)
 
     async def stats(self) -> dict[str, float]:
-        return await self._call(self.engine.stats)
+        return await self.call(self.engine.stats)
 
     @property
     def is_dead(self) -> bool:
@@ -100,7 +111,7 @@ class AsyncLLM:
 
     # -- the engine thread ----------------------------------------------------
 
-    async def _call(self, fn: Callable[[], Any]) -> Any:
+    async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between two steps and return its result."""
         if self._stopped:
             raise EngineDeadError("the engine is shut down")
@@ -121,19 +132,24 @@ class AsyncLLM:
         return await future
 
     def _run(self) -> None:
+        outputs: list[RequestOutput] = []
         while True:
             with self._wake:
-                while not self._stopped and not self._commands and not self.engine.has_unfinished_requests():
-                    self._wake.wait()
                 if self._stopped:
                     break
                 commands = list(self._commands)
                 self._commands.clear()
             for command in commands:
                 command()
-            if not self.engine.has_unfinished_requests():
-                continue
             try:
+                if self.step_hook is not None:
+                    self.step_hook(self.engine, outputs)
+                outputs = []
+                if not self.engine.has_pending_work():
+                    with self._wake:
+                        while not self._stopped and not self._commands:
+                            self._wake.wait()
+                    continue
                 outputs = self.engine.step()
             except Exception as e:  # a failed step fails its requests, never the process
                 self._fail_all(e)

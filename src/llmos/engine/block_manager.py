@@ -36,6 +36,7 @@ class BlockManager:
         if num_blocks < 1:
             raise ValueError("the KV cache needs at least one block")
         self.num_blocks = num_blocks
+        self.capacity = num_blocks  # blocks it may hand out: a runtime cap at most num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.ref_counts = [0] * num_blocks
@@ -50,11 +51,12 @@ class BlockManager:
 
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free) + len(self._evictor)
+        """Blocks that may still be handed out, under the capacity cap."""
+        return max(0, self.capacity - self.num_used_blocks)
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - self.num_free_blocks
+        return self.num_blocks - len(self._free) - len(self._evictor)
 
     def blocks_needed(self, seq: Sequence, num_new_tokens: int, num_hit_blocks: int = 0) -> int:
         """Fresh blocks that `num_new_tokens` more KV slots take, copy-on-write included.

@@ -83,8 +83,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        paused: bool = False,
     ) -> str:
-        """Queue a prompt (text or token ids); returns its request id."""
+        """Queue a prompt (text or token ids); returns its request id.
+
+        A paused request waits, holding nothing, until `resume_request`.
+        """
         params = replace(params) if params else SamplingParams()  # ours to resolve max_tokens in
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -105,6 +109,8 @@ class LLMEngine:
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)
+        if paused:
+            self.scheduler.pause(seq)
         self.metrics.prompt_tokens += len(ids)
         return request_id
 
@@ -151,8 +157,34 @@ class LLMEngine:
                 self.scheduler.finish(seq)
                 seq.finish_reason = "abort"
 
+    def pause_request(self, request_id: str) -> None:
+        """Stop scheduling a request (a context switch): it keeps its KV blocks until they are
+        needed, then they are swapped out or dropped, and `resume_request` continues it exactly."""
+        for seq in self._live_seqs(request_id):
+            self.scheduler.pause(seq)
+
+    def resume_request(self, request_id: str) -> None:
+        for seq in self._live_seqs(request_id):
+            self.scheduler.resume(seq)
+
+    def _live_seqs(self, request_id: str) -> list[Sequence]:
+        req = self.requests.get(request_id)
+        return [s for s in req.seqs if not s.is_finished] if req else []
+
+    def set_kv_capacity(self, num_blocks: int) -> int:
+        """Cap the KV blocks in use at run time (at most the pool's size); returns the old cap."""
+        if not 1 <= num_blocks <= self.blocks.num_blocks:
+            raise InvalidRequestError(f"KV capacity must be between 1 and {self.blocks.num_blocks} blocks, "
+                                      f"got {num_blocks}")
+        old, self.blocks.capacity = self.blocks.capacity, num_blocks
+        return old
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_pending_work(self) -> bool:
+        """Something a step would run: paused requests alone make no work."""
+        return self.scheduler.has_unfinished()
 
     # -- the step -----------------------------------------------------------
 
@@ -296,7 +328,8 @@ class LLMEngine:
         """A snapshot of the metrics, gauges read now."""
         m, s, bm = self.metrics, self.scheduler, self.blocks
         m.num_running, m.num_waiting, m.num_swapped = len(s.running), len(s.waiting), len(s.swapped)
-        m.kv_blocks_used = bm.num_used_blocks
+        m.num_paused = len(s.paused)
+        m.kv_blocks_used, m.kv_blocks_capacity = bm.num_used_blocks, bm.capacity
         m.preemptions = s.stats.preemptions
         m.prefix_cache_queries, m.prefix_cache_hits = bm.prefix_stats.queries, bm.prefix_stats.hits
         return m.as_dict()

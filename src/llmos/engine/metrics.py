@@ -21,7 +21,9 @@ class EngineMetrics:
     num_running: int = 0
     num_waiting: int = 0
     num_swapped: int = 0
+    num_paused: int = 0
     kv_blocks_total: int = 0
+    kv_blocks_capacity: int = 0
     kv_blocks_used: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
@@ -53,7 +55,9 @@ class EngineMetrics:
             "num_running": self.num_running,
             "num_waiting": self.num_waiting,
             "num_swapped": self.num_swapped,
+            "num_paused": self.num_paused,
             "kv_blocks_total": self.kv_blocks_total,
+            "kv_blocks_capacity": self.kv_blocks_capacity,
             "kv_blocks_used": self.kv_blocks_used,
             "kv_blocks_free": self.kv_blocks_total - self.kv_blocks_used,
             "kv_usage": self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0,

@@ -8,6 +8,10 @@ newest running sequence is preempted: swapped to host memory or dropped for
 recompute. New and swapped sequences are admitted only in a step that
 preempted nobody, and new ones only once every swapped sequence is back, so
 memory pressure never makes things worse.
+
+A paused sequence (the agent scheduler above took its turn away) is in none
+of those queues: it keeps its blocks until someone needs them, then gives
+them up first, before any running sequence is preempted.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class Scheduler:
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.swapped: list[Sequence] = []
+        self.paused: list[Sequence] = []
         self.stats = SchedulerStats()
 
     def add(self, seq: Sequence) -> None:
@@ -55,6 +60,31 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
+
+    def pause(self, seq: Sequence) -> None:
+        """Take a sequence out of scheduling; its blocks stay where they are for now."""
+        if seq in self.paused or seq.is_finished:
+            return
+        self._queue(seq).remove(seq)
+        self.paused.append(seq)
+
+    def resume(self, seq: Sequence) -> None:
+        """Put a paused sequence back in the queue its memory state belongs to."""
+        if seq in self.paused:
+            self.paused.remove(seq)
+            self._queue(seq).append(seq)
+
+    def _queue(self, seq: Sequence) -> list[Sequence]:
+        return {SequenceStatus.RUNNING: self.running, SequenceStatus.WAITING: self.waiting,
+                SequenceStatus.SWAPPED: self.swapped}[seq.status]
+
+    def _reclaim_paused(self, out: SchedulerOutput) -> bool:
+        """Give one paused sequence's device blocks back; False when none holds any."""
+        holder = next((q for q in reversed(self.paused) if q.status is SequenceStatus.RUNNING), None)
+        if holder is None:
+            return False
+        self._evict(holder, out)
+        return True
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -67,6 +97,8 @@ class Scheduler:
             if n <= 0:
                 continue
             while not self.blocks.can_allocate(seq, n):
+                if self._reclaim_paused(out):
+                    continue
                 victim = max(self.running, key=Sequence.sort_key)
                 self._preempt(victim, out)
                 if victim is seq:
@@ -89,6 +121,8 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             # The blocks swapped back in plus those this step's n tokens fill.
             if self.blocks.num_free_blocks < -(-(seq.num_computed_tokens + n) // self.blocks.block_size):
+                if self._reclaim_paused(out):
+                    continue
                 break
             host = seq.block_table
             device = self.blocks.allocate_blocks(len(host))
@@ -110,6 +144,8 @@ class Scheduler:
             hits = self.blocks.match_prefix(seq)
             n = min(len(seq) - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_allocate(seq, n, hits):
+                if self._reclaim_paused(out):
+                    continue
                 break
             self.waiting.pop(0)
             out.copies += self.blocks.allocate(seq, n, hits)
@@ -122,10 +158,15 @@ class Scheduler:
         self.running.append(seq)
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        """Take a running sequence's memory: swap its blocks out, or drop them for recompute."""
+        """Take a running sequence's memory and queue it again."""
         self.running.remove(seq)
         out.preempted.append(seq)
         self.stats.preemptions += 1
+        self._evict(seq, out)
+        self._queue(seq).append(seq)
+
+    def _evict(self, seq: Sequence, out: SchedulerOutput) -> None:
+        """Swap a sequence's blocks out to host memory, or drop them for recompute."""
         mode = self.config.preemption_mode
         can_swap = self.swap.num_free_blocks >= len(seq.block_table)
         if mode == "swap" and not can_swap:
@@ -136,24 +177,21 @@ class Scheduler:
             self.blocks.free(seq)
             seq.block_table = host
             seq.status = SequenceStatus.SWAPPED
-            self.swapped.append(seq)
             self.stats.swap_outs += 1
         else:
             self.blocks.free(seq)
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
-            self.waiting.append(seq)
             self.stats.recomputes += 1
 
     def finish(self, seq: Sequence) -> None:
         """Release a finished or aborted sequence's memory, wherever it is queued."""
+        for queue in (self.paused, self._queue(seq)):
+            if seq in queue:
+                queue.remove(seq)
         if seq.status is SequenceStatus.SWAPPED:
             self.swap.free(seq.block_table)
             seq.block_table = []
-            self.swapped.remove(seq)
         else:
             self.blocks.free(seq)
-            for queue in (self.running, self.waiting):
-                if seq in queue:
-                    queue.remove(seq)
         seq.status = SequenceStatus.FINISHED
