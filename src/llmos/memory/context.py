@@ -141,8 +141,18 @@ class MainContext:
     def stats(self) -> dict[str, Any]:
         row = self._row()
         return {"messages": self.recall.count(), "in_context": len(self.queue()),
-                "evictions": row["evictions"], "summaries": row["summaries"],
-                "warned": bool(row["warned"]), "tokens": self.pressure().tokens, "budget": self.config.budget}
+                "evictions": row["evictions"], "summaries": row["summaries"], "warned": bool(row["warned"]),
+                "llm_calls": row["llm_calls"], "largest_prompt": row["largest_prompt"],
+                "overflows": row["overflows"], "tokens": self.pressure().tokens, "budget": self.config.budget}
+
+    def note_prompt(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Record a prompt the backend was sent (its own token count): the largest, and any that with
+        its reply could overflow the window."""
+        over = int(prompt_tokens + max_tokens > self.config.context_window)
+        with self.store.transaction() as db:
+            db.execute("UPDATE agents SET llm_calls = llm_calls + 1, overflows = overflows + ?, "
+                       "largest_prompt = max(largest_prompt, ?) WHERE name = ?",
+                       (over, prompt_tokens, self.agent))
 
     def queue(self) -> list[Message]:
         return self.recall.in_context()

@@ -25,6 +25,9 @@ CREATE TABLE IF NOT EXISTS agents (
     summaries INTEGER NOT NULL DEFAULT 0,
     evictions INTEGER NOT NULL DEFAULT 0,
     warned INTEGER NOT NULL DEFAULT 0,
+    llm_calls INTEGER NOT NULL DEFAULT 0,
+    largest_prompt INTEGER NOT NULL DEFAULT 0,
+    overflows INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS core_blocks (
