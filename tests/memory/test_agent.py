@@ -1,0 +1,175 @@
+"""The MemGPT agent through the real kernel: a scripted backend for exact loops, then the embedded model."""
+
+import asyncio
+import json
+from typing import Any
+
+from llmos.agents import memgpt
+from llmos.kernel import ChatResult, Kernel
+from llmos.memory import CoreMemory, RecallStorage, open_store
+from llmos.tools.base import ToolRegistry
+from llmos.tools.memory import memory_tools
+
+
+class ScriptedBackend:
+    """A kernel backend that replays fixed model outputs (function calls) and writes summaries itself;
+    tokens are counted with the real SmolLM2 tokenizer and chat template."""
+
+    def __init__(self, count_tokens, outputs: list[Any], context_window: int = 8192) -> None:
+        self.count_tokens = count_tokens
+        self.outputs = list(outputs)
+        self.context_window = context_window
+        self.prompts: list[list[dict]] = []
+        self.summaries = 0
+        self.schemas: list[Any] = []
+
+    def attach(self, sched, on_switch) -> None:
+        pass
+
+    async def complete(self, call, prompt, params, on_tokens) -> ChatResult:
+        n = self.count_tokens(prompt)
+        assert n + params.max_tokens <= self.context_window, "prompt and reply overflow the window"
+        if params.json_schema is None:  # the summarizer
+            self.summaries += 1
+            return ChatResult(f"summary {self.summaries}", "stop", n, 3)
+        self.prompts.append(prompt)
+        self.schemas.append(params.json_schema)
+        out = self.outputs.pop(0)
+        text = out if isinstance(out, str) else json.dumps(out)
+        return ChatResult(text, "stop", n, 10)
+
+    async def run_in_scheduler(self, fn):
+        return fn()
+
+    async def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+def say(message: str, heartbeat: bool = False) -> dict:
+    return {"function": "send_message", "arguments": {"message": message, "request_heartbeat": heartbeat}}
+
+
+def registry(embedder) -> ToolRegistry:
+    reg = ToolRegistry()
+    reg.register(*memory_tools(embedder))
+    return reg
+
+
+def run_agent(home, backend, embedder, name="sam", **args) -> Any:
+    async def go():
+        kernel = Kernel(backend, home=home, tools=registry(embedder))
+        try:
+            pid = await kernel.spawn(memgpt.main, name=name, args=args)
+            result = await kernel.wait(pid)
+            proc = kernel.process(pid)
+            assert proc.exit_reason == "exited", proc.exit_reason
+            return result
+        finally:
+            await kernel.shutdown()
+    return asyncio.run(go())
+
+
+def test_one_turn_edits_memory_then_answers(tmp_path, count_tokens, embedder):
+    backend = ScriptedBackend(count_tokens, [
+        {"function": "core_memory_append",
+         "arguments": {"label": "human", "content": "Name: Ana. Has a dog, Rex.", "request_heartbeat": True}},
+        say("Nice to meet you, Ana! Say hi to Rex."),
+    ])
+    reply = run_agent(tmp_path, backend, embedder, message="Hi, I'm Ana and my dog is Rex.")
+    assert reply == "Nice to meet you, Ana! Say hi to Rex."
+    store = open_store(tmp_path)
+    assert CoreMemory(store, "sam").get("human").value.endswith("Name: Ana. Has a dog, Rex.")
+    queue = RecallStorage(store, "sam").in_context()
+    assert [m.role for m in queue] == ["user", "assistant", "tool", "system", "assistant", "tool"]
+    assert json.loads(queue[2].content)["status"] == "OK"
+    assert "request_heartbeat was true" in queue[3].content
+    # the second step saw the edited core memory in its system prompt
+    assert "Has a dog, Rex." in backend.prompts[1][0]["content"]
+    # the model's output was constrained to calls of the seven functions
+    names = sorted(alt["properties"]["function"]["const"] for alt in backend.schemas[0]["anyOf"])
+    assert names == sorted(memgpt.MEMORY_FUNCTIONS)
+    # the agent's own reply is searchable, the function call plumbing is not
+    hits = RecallStorage(store, "sam").search("Rex")
+    assert sorted(m.role for m in hits.items) == ["assistant", "user"]
+
+
+def test_errors_come_back_as_results_and_chain_a_step(tmp_path, count_tokens, embedder):
+    backend = ScriptedBackend(count_tokens, [
+        '{"function": "send_message", "arguments": ',  # cut short: not JSON
+        {"function": "core_memory_replace",
+         "arguments": {"label": "human", "old_content": "cats", "new_content": "dogs",
+                       "request_heartbeat": False}},
+        {"function": "launch_rocket", "arguments": {}},
+        say("Sorry, all fixed."),
+    ])
+    assert run_agent(tmp_path, backend, embedder, message="hello") == "Sorry, all fixed."
+    queue = RecallStorage(open_store(tmp_path), "sam").in_context()
+    texts = [m.content for m in queue]
+    assert "Your reply was not a valid function call: the reply is not JSON" in texts[2]
+    failed = json.loads(texts[4])
+    assert failed["status"] == "Failed" and failed["function"] == "core_memory_replace"
+    assert failed["message"] == "Error: core_memory_replace: 'cats' is not in core memory block 'human'"
+    assert "Function core_memory_replace failed" in texts[5]  # a failure returns control despite no heartbeat
+    assert "no function named 'launch_rocket'" in texts[7]
+
+
+def test_chain_stops_at_max_chain(tmp_path, count_tokens, embedder):
+    search = {"function": "archival_memory_search", "arguments": {"query": "x", "request_heartbeat": True}}
+    backend = ScriptedBackend(count_tokens, [search] * 3)
+    assert run_agent(tmp_path, backend, embedder, message="loop", max_chain=3) is None
+    assert backend.outputs == []
+
+
+def test_agent_resumes_across_kernels(tmp_path, count_tokens, embedder):
+    run_agent(tmp_path, ScriptedBackend(count_tokens, [say("Noted: your code is 4417.")]), embedder,
+              name="bob", message="My locker code is 4417.")
+    second = ScriptedBackend(count_tokens, [
+        {"function": "conversation_search", "arguments": {"query": "locker code", "request_heartbeat": True}},
+        say("It is 4417."),
+    ])
+    reply = run_agent(tmp_path, second, embedder, name="bob", message="What's my locker code?")
+    assert reply == "It is 4417."
+    contents = [m["content"] for m in second.prompts[0]]
+    assert "My locker code is 4417." in contents  # the first run's messages are still in main context
+    found = json.loads(second.prompts[1][-2]["content"])["message"]
+    assert "My locker code is 4417." in found
+
+
+def test_long_chat_pages_out_and_never_overflows(tmp_path, count_tokens, embedder):
+    turns = [f"Turn {i}: let me tell you about my day, it involved {i} cups of coffee and a long walk."
+             for i in range(40)]
+    backend = ScriptedBackend(count_tokens, [say(f"Got it ({i}).") for i in range(40)], context_window=8192)
+    run_agent(tmp_path, backend, embedder, message=turns, context_window=768, reply_tokens=64,
+              summary_tokens=64, block_limit=200)
+    store = open_store(tmp_path)
+    row = store.agent("sam")
+    assert row["summaries"] == backend.summaries > 0 and row["evictions"] > 0
+    assert row["overflows"] == 0 and 0 < row["largest_prompt"] <= 768 - 64
+    assert max(count_tokens(p) for p in backend.prompts) <= 768 - 64
+    recall = RecallStorage(store, "sam")
+    assert all(recall.search(f"Turn {i} coffee").total for i in range(40))
+    user = [m.content for m in recall.search_date("2000-01-01", "2100-01-01", page_size=500).items
+            if m.role == "user"]
+    assert user == turns  # every message is in recall storage, in order
+    warnings = store.query("SELECT count(*) FROM messages WHERE agent = 'sam' AND role = 'system' "
+                           "AND content LIKE '%Memory pressure%'")[0][0]
+    assert 1 <= warnings <= row["summaries"] + 1  # warned before each flush (at most once per cycle)
+
+
+def test_end_to_end_on_the_embedded_model(tmp_path, embedder):
+    from llmos.kernel import EngineBackend
+
+    backend = EngineBackend("smollm2-135m-instruct")
+    reply = run_agent(tmp_path, backend, embedder, name="smol", message="Hi! My name is Ana.",
+                      max_chain=2, reply_tokens=96, context_window=2048)
+    store = open_store(tmp_path)
+    queue = RecallStorage(store, "smol").in_context()
+    calls = [json.loads(m.content) for m in queue if m.role == "assistant"]
+    assert calls and all(c["function"] in memgpt.MEMORY_FUNCTIONS for c in calls)  # constrained: valid
+    assert [m.role for m in queue][:3] == ["user", "assistant", "tool"]
+    assert reply is None or isinstance(reply, str)
+    row = store.agent("smol")
+    assert row["overflows"] == 0 and row["largest_prompt"] <= 2048 - 96
