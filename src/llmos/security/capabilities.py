@@ -490,10 +490,16 @@ def load_policy(path: str | Path, workdir: Path | None = None, home: Path | None
     return parse_policy(data, str(path), subs)
 
 
-def default_capabilities(workdir: Path) -> Capabilities:
-    """What an ordinary agent gets: its own files, the sandboxed shell and Python, calculator, memory."""
-    root = str(Path(workdir).resolve())
+def default_capabilities(workdir: Path | None = None) -> Capabilities:
+    """What an ordinary agent gets: its own files, the sandboxed shell and Python, calculator, memory.
+
+    The file grants are rooted at `{workdir}`, the holder's own working directory, so a child that
+    inherits them reaches its own directory, not its parent's. `workdir` (the kernel's hook passes
+    the new agent's) only has to exist.
+    """
+    if workdir is not None and not Path(workdir).is_dir():
+        raise ValueError(f"working directory {workdir} does not exist")
     anywhere = {"path": ("**",)}
-    grants = [Grant(tool=t, root=root, paths=anywhere) for t in ("read_file", "write_file", "list_files")]
+    grants = [Grant(tool=t, root=WORKDIR, paths=anywhere) for t in ("read_file", "write_file", "list_files")]
     grants += [Grant(tool=t) for t in ("run_shell", "run_python", "calculator", *MEMORY_TOOLS)]
     return Capabilities.of(grants)

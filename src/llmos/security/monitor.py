@@ -144,7 +144,13 @@ class ReferenceMonitor:
                               {"pid": getattr(agent, "pid", None)})
 
     def attenuate(self, parent: Any, requested: Any) -> Any:
-        caps = self.capabilities_of(parent)
+        """`parent` is the parent process, or its capabilities (what the kernel passes)."""
+        from llmos.security.capabilities import Capabilities
+
+        if parent is None or isinstance(parent, Capabilities | list | tuple):
+            caps = parent if isinstance(parent, Capabilities) else Capabilities.of(parent or [])
+        else:
+            caps = self.capabilities_of(parent)
         try:
             child = caps.attenuate(requested)
         except PermissionError as e:
