@@ -193,7 +193,7 @@ def test_approval_queue(tmp_path):
     with pytest.raises(ValueError, match="no approval request with id 99"):
         q.decide(99)
     taken = ApprovalQueue(tmp_path / "approvals.db").take_approved()  # another process' view
-    assert taken == [(a, KillProcess(pid=1234, reason="hot"))]
+    assert taken == [(a, KillProcess(pid=1234, reason="hot"), {"cpu": 99})]
     assert q.take_approved() == []  # handed out once
     assert q.list() == []
 

@@ -16,16 +16,18 @@ NO_APPROVAL = Limits(approval=frozenset())
 
 
 def _operator(limits=None, dry_run=False, scratch=(), control=None, approvals=None, **kw) -> Operator:
+    """An operator granted this test's children; CPU rule at 25% (2 cores shared with other work)."""
     me = frozenset({os.getpid()})
     rails = Guardrails(Grants(children_of=me, paths=tuple(scratch)), limits or Limits(), dry_run=dry_run,
                        settings=control.settings if control else None)
     observer = Observer(children_of=me, scratch=scratch, llmos_state=control.stats if control else None)
     return Operator(observer, FallbackPolicy(control.settings if control else None), rails,
-                    detector=Detector(default_rules(scratch_mb=1.0)), actuator=Actuator(control),
+                    detector=Detector(default_rules(cpu_percent=25.0, scratch_mb=1.0)),
+                    actuator=Actuator(control),
                     audit=MemoryAudit(), approvals=approvals, **kw)
 
 
-def _until(op: Operator, step: str, timeout: float = 15.0, interval: float = 0.25) -> list[str]:
+def _until(op: Operator, step: str, timeout: float = 30.0, interval: float = 0.25) -> list[str]:
     async def go():
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -51,7 +53,7 @@ def test_runaway_process_is_killed_verified_and_audited(spawn):
         ("operator.detect", "observe"), ("operator.kill_process", "allow"),
         ("operator.kill_process", "executed"), ("operator.verify", "recovered")]
     assert log[1]["evidence"]["process"]["pid"] == busy.pid
-    assert log[1]["evidence"]["process"]["cpu_percent"] > 80
+    assert log[1]["evidence"]["process"]["cpu_percent"] > 25
     assert log[1]["evidence"]["proposer"] == "fallback"
 
 
@@ -75,10 +77,14 @@ def test_destructive_action_waits_for_approval_then_runs(spawn, tmp_path):
     [pending] = queue.list()
     assert pending["action"]["kind"] == "kill_process" and pending["action"]["pid"] == busy.pid
     assert f"(approval id {pending['id']})" in op.events[-1].detail
-    queue.decide(pending["id"])
     asyncio.run(op.tick())
+    assert [e.step for e in op.events] == ["finding", "proposal", "queued"]  # waits, no second proposal
+    queue.decide(pending["id"])
+    steps = _until(op, "recovered")
+    assert steps == ["finding", "proposal", "queued", "acted", "recovered"]
     assert not psutil.pid_exists(busy.pid)
-    assert op.events[-1].step == "acted" and op.events[-1].detail.startswith(f"approved #{pending['id']}")
+    assert op.events[3].detail.startswith(f"approved #{pending['id']}: killed 1 process")
+    assert op.events[4].subject == f"pid:{busy.pid}"
     assert queue.list("done")[0]["id"] == pending["id"]
 
 
@@ -100,7 +106,8 @@ class _Engine:
     def __init__(self, needed: int) -> None:
         self._settings = {"policy": "fifo", "quantum": 64, "max_running": 8, "kv_blocks": 16}
         self.needed = needed
-        self.preemptions = 0
+        self.preemptions = 0.0
+        self.last = time.monotonic()
 
     def settings(self):
         return dict(self._settings)
@@ -111,8 +118,10 @@ class _Engine:
         return previous
 
     def stats(self):
-        if self._settings["kv_blocks"] < self.needed:
-            self.preemptions += 50
+        now = time.monotonic()
+        if self._settings["kv_blocks"] < self.needed:  # 200 preemptions a second, however often sampled
+            self.preemptions += 200 * (now - self.last)
+        self.last = now
         return {"kv_blocks_total": 64, "kv_blocks_used": self._settings["kv_blocks"],
                 "preemptions": self.preemptions, "num_running": 8, "num_waiting": 4, "agents": []}
 

@@ -257,15 +257,15 @@ class ApprovalQueue:
                        ("approved" if approve else "rejected", time.time(), approval_id))
         return next(r for r in self.list(None) if r["id"] == approval_id)
 
-    def take_approved(self) -> list[tuple[int, Any]]:
-        """Approved actions not yet run; each is handed out once."""
+    def take_approved(self) -> list[tuple[int, Any, dict[str, Any]]]:
+        """Approved actions not yet run, with their evidence; each is handed out once."""
         with self._db() as db:
             db.execute("BEGIN IMMEDIATE")
-            rows = db.execute("SELECT id, action FROM approvals WHERE status='approved'").fetchall()
-            for row_id, _ in rows:
+            rows = db.execute("SELECT id, action, evidence FROM approvals WHERE status='approved'").fetchall()
+            for row_id, *_ in rows:
                 db.execute("UPDATE approvals SET status='taken' WHERE id=?", (row_id,))
             db.execute("COMMIT")
-        return [(row_id, parse_action(text)) for row_id, text in rows]
+        return [(row_id, parse_action(text), json.loads(ev or "{}")) for row_id, text, ev in rows]
 
     def finish(self, approval_id: int, status: str) -> None:
         with self._db() as db:

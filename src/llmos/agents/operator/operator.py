@@ -168,7 +168,8 @@ class Operator:
     audit: Audit = field(default_factory=MemoryAudit)
     approvals: ApprovalQueue | None = None
     verify_s: float = 10.0  # a signal must recover this long after its action
-    worse_factor: float = 1.5  # a setting change whose signal grows past this factor is rolled back early
+    worse_factor: float = 1.5  # a setting change whose signal grows past this factor is rolled back early;
+    # one that only shrinks it by this factor (not under its limit) is kept as a partial fix
     cooldown_s: float = 5.0  # a subject left alone (no action, refused, queued) is not re-proposed sooner
     name: str = "operator"
     on_event: Callable[[Event], None] | None = None
@@ -176,6 +177,7 @@ class Operator:
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
     _quiet_until: dict[str, float] = field(default_factory=dict)
     _attempts: dict[str, list[Attempt]] = field(default_factory=dict)
+    _awaiting: dict[str, int] = field(default_factory=dict)  # subject -> approval id
 
     async def tick(self) -> Observation:
         """One pass: observe, detect, verify what is in flight, run approved actions, handle new findings."""
@@ -188,7 +190,7 @@ class Operator:
             busy = self._inflight.get(finding.subject)
             # a rule firing while a baseline anomaly's gentler action is still verified escalates now
             escalate = busy is not None and busy.finding.source == "baseline" and finding.source == "rule"
-            quiet = obs.t < self._quiet_until.get(finding.subject, 0.0)
+            quiet = obs.t < self._quiet_until.get(finding.subject, 0.0) or finding.subject in self._awaiting
             if (busy or quiet) and not escalate:
                 continue
             if escalate:
@@ -239,23 +241,28 @@ class Operator:
         step = {NEEDS_APPROVAL: "queued", "dry_run": "dry_run"}.get(verdict.decision, "refused")
         detail = verdict.reason
         if verdict.decision == NEEDS_APPROVAL and self.approvals is not None:
-            detail += f" (approval id {self.approvals.submit(action, evidence)})"
+            approval_id = self.approvals.submit(action, evidence)
+            self._awaiting[finding.subject] = approval_id  # the subject waits for the human, not re-proposed
+            detail += f" (approval id {approval_id})"
         self._emit(obs.t, step, finding.subject, action.model_dump(), detail)
 
-    async def _act(self, obs: Observation, finding: Finding, action: Any, evidence: dict[str, Any]) -> None:
+    async def _act(self, obs: Observation, finding: Finding, action: Any, evidence: dict[str, Any],
+                   note: str = "") -> bool:
         outcome = await self.actuator.execute(action)
         self.guardrails.executed(action)
         args = action.model_dump()
         self._audit(action.kind, args, "executed" if outcome.ok else "failed", outcome.detail, evidence)
         self._emit(time.monotonic(), "acted" if outcome.ok else "failed", finding.subject, args,
-                   outcome.detail)
+                   note + outcome.detail)
         if not outcome.ok:
             self._quiet_until[finding.subject] = obs.t + self.cooldown_s
             self._attempt(finding.subject, action, False)
-            return
-        now = time.monotonic()
-        self._inflight[finding.subject] = _InFlight(action, finding, now, now + self.verify_s, finding.value,
-                                                    outcome.undo)
+            return False
+        if finding.signal:  # an action approved without a finding has nothing to verify
+            now = time.monotonic()
+            self._inflight[finding.subject] = _InFlight(action, finding, now, now + self.verify_s,
+                                                        finding.value, outcome.undo)
+        return True
 
     async def _verify(self, obs: Observation, signals: dict[str, float]) -> None:
         for subject, f in list(self._inflight.items()):
@@ -266,7 +273,8 @@ class Operator:
             if not recovered and not worse and obs.t < f.deadline:
                 continue
             # at the deadline a setting that moved the signal the right way is kept (a partial fix)
-            partial = not recovered and not worse and value is not None and value < f.before
+            partial = (not recovered and not worse and value is not None
+                       and value < f.before / self.worse_factor)
             del self._inflight[subject]
             self._attempt(subject, f.action, None if partial else recovered)
             args = f.action.model_dump()
@@ -291,22 +299,20 @@ class Operator:
     async def _run_approved(self, obs: Observation) -> None:
         if self.approvals is None:
             return
-        for approval_id, action in self.approvals.take_approved():
+        for approval_id, action, evidence in self.approvals.take_approved():
+            finding = Finding(**evidence["finding"]) if "finding" in evidence else Finding(
+                "approved", action.target(), "", 0.0, 0.0, "human")
+            self._awaiting.pop(finding.subject, None)
             verdict = self.guardrails.check(action, approved=True)
-            subject = action.target().replace("setting:", "llmos:")
+            evidence = {**evidence, "approval": approval_id}
             self._audit(action.kind, action.model_dump(), verdict.decision,
-                        f"approved as #{approval_id}: {verdict.reason}", {"approval": approval_id})
+                        f"approved as #{approval_id}: {verdict.reason}", evidence)
             if verdict.decision != ALLOW:
                 self.approvals.finish(approval_id, "refused")
-                self._emit(obs.t, "refused", subject, action.model_dump(), verdict.reason)
+                self._emit(obs.t, "refused", finding.subject, action.model_dump(), verdict.reason)
                 continue
-            outcome = await self.actuator.execute(action)
-            self.guardrails.executed(action)
-            self.approvals.finish(approval_id, "done" if outcome.ok else "failed")
-            self._audit(action.kind, action.model_dump(), "executed" if outcome.ok else "failed",
-                        outcome.detail, {"approval": approval_id})
-            self._emit(time.monotonic(), "acted" if outcome.ok else "failed", subject, action.model_dump(),
-                       f"approved #{approval_id}: {outcome.detail}")
+            ok = await self._act(obs, finding, action, evidence, f"approved #{approval_id}: ")
+            self.approvals.finish(approval_id, "done" if ok else "failed")
 
     def _attempt(self, subject: str, action: Any, recovered: bool) -> None:
         self._attempts.setdefault(subject, []).append(Attempt(action.kind, recovered, action.target()))
