@@ -221,7 +221,7 @@ class Kernel:
 
     # -- syscalls ------------------------------------------------------------------------
 
-    async def syscall(self, pid: int, name: str, **args: Any) -> Any:
+    async def syscall(self, pid: int, name: str, /, **args: Any) -> Any:
         proc = self.process(pid)
         if not proc.alive:
             raise Terminated(proc.exit_reason or "terminated")

@@ -10,8 +10,8 @@ cap); every tick (one engine step) the policy picks who holds those slots:
   waiting call's priority improves by one level every `aging` ticks, so
   nothing starves.
 - `fair`: weighted fair share, CFS-style: each agent's virtual runtime is
-  the tokens it generated divided by its weight, and the lowest runs; a call
-  from an agent that slept starts at the queue's minimum less one quantum.
+  the tokens it generated divided by its weight, and the lowest runs; a new
+  or sleeping agent starts at the queue's minimum less one quantum.
 - `sjf`: shortest predicted job first, with aging; the prediction is learned
   per agent from its own past calls (`LengthPredictor`).
 
@@ -94,6 +94,7 @@ class AgentScheduler:
     waiting: list[LLMCall] = field(default_factory=list)
     running: list[LLMCall] = field(default_factory=list)
     vruntime: dict[int, float] = field(default_factory=dict)  # pid -> tokens / weight (fair)
+    min_vruntime: float = 0.0
     held: set[int] = field(default_factory=set)  # suspended pids
     tick: int = 0
     preemptions: int = 0
@@ -108,7 +109,9 @@ class AgentScheduler:
         call.enqueued = self.tick
         call.held = call.pid in self.held
         call.predicted = self.predictor.predict(call.pid, call.max_tokens)
-        floor = self._min_vruntime() - self.settings.quantum / call.weight
+        # A new or sleeping agent starts one quantum below the busiest's minimum: it runs soon,
+        # but cannot bank the time it slept.
+        floor = self.min_vruntime - self.settings.quantum
         self.vruntime[call.pid] = max(self.vruntime.get(call.pid, floor), floor)
         self.waiting.append(call)
 
@@ -148,6 +151,7 @@ class AgentScheduler:
     def schedule(self, preemptive: bool = True) -> tuple[list[LLMCall], list[LLMCall]]:
         """One tick: returns (calls to start or resume, calls to pause)."""
         self.tick += 1
+        self._advance_min_vruntime()
         for call in self.waiting:
             call.waited += 1
         stopped = [c for c in self.running if c.held]
@@ -212,9 +216,11 @@ class AgentScheduler:
         call.running = False
         call.enqueued = self.tick
 
-    def _min_vruntime(self) -> float:
-        active = {c.pid for c in self.calls()}
-        return min((self.vruntime[p] for p in active if p in self.vruntime), default=0.0)
+    def _advance_min_vruntime(self) -> None:
+        """The queue's minimum virtual runtime; it never goes back (as in CFS)."""
+        active = [self.vruntime[c.pid] for c in self.calls() if c.pid in self.vruntime]
+        if active:
+            self.min_vruntime = max(self.min_vruntime, min(active))
 
     # -- settings ---------------------------------------------------------------
 
