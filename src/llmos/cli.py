@@ -8,16 +8,14 @@ from contextlib import contextmanager
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from llmos import __version__
+from llmos.commands._common import console, err, fail
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="llmos: an operating system for LLM agents.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks: llmos and its peers side by side.")
 app.add_typer(bench_app, name="bench")
-console = Console()
-err = Console(stderr=True)
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Registered name, GGUF file or HF directory.")]
 
@@ -36,11 +34,6 @@ def main(
     """llmos: an operating system for LLM agents."""
 
 
-def _fail(message: str) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(2)
-
-
 @contextmanager
 def _user_errors():
     """Turn the errors a user can cause (bad model, bad parameters) into one red line."""
@@ -50,7 +43,7 @@ def _user_errors():
     try:
         yield
     except (ModelError, InvalidRequestError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def _streamer():
@@ -273,7 +266,8 @@ def _register_commands() -> None:
     import llmos.commands
 
     for mod in pkgutil.iter_modules(llmos.commands.__path__):
-        importlib.import_module(f"llmos.commands.{mod.name}").register(app, bench_app)
+        if not mod.name.startswith("_"):
+            importlib.import_module(f"llmos.commands.{mod.name}").register(app, bench_app)
 
 
 _register_commands()

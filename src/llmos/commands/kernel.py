@@ -1,0 +1,240 @@
+"""`llmos run | ps | top | kill`: boot a kernel with agents, and watch or signal it from elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Annotated, Any
+
+import typer
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from llmos.commands._common import console, fail
+
+_STATE_STYLE = {"running": "green", "ready": "yellow", "waiting": "cyan", "blocked": "blue",
+                "suspended": "magenta", "terminated": "dim", "new": "white"}
+
+
+def _parse_args(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs; a VALUE that parses as JSON (numbers, lists, true) is taken as such."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            fail(f"--arg takes KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _accepted(program: Any, args: dict[str, Any]) -> dict[str, Any]:
+    """The subset of `args` that `program` takes (each --arg goes to the agents that know it)."""
+    import inspect
+
+    params = inspect.signature(program).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return dict(args)
+    return {k: v for k, v in args.items() if k in params}
+
+
+def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title: str) -> Group:
+    """The live view: one row per agent, then the engine and scheduler line."""
+    table = Table(title=title, title_justify="left", expand=False)
+    for col in ("pid", "name", "state", "tokens", "tools", "syscall", "exit"):
+        table.add_column(col, justify="right" if col in ("pid", "tokens", "tools") else "left")
+    for r in rows:
+        state = r["state"]
+        table.add_row(str(r["pid"]), r["name"], Text(state, style=_STATE_STYLE.get(state, "")),
+                      str(r["tokens_used"] or 0), str(r["tool_calls"] or 0), r["current_syscall"] or "",
+                      r["exit_reason"] or "")
+    if not status:
+        return Group(table)
+    engine = status.get("engine", {})
+    line = (f"policy {status.get('policy')} (max running {status.get('max_running')}, quantum "
+            f"{status.get('quantum')})  |  scheduler: {status.get('sched_running', 0)} running, "
+            f"{status.get('sched_waiting', 0)} waiting, {status.get('sched_preemptions', 0)} preemptions")
+    if "kv_blocks_total" in engine:
+        line += (f"\nengine: batch {engine.get('num_running', 0)}, waiting {engine.get('num_waiting', 0)}, "
+                 f"paused {engine.get('num_paused', 0)}, swapped {engine.get('num_swapped', 0)}  |  "
+                 f"KV blocks {engine.get('kv_blocks_used', 0)} used / {engine.get('kv_blocks_free', 0)} free"
+                 f"  |  {engine.get('generation_tokens', 0)} tokens generated")
+    return Group(table, Text(line, style="dim"))
+
+
+def _backend(model: str, backend_url: str | None, api_key: str | None, backend_model: str | None,
+             kv_budget: str):
+    from llmos.kernel import EngineBackend, OpenAIBackend
+
+    if backend_url:
+        return OpenAIBackend(backend_url, api_key, backend_model)
+    return EngineBackend(model, kv_budget=kv_budget)
+
+
+def run(
+    agents: Annotated[list[str], typer.Argument(help="Agent names (chat, react, memgpt, ...) or .py files.")],
+    policy: Annotated[str, typer.Option(help="fifo, rr, priority, fair or sjf.")] = "fifo",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model of the embedded engine.")]
+    = "smollm2-135m-instruct",
+    backend_url: Annotated[str | None, typer.Option(help="Use an OpenAI-compatible server instead.")]
+    = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Key for --backend-url.")]
+    = None,
+    backend_model: Annotated[str | None, typer.Option(help="Model name on --backend-url.")] = None,
+    arg: Annotated[list[str] | None, typer.Option(help="KEY=VALUE for the agents (repeatable).")] = None,
+    max_running: Annotated[int, typer.Option(help="LLM calls on the engine at once.")] = 8,
+    quantum: Annotated[int, typer.Option(help="rr time slice / fair granularity, in tokens.")] = 16,
+    kv_budget: Annotated[str, typer.Option(help="KV cache size: bytes (2GiB) or a fraction.")] = "0.5",
+    live: Annotated[bool, typer.Option(help="Show the live process view while agents run.")] = True,
+) -> None:
+    """Boot a kernel and run agents on it concurrently; ends with a summary table.
+
+    Example: llmos run chat react --policy fair
+    """
+    from llmos.agents import AgentNotFound, load_program
+    from llmos.engine import InvalidRequestError
+    from llmos.kernel import POLICIES
+    from llmos.models.config import ModelError
+
+    if policy not in POLICIES:
+        fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    try:
+        programs = [load_program(a) for a in agents]
+    except AgentNotFound as e:
+        fail(str(e))
+    args = _parse_args(arg or [])
+    with console.status(f"booting the kernel on {backend_url or model} ..."):
+        try:
+            backend = _backend(model, backend_url, api_key, backend_model, kv_budget)
+        except (ModelError, InvalidRequestError, ValueError) as e:
+            fail(str(e))
+    asyncio.run(_run(backend, programs, args, policy, max_running, quantum, live))
+
+
+def _kernel(backend, policy: str, max_running: int, quantum: int):
+    from llmos.kernel import Kernel
+    from llmos.tools import builtin_tools
+
+    return Kernel(backend, tools=builtin_tools(), policy=policy, max_running=max_running, quantum=quantum)
+
+
+async def _run(backend, programs, args, policy, max_running, quantum, live: bool) -> None:
+    kernel = _kernel(backend, policy, max_running, quantum)
+    kernel.on_output = lambda proc, text: console.print(f"[bold]\\[{proc.pid} {proc.name}][/] {text}",
+                                                        markup=True, highlight=False)
+    started = time.time()
+    try:
+        pids = [await kernel.spawn(main, name, args=_accepted(main, args)) for name, main in programs]
+        title = f"llmos kernel (boot {kernel.boot})"
+        waiter = asyncio.gather(*(kernel.wait(p) for p in pids))
+        if live:
+            with Live(agents_view([], None, title), console=console, refresh_per_second=4,
+                      transient=True) as view:
+                while not waiter.done():
+                    view.update(agents_view([p.info() for p in kernel.ps()], await kernel.stats(), title))
+                    await asyncio.wait([waiter], timeout=0.25)
+        await waiter
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]interrupted: ending the agents[/]")
+    finally:
+        summary = [p.info() for p in kernel.ps()]
+        await kernel.shutdown()
+    elapsed = time.time() - started
+    table = Table(title=f"summary: {len(summary)} agents in {elapsed:.1f} s", title_justify="left")
+    for col in ("pid", "name", "exit", "tokens", "tools", "syscalls", "seconds"):
+        table.add_column(col)
+    for r in summary:
+        table.add_row(str(r["pid"]), r["name"], r["exit_reason"] or r["state"], str(r["tokens_used"]),
+                      str(r["tool_calls"]), str(r["syscalls"]),
+                      f"{(r['ended'] or time.time()) - r['created']:.1f}")
+    console.print(table)
+
+
+def _table():
+    from llmos.home import llmos_home
+    from llmos.kernel import ProcessTable
+
+    path = llmos_home() / "kernel.db"
+    if not path.exists():
+        fail(f"no kernel has run yet (no process table at {path})")
+    return ProcessTable(path)
+
+
+def _snapshot(table, show_all: bool) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    boots = table.live_boots()
+    rows = table.processes(only_live=not show_all, limit=50)
+    live_boots = {b["boot"] for b in boots}
+    if not show_all:
+        rows = [r for r in rows if r["boot"] in live_boots]
+    return rows, (boots[-1]["status"] if boots else None)
+
+
+def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Ended agents too.")] = False) -> None:
+    """List agents: live ones of running kernels, or all with --all.
+
+    Example: llmos ps --all
+    """
+    rows, _ = _snapshot(_table(), show_all)
+    if not rows:
+        console.print("[dim]no agents running (llmos ps --all shows ended ones)[/]")
+        return
+    console.print(agents_view(rows, None, "agents"))
+
+
+def top(
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 0.5,
+    once: Annotated[bool, typer.Option(help="Print one snapshot and exit.")] = False,
+) -> None:
+    """Live view of running kernels: agents, states, tokens, current syscall, engine batch and KV.
+
+    Example: llmos top
+    """
+    table = _table()
+    if once:
+        console.print(agents_view(*_snapshot(table, False), "llmos top"))
+        return
+    try:
+        with Live(agents_view(*_snapshot(table, False), "llmos top"), console=console,
+                  refresh_per_second=max(1, int(1 / interval))) as view:
+            while True:
+                time.sleep(interval)
+                view.update(agents_view(*_snapshot(table, False), "llmos top (Ctrl-C leaves)"))
+    except KeyboardInterrupt:
+        pass
+
+
+def kill(
+    pid: Annotated[int, typer.Argument(help="The agent's pid (see llmos ps).")],
+    signal: Annotated[str, typer.Option(help="kill, suspend or resume.")] = "kill",
+) -> None:
+    """Signal an agent of a running kernel (kill, suspend or resume).
+
+    Example: llmos kill 7
+    """
+    if signal not in ("kill", "suspend", "resume"):
+        fail(f"unknown signal {signal!r}; use kill, suspend or resume")
+    table = _table()
+    row = table.process(pid)
+    if row is None:
+        fail(f"no agent with pid {pid}")
+    if row["state"] == "terminated":
+        fail(f"agent {pid} ({row['name']}) has already ended: {row['exit_reason']}")
+    sent = table.send_signal(pid, signal)
+    deadline = time.monotonic() + 10
+    while (outcome := table.signal_outcome(sent)) is None:
+        if time.monotonic() > deadline:
+            fail(f"the kernel running agent {pid} did not answer within 10 s")
+        time.sleep(0.05)
+    console.print(f"{pid} ({row['name']}): {outcome}")
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(ps)
+    app.command()(top)
+    app.command()(kill)
