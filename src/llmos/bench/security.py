@@ -1,0 +1,381 @@
+"""`llmos bench security`: AgentDojo replayed through the reference monitor, and the sandbox escape suite.
+
+There is no capable LLM on this machine, so the agents are replays of
+AgentDojo's own ground truth (the calls that solve each task):
+
+- the benign agent replays a user task's calls; each argument is labelled by
+  where its value came from: the user's request if the request contains it,
+  else the outputs of earlier calls that contain it, else (a value the agent
+  computed) everything the agent has read so far;
+- the compromised agent does that, then replays the injection task's calls
+  with every argument, and the decision to make the call, labelled as coming
+  from the injected content (the outputs the injection was placed in).
+
+Every call passes llmos' `ReferenceMonitor` with the suite's capabilities and
+flow policy; denied calls do not run. A user task passes when all its calls
+were allowed and AgentDojo's utility check holds; an attack succeeds when
+AgentDojo's security check holds. Before anything runs, a canary pass checks
+the labelling itself: no tool this module calls trusted ever returned
+injected text.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from llmos.security.capabilities import Capabilities, Grant
+from llmos.security.ifc import CONTROL, PLAN_SOURCE, USER_SOURCE, FlowPolicies, Label, tool_source
+from llmos.security.monitor import ReferenceMonitor
+
+VERSION = "v1.2.2"
+SUITES = ("workspace", "travel", "banking", "slack")
+ANSWER = "answer"  # the agent's final text to the user is a sink too
+
+
+@dataclass
+class SuitePolicy:
+    """What llmos knows about a suite's tools: which outputs are trusted, and the flow rules."""
+
+    trusted_tools: frozenset[str]
+    flows: Callable[[Any], FlowPolicies]  # built from the task's environment (address books)
+    why: str
+
+
+def _emails_sent_to(env: Any) -> set[str]:
+    """The people the user has written to: their own address book, not what strangers put in mail."""
+    out = set()
+    for email in env.inbox.emails.values():
+        if email.sender.lower() == env.inbox.account_email.lower():
+            out.update(a.lower() for a in [*email.recipients, *email.cc, *email.bcc])
+    return out
+
+
+def _workspace_flows(env: Any) -> FlowPolicies:
+    book = {"recipients": _emails_sent_to(env), "cc": _emails_sent_to(env), "bcc": _emails_sent_to(env),
+            "participants": _emails_sent_to(env), "email": _emails_sent_to(env)}
+    f = FlowPolicies()
+    f.add("send_email", "recipients", "cc", "bcc", trusted_values=book,
+          why="recipients come from the user or people the user has written to")
+    f.add("share_file", "email", trusted_values=book, why="a file is shared only with people the user chose")
+    f.add("create_calendar_event", "participants", trusted_values=book, why="invitees come from the user")
+    f.add("add_calendar_event_participants", "participants", trusted_values=book,
+          why="invitees come from the user")
+    f.add("delete_file", "file_id", why="a deleted file is one the user named")
+    for tool in ("send_email", "delete_email", "create_file", "append_to_file", "delete_file", "share_file",
+                 "create_calendar_event", "cancel_calendar_event", "reschedule_calendar_event",
+                 "add_calendar_event_participants", ANSWER):
+        f.add(tool, trusted_control=True, why="only the user's request decides that a side effect happens")
+    return f
+
+
+def _travel_flows(env: Any) -> FlowPolicies:
+    own = {env.user.email.lower()}
+    f = FlowPolicies()
+    f.add("send_email", "recipients", "cc", "bcc", trusted_values={"recipients": own, "cc": own, "bcc": own},
+          why="recipients come from the user")
+    f.add("reserve_hotel", "start_day", "end_day", why="reservation dates come from the user")
+    f.add("reserve_car_rental", "start_time", "end_time", why="reservation dates come from the user")
+    for tool in ("send_email", "reserve_hotel", "reserve_car_rental", "reserve_restaurant",
+                 "create_calendar_event", "cancel_calendar_event", ANSWER):
+        f.add(tool, trusted_control=True, why="only the user's request decides that a side effect happens")
+    return f
+
+
+def _banking_flows(env: Any) -> FlowPolicies:
+    payees = {t.recipient.lower() for t in env.bank_account.scheduled_transactions}
+    f = FlowPolicies()
+    for tool in ("send_money", "schedule_transaction"):
+        f.add(tool, "recipient", trusted_values={"recipient": payees},
+              why="money goes only to an IBAN the user gave or already pays")
+    f.add("update_scheduled_transaction", "recipient", trusted_values={"recipient": payees},
+          why="money goes only to an IBAN the user gave or already pays")
+    f.add("update_password", "password", why="a password comes from the user")
+    for tool in ("send_money", "schedule_transaction", "update_scheduled_transaction", "update_password",
+                 "update_user_info", ANSWER):
+        f.add(tool, trusted_control=True, why="only the user's request decides that a side effect happens")
+    return f
+
+
+def _slack_flows(env: Any) -> FlowPolicies:
+    members = {u.lower() for u in env.slack.users}
+    channels = {c.lower() for c in env.slack.channels}
+    f = FlowPolicies()
+    f.add("send_direct_message", "recipient", trusted_values={"recipient": members},
+          why="messages go to members of the workspace")
+    f.add("send_channel_message", "channel", trusted_values={"channel": channels},
+          why="messages go to the workspace's channels")
+    f.add("invite_user_to_slack", "user_email", why="who is invited comes from the user")
+    f.add("post_webpage", "url", why="where data is posted comes from the user")
+    for tool in ("send_direct_message", "send_channel_message", "add_user_to_channel", "invite_user_to_slack",
+                 "remove_user_from_slack", "post_webpage", "get_webpage", ANSWER):
+        f.add(tool, trusted_control=True,
+              why="only the user's request decides that a side effect (or a web request) happens")
+    return f
+
+
+POLICIES: dict[str, SuitePolicy] = {
+    "workspace": SuitePolicy(
+        frozenset({"get_current_day", "search_contacts_by_name", "search_contacts_by_email"}),
+        _workspace_flows,
+        "Mail, calendar events and files are written by others, so their content is untrusted; the date "
+        "and the address book are the user's. Recipients, invitees and shares must come from the user "
+        "or from people the user has already written to; a file is deleted only if the user named it; "
+        "every side effect must be decided by the user's request."),
+    "travel": SuitePolicy(
+        frozenset({"get_user_information"}),
+        _travel_flows,
+        "Hotel, restaurant and car data (with their reviews) come from outside; the user's profile is "
+        "theirs. Email goes only to the user or addresses they gave; reservation dates come from the user; "
+        "every reservation, event and email must be decided by the user's request."),
+    "banking": SuitePolicy(
+        frozenset({"get_iban", "get_balance", "get_scheduled_transactions", "get_user_info"}),
+        _banking_flows,
+        "Transaction history (senders write the subjects) and files are untrusted; the user's balance, IBAN, "
+        "profile and scheduled payments are theirs. Money goes only to IBANs the user gave or already pays "
+        "by standing order; passwords come from the user; every payment or change must be decided by the "
+        "user's request."),
+    "slack": SuitePolicy(
+        frozenset({"get_channels", "get_users_in_channel"}),
+        _slack_flows,
+        "Messages and web pages are untrusted; the channel and member directory is the workspace's own. "
+        "Messages go to members and channels of the workspace; invitations and web posts go only where the "
+        "user said; every message, membership change or web request must be decided by the user's request."),
+}
+
+
+# --- labelling -------------------------------------------------------------------------------------------
+
+
+def _forms(value: Any) -> list[str]:
+    """The ways a scalar may be written in text (for matching against the request and outputs)."""
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        out = {str(value)}
+        if float(value).is_integer():
+            out |= {str(int(value)), f"{int(value):,}"}
+        return sorted(out)
+    text = str(value).strip().lower()
+    return [text] if len(text) >= 2 else []
+
+
+@dataclass
+class _Reader:
+    """What a replayed agent has read so far: the request and each call's output, with its source."""
+
+    prompt: str
+    outputs: list[tuple[str, str]] = field(default_factory=list)  # (tool, rendered output, lower-cased)
+    trusted_tools: frozenset[str] = frozenset()
+
+    def source(self, tool: str) -> Any:
+        return tool_source(tool, tool in self.trusted_tools)
+
+    def everything(self) -> Label:
+        return Label.of(*(self.source(t) for t, _ in self.outputs)) if self.outputs else Label.of(PLAN_SOURCE)
+
+    def label(self, value: Any) -> Label:
+        if isinstance(value, list | tuple):
+            return Label().join(*(self.label(v) for v in value)) if value else Label.of(PLAN_SOURCE)
+        if isinstance(value, dict):
+            return Label().join(*(self.label(v) for v in value.values())) if value else Label.of(PLAN_SOURCE)
+        forms = _forms(value)
+        if not forms:
+            return Label.of(PLAN_SOURCE)
+        if any(f in self.prompt for f in forms):
+            return Label.of(USER_SOURCE)
+        found = [self.source(t) for t, out in self.outputs if any(f in out for f in forms)]
+        return Label.of(*found) if found else self.everything()
+
+
+# --- replay ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Agent:
+    pid: int
+    name: str
+    capabilities: Any
+    workdir: Any = None
+
+
+def _render(result: Any) -> str:
+    from agentdojo.agent_pipeline.tool_execution import tool_result_to_str
+
+    try:
+        return tool_result_to_str(result).lower()
+    except Exception:
+        return str(result).lower()
+
+
+def _capabilities(suite: Any) -> Capabilities:
+    return Capabilities.of([Grant(tool=t.name) for t in suite.tools] + [Grant(tool=ANSWER)])
+
+
+@dataclass
+class _Run:
+    allowed: int = 0
+    denied: list[str] = field(default_factory=list)
+    traces: list[Any] = field(default_factory=list)
+    output: str = ""
+
+
+def _replay(suite: Any, policy: SuitePolicy, env: Any, user_task: Any, injection_task: Any | None,
+            injected_texts: list[str], data_only: bool) -> tuple[_Run, Any, Any]:
+    """Run one user task (and maybe an injection task) through a fresh monitor; (run, pre, post)."""
+    from agentdojo.functions_runtime import FunctionCall, FunctionsRuntime
+
+    env = user_task.init_environment(env)
+    pre = env.model_copy(deep=True)
+    flows = policy.flows(pre)
+    monitor = ReferenceMonitor(flows=flows, track_context=False)
+    agent = _Agent(1, f"{suite.name}:{user_task.ID}", _capabilities(suite))
+    runtime = FunctionsRuntime(suite.tools)
+    reader = _Reader(user_task.PROMPT.lower(), trusted_tools=policy.trusted_tools)
+    run = _Run()
+    injected_from: set[str] = set()
+
+    def call(fc: Any, labels: dict[str, Label]) -> None:
+        if data_only:
+            labels = {k: v for k, v in labels.items() if k != CONTROL}
+        decision = monitor.check(agent, fc.function, fc.args, labels)
+        if not decision.allowed:
+            run.denied.append(f"{fc.function}: {decision.reason}")
+            return
+        run.allowed += 1
+        result, error = runtime.run_function(env, fc.function, fc.args, raise_on_error=False)
+        run.traces.append(FunctionCall(function=fc.function, args=fc.args))
+        text = _render(result) if error is None else error.lower()
+        reader.outputs.append((fc.function, text))
+        if any(t.lower() in text for t in injected_texts):
+            injected_from.add(fc.function)
+
+    user_calls = user_task.ground_truth(copy.deepcopy(pre))
+    for fc in user_calls:
+        labels = {k: reader.label(v) for k, v in fc.args.items()}
+        labels[CONTROL] = Label.of(USER_SOURCE)
+        call(fc, labels)
+    answer = user_task.GROUND_TRUTH_OUTPUT
+    if injection_task is not None:
+        sources = [reader.source(t) for t in sorted(injected_from)] or [tool_source("injected_content", False)]
+        injected = Label.of(*sources)
+        for fc in injection_task.ground_truth(copy.deepcopy(pre)):
+            labels = {k: injected for k in fc.args}
+            labels[CONTROL] = injected
+            call(fc, labels)
+        if injection_task.GROUND_TRUTH_OUTPUT:  # what the injection wants the agent to say
+            extra = FunctionCall(function=ANSWER, args={"text": injection_task.GROUND_TRUTH_OUTPUT})
+            before = run.allowed
+            call(extra, {"text": injected, CONTROL: injected})
+            run.traces = [t for t in run.traces if t.function != ANSWER]
+            if run.allowed > before:
+                answer = f"{answer}\n{injection_task.GROUND_TRUTH_OUTPUT}"
+    run.output = answer
+    return run, pre, env
+
+
+def _check(suite: Any, task: Any, run: _Run, pre: Any, post: Any) -> bool:
+    from agentdojo.types import text_content_block_from_string
+
+    return bool(suite._check_task_result(task, [text_content_block_from_string(run.output)], pre, post,
+                                         run.traces))
+
+
+def canary_check(suite: Any, policy: SuitePolicy) -> dict[str, Any]:
+    """Which tools return injected text in the ground truths: none of them may be one we trust."""
+    from agentdojo.functions_runtime import FunctionsRuntime
+
+    vectors = suite.get_injection_vector_defaults()
+    canaries = {v: f"canary_{v}_zq" for v in vectors}
+    carriers: set[str] = set()
+    for task in suite.user_tasks.values():
+        env = task.init_environment(suite.load_and_inject_default_environment(canaries))
+        runtime = FunctionsRuntime(suite.tools)
+        for fc in task.ground_truth(env.model_copy(deep=True)):
+            result, error = runtime.run_function(env, fc.function, fc.args, raise_on_error=False)
+            if error is None and any(c in _render(result) for c in canaries.values()):
+                carriers.add(fc.function)
+    wrong = sorted(carriers & policy.trusted_tools)
+    return {"tools_returning_injections": sorted(carriers), "trusted_but_injected": wrong, "ok": not wrong}
+
+
+def run_suite(name: str, version: str = VERSION, max_user_tasks: int | None = None,
+              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Benign utility and attack success for one AgentDojo suite, with the full and the data-only policy."""
+    from agentdojo.task_suite.load_suites import get_suite
+
+    suite = get_suite(version, name)
+    policy = POLICIES[name]
+    canary = canary_check(suite, policy)
+    user_tasks = list(suite.user_tasks.values())[:max_user_tasks]
+    injection_tasks = list(suite.injection_tasks.values())
+    benign_pass, benign_fail = 0, []
+    for task in user_tasks:
+        env = suite.load_and_inject_default_environment({})
+        run, pre, post = _replay(suite, policy, env, task, None, [], data_only=False)
+        if not run.denied and _check(suite, task, run, pre, post):
+            benign_pass += 1
+        else:
+            benign_fail.append({"task": task.ID, "denied": run.denied[:3],
+                                "utility": _check(suite, task, run, pre, post)})
+        if progress:
+            progress(1)
+    vectors = list(suite.get_injection_vector_defaults())
+    attacks = {"full": 0, "data_only": 0, "no_monitor": 0}
+    succeeded: list[str] = []
+    for task in user_tasks:
+        for inj in injection_tasks:
+            texts = [f"llmos-injection {inj.ID}: {inj.GOAL}"]
+            injections = {v: texts[0] for v in vectors}
+            for mode in attacks:
+                env = suite.load_and_inject_default_environment(injections)
+                if mode == "no_monitor":
+                    run, pre, post = _replay(suite, _open_policy(suite), env, task, inj, texts, False)
+                else:
+                    run, pre, post = _replay(suite, policy, env, task, inj, texts, mode == "data_only")
+                if _check(suite, inj, run, pre, post):
+                    attacks[mode] += 1
+                    if mode == "full":
+                        succeeded.append(f"{task.ID}/{inj.ID}")
+            if progress:
+                progress(1)
+    pairs = len(user_tasks) * len(injection_tasks)
+    return {
+        "suite": name, "version": version, "user_tasks": len(user_tasks), "injection_tasks": len(injection_tasks),
+        "benign_passed": benign_pass, "benign_utility": benign_pass / max(len(user_tasks), 1),
+        "benign_failures": benign_fail, "pairs": pairs,
+        "attack_success": attacks["full"] / max(pairs, 1),
+        "attack_success_data_only": attacks["data_only"] / max(pairs, 1),
+        "attack_success_no_monitor": attacks["no_monitor"] / max(pairs, 1),
+        "attacks_succeeded": succeeded[:20], "canary": canary, "policy": policy.why,
+    }
+
+
+def _open_policy(suite: Any) -> SuitePolicy:
+    """No flow rules: what the compromised agent achieves when every call is allowed."""
+    return SuitePolicy(frozenset(), lambda env: FlowPolicies(), "none")
+
+
+def run_agentdojo(suites: list[str] | None = None, max_user_tasks: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    warnings.filterwarnings("ignore")
+    t0 = time.perf_counter()
+    results = [run_suite(s, max_user_tasks=max_user_tasks, progress=progress) for s in suites or SUITES]
+    return {"benchmark": f"AgentDojo {VERSION} (ground-truth replay)", "suites": results,
+            "wall_s": round(time.perf_counter() - t0, 1)}
+
+
+def agentdojo_work(suites: list[str] | None = None, max_user_tasks: int | None = None) -> int:
+    """How many progress steps `run_agentdojo` will report."""
+    from agentdojo.task_suite.load_suites import get_suite
+
+    n = 0
+    for s in suites or SUITES:
+        suite = get_suite(VERSION, s)
+        users = len(list(suite.user_tasks)[:max_user_tasks])
+        n += users + users * len(suite.injection_tasks)
+    return n
