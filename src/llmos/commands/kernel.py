@@ -233,7 +233,27 @@ def kill(
     console.print(f"{pid} ({row['name']}): {outcome}")
 
 
+def bench_sched(
+    quick: Annotated[bool, typer.Option(help="Shrink the work (the tests' form).")] = False,
+    model: Annotated[str, typer.Option("--model", "-m")] = "smollm2-135m-instruct",
+    policy: Annotated[list[str] | None, typer.Option(help="Run only these policies (repeatable).")] = None,
+    output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """Agent scheduling policies side by side: throughput, interactive latency, fairness.
+
+    Example: llmos bench sched
+    """
+    from llmos.bench.sched import run_sched_bench
+    from llmos.kernel import POLICIES
+
+    bad = [p for p in policy or [] if p not in POLICIES]
+    if bad:
+        fail(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICIES)}")
+    run_sched_bench(console, quick=quick, model=model, json_path=output, policies=tuple(policy or POLICIES))
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    bench_app.command("sched")(bench_sched)
     app.command()(run)
     app.command()(ps)
     app.command()(top)
