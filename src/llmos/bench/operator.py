@@ -64,6 +64,11 @@ class BenchConfig:
     scratch_mb: float = 128.0
     fill_mb: int = 200  # the scratch filler stops writing here
     verify_s: float = 10.0
+    agent_budget: int = 200  # LLM tokens an agent may use before the operator calls it a runaway
+    preemption_rate: float = 2.0  # preemptions per second that count as thrashing
+    kv_budget: str = "128MiB"  # the kernel's engine KV pool in the kernel faults
+    thrash_blocks: int = 40  # the KV cap the thrashing fault sets (the workload needs about 150 blocks)
+    thrash_agents: int = 6
 
 
 @dataclass
@@ -135,14 +140,17 @@ def _host_faults(sb: _Sandbox, cfg: BenchConfig) -> list[tuple[str, Callable[[],
 
 
 def _new_operator(sb: _Sandbox, cfg: BenchConfig, proposer: Any, control: Any = None,
-                  agents: frozenset[int] | None = frozenset(), self_agent: int | None = None) -> Operator:
+                  agents: frozenset[int] | None = frozenset()) -> Operator:
     me = frozenset({os.getpid()})
     state = getattr(control, "stats", None)
     settings = getattr(control, "settings", None)
-    rails = Guardrails(Grants(children_of=me, paths=(sb.scratch,), agents=agents, self_agent=self_agent),
+    rails = Guardrails(Grants(children_of=me, paths=(sb.scratch,), agents=agents),
                        Limits(rate=(5, 60.0)), settings=settings)
-    rules = default_rules(cpu_percent=cfg.cpu_percent, rss_mb=cfg.rss_mb, scratch_mb=cfg.scratch_mb)
-    return Operator(Observer(children_of=me, scratch=[sb.scratch], llmos_state=state), proposer, rails,
+    rules = default_rules(cpu_percent=cfg.cpu_percent, rss_mb=cfg.rss_mb, scratch_mb=cfg.scratch_mb,
+                          preemption_rate=cfg.preemption_rate)
+    observer = Observer(children_of=me, scratch=[sb.scratch], llmos_state=state,
+                        agent_budget={"llm_tokens": cfg.agent_budget})
+    return Operator(observer, proposer, rails,
                     detector=Detector(rules), actuator=Actuator(control), audit=MemoryAudit(),
                     approvals=ApprovalQueue(sb.root / "approvals.db"), verify_s=cfg.verify_s)
 
@@ -186,7 +194,7 @@ def _summarise(fault: Fault, events: list[Any]) -> dict[str, Any]:
 
 
 async def run_chaos(proposer: Any, cfg: BenchConfig, console: Console | None = None,
-                    kernel_faults: Callable[..., Any] | None = None) -> dict[str, Any]:
+                    kernel_model: str | None = None) -> dict[str, Any]:
     """One full run (warm-up, no-fault period, each fault) with one proposer."""
     with tempfile.TemporaryDirectory(prefix="llmos-chaos-") as tmp:
         sb = _Sandbox(Path(tmp))
@@ -215,12 +223,75 @@ async def run_chaos(proposer: Any, cfg: BenchConfig, console: Console | None = N
                 results.append({"key": key, **_summarise(fault, op.events[mark:])})
                 fault.cleanup()
                 await _drive(op, 2 * cfg.interval_s, cfg)  # settle before the next fault
-            if kernel_faults is not None:
-                results += await kernel_faults(sb, cfg, proposer, console)
+            if kernel_model is not None:
+                results += await _kernel_faults(sb, cfg, proposer, kernel_model, console)
         finally:
             sb.close()
     return {"proposer": proposer.name, "no_fault": no_fault, "faults": results,
             "invalid_model_answers": getattr(proposer, "invalid", 0)}
+
+
+async def _looper(sys: Any) -> None:
+    """An agent stuck in a loop: it asks the model the same thing forever."""
+    while True:
+        await sys.llm_chat([{"role": "user", "content": "Say the word again."}], max_tokens=16)
+
+
+async def _generator(sys: Any, n: int = 0) -> None:
+    """Steady work for the engine: long answers, one after the other."""
+    prompt = f"Story {n}. " + "Write a long story about an operating system and its processes. " * 18
+    while True:
+        await sys.llm_chat([{"role": "user", "content": prompt}], max_tokens=160, seed=n)
+
+
+def _starved(engine: Any) -> Callable[[], bool]:
+    """Ground truth for thrashing: requests sit swapped out in the engine for want of KV blocks."""
+    return lambda: len(engine.scheduler.swapped) > 0
+
+
+async def _kernel_faults(sb: _Sandbox, cfg: BenchConfig, proposer: Any, model: str,
+                         console: Console | None) -> list[dict[str, Any]]:
+    """Faults that need the kernel and its engine: a looping agent, and KV thrashing."""
+    from llmos.kernel import EngineBackend, Kernel
+
+    kernel = Kernel(EngineBackend(model, kv_budget=cfg.kv_budget), home=sb.root / "home")
+    results = []
+    before = getattr(proposer, "settings", None)
+    proposer.settings = kernel.settings
+    try:
+        op = _new_operator(sb, cfg, proposer, control=kernel, agents=None)
+        await _drive(op, 2 * cfg.interval_s, cfg)
+        # an agent looping past the operator's token budget
+        mark = len(op.events)
+        pid = await kernel.spawn(_looper, name="looper")
+        fault = Fault(f"agent looping past its budget ({cfg.agent_budget} tokens)", f"agent:{pid}",
+                      time.monotonic(), lambda: None,
+                      lambda: kernel.process(pid).state.value not in ("suspended", "terminated"))
+        if console:
+            console.print(f"[dim]  injected {fault.name} ({fault.subject})[/]")
+        await _drive(op, cfg.window_s, cfg, until=lambda: _done(fault, op.events[mark:]))
+        results.append({"key": "over_quota", **_summarise(fault, op.events[mark:])})
+        await kernel.kill(pid, "chaos cleanup")
+        # KV thrashing: steady work, then a KV cap far below what it needs
+        workers = [await kernel.spawn(_generator, name=f"gen{i}", args={"n": i})
+                   for i in range(cfg.thrash_agents)]
+        await _drive(op, cfg.warmup_s, cfg)
+        mark = len(op.events)
+        engine = kernel.backend.engine
+        await kernel.configure(kv_blocks=cfg.thrash_blocks)
+        fault = Fault(f"KV thrashing (kv_blocks {engine.blocks.num_blocks} -> {cfg.thrash_blocks})", "llmos",
+                      time.monotonic(), lambda: None, _starved(engine))
+        if console:
+            console.print(f"[dim]  injected {fault.name}[/]")
+        await _drive(op, cfg.window_s, cfg, until=lambda: _done(fault, op.events[mark:]))
+        results.append({"key": "kv_thrashing", "kv_blocks_after": kernel.settings().get("kv_blocks"),
+                        **_summarise(fault, op.events[mark:])})
+        for w in workers:
+            await kernel.kill(w, "chaos cleanup")
+    finally:
+        proposer.settings = before
+        await kernel.shutdown()
+    return results
 
 
 def _done(fault: Fault, events: list[Any]) -> bool:
@@ -246,7 +317,7 @@ def _table(run: dict[str, Any]) -> Table:
 
 def run_operator_bench(console: Console, proposers: tuple[str, ...] = ("fallback", "model"),
                        model: str = "smollm2-135m-instruct", json_path: str | None = None,
-                       config: BenchConfig | None = None) -> dict[str, Any]:
+                       config: BenchConfig | None = None, kernel: bool = True) -> dict[str, Any]:
     from llmos.bench.engine import write_report
 
     cfg = config or BenchConfig()
@@ -263,7 +334,7 @@ def run_operator_bench(console: Console, proposers: tuple[str, ...] = ("fallback
         else:
             raise ValueError(f"unknown proposer {name!r} (fallback or model)")
         console.print(f"[bold]chaos run with the {name} proposer[/]")
-        run = asyncio.run(run_chaos(proposer, cfg, console))
+        run = asyncio.run(run_chaos(proposer, cfg, console, model if kernel else None))
         if name == "model":
             run["model"] = model
         console.print(_table(run))

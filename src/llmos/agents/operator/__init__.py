@@ -4,6 +4,7 @@ observe -> detect -> propose -> guard -> act -> verify -> roll back; see operato
 """
 
 from llmos.agents.operator.actions import ACTION_SCHEMA, ActionError, action_schema, parse_action
+from llmos.agents.operator.agent import main  # `llmos run operator`
 from llmos.agents.operator.detect import Detector, Finding, Rule, default_rules
 from llmos.agents.operator.guardrails import ApprovalQueue, Grants, Guardrails, Limits, Verdict
 from llmos.agents.operator.observe import Observation, Observer
@@ -15,5 +16,5 @@ __all__ = [
     "ACTION_SCHEMA", "ActionError", "action_schema", "parse_action", "Detector", "Finding", "Rule",
     "default_rules", "ApprovalQueue", "Grants", "Guardrails", "Limits", "Verdict", "Observation", "Observer",
     "Actuator", "Event", "MemoryAudit", "Operator", "FallbackPolicy", "LLMProposer", "engine_chat",
-    "syscalls_chat",
+    "syscalls_chat", "main",
 ]

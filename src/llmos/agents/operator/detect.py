@@ -58,6 +58,8 @@ def default_rules(cpu_percent: float = 80.0, rss_mb: float = 512.0, scratch_mb: 
         Rule("scratch_full", "scratch.*.mb", scratch_mb),
         Rule("over_quota", "agent.*.quota_use", quota_use),
         Rule("kv_thrashing", "llmos.preemption_rate", preemption_rate, for_samples=2),
+        # requests swapped out for want of KV blocks, sample after sample: the cache is too small
+        Rule("kv_thrashing", "llmos.num_swapped", 0.5, for_samples=3),
     ]
 
 
@@ -166,5 +168,6 @@ def clears(finding: Finding, signals: dict[str, float], rules: Iterable[Rule]) -
         return True
     limit = finding.limit
     if finding.source == "rule":
-        limit = next((r.threshold for r in rules if r.kind == finding.kind), limit)
+        limit = next((r.threshold for r in rules if r.kind == finding.kind
+                      and fnmatch.fnmatchcase(finding.signal, r.pattern)), limit)
     return x <= limit

@@ -185,7 +185,7 @@ class Observer:
     def _llmos(self, t: float, stats: dict[str, Any]) -> tuple[dict[str, float], dict[int, dict[str, Any]]]:
         engine = stats.get("engine", stats)
         out = {k: float(engine[k]) for k in ("kv_usage", "kv_blocks_used", "kv_blocks_total", "num_running",
-                                             "num_waiting", "preemptions") if k in engine}
+                                             "num_waiting", "num_swapped", "preemptions") if k in engine}
         if "kv_usage" not in out and engine.get("kv_blocks_total"):
             out["kv_usage"] = engine.get("kv_blocks_used", 0) / engine["kv_blocks_total"]
         if self._last_llmos is not None and "preemptions" in out:

@@ -1,0 +1,254 @@
+"""`llmos operator | operator pending | approve | reject`, `llmos tune`, `llmos bench operator`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from llmos.commands._common import console, fail
+
+operator_app = typer.Typer(invoke_without_command=True, no_args_is_help=False,
+                           help="The operator agent: keeps the host and llmos healthy under guardrails.")
+
+_STEP_STYLE = {"finding": "yellow", "acted": "bold green", "recovered": "green", "refused": "red",
+               "queued": "magenta", "dry_run": "cyan", "rolled_back": "bold red", "unrecovered": "red",
+               "failed": "red"}
+
+
+def _queue(path: str | None):
+    from llmos.agents.operator import ApprovalQueue
+    from llmos.agents.operator.operator import default_approvals_path
+
+    return ApprovalQueue(Path(path) if path else default_approvals_path())
+
+
+QueueOpt = Annotated[str | None, typer.Option("--queue", help="Approval queue file (default: llmos home).")]
+
+
+@operator_app.callback()
+def operator(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what it would do.")] = False,
+    pid: Annotated[list[int] | None, typer.Option("--pid", help="Grant this process (repeatable).")] = None,
+    children_of: Annotated[list[int] | None, typer.Option(
+        "--children-of", help="Grant every descendant of this process (repeatable).")] = None,
+    scratch: Annotated[list[Path] | None, typer.Option(
+        "--scratch", help="Grant files under this directory (repeatable).")] = None,
+    duration: Annotated[float | None, typer.Option(help="Seconds to run (default: until Ctrl-C).")] = None,
+    interval: Annotated[float, typer.Option(help="Seconds between observations.")] = 1.0,
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="Model that proposes actions; without it the deterministic policy decides.")]
+    = None,
+    cpu_percent: Annotated[float, typer.Option(help="Runaway CPU line (percent of one core).")] = 80.0,
+    rss_mb: Annotated[float, typer.Option(help="Memory hog line (MB resident).")] = 512.0,
+    scratch_mb: Annotated[float, typer.Option(help="Full scratch directory line (MB).")] = 256.0,
+    queue: QueueOpt = None,
+) -> None:
+    """Run the operator on this host: observe, detect, propose, guard, act, verify, roll back.
+
+    It touches only what it is granted; destructive actions wait for `llmos operator approve ID`.
+    Example: llmos operator --dry-run --children-of 1234 --scratch /tmp/scratch --duration 60
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from llmos.agents.operator import (
+        Detector,
+        FallbackPolicy,
+        Grants,
+        Guardrails,
+        Limits,
+        LLMProposer,
+        Observer,
+        Operator,
+        default_rules,
+        engine_chat,
+    )
+    from llmos.security.audit import AuditLog
+
+    if not (pid or children_of or scratch):
+        fail("grant the operator something to look after: --pid, --children-of or --scratch")
+    for d in scratch or []:
+        if not d.is_dir():
+            fail(f"--scratch {d} is not a directory")
+    grants = Grants(pids=frozenset(pid or ()), children_of=frozenset(children_of or ()),
+                    paths=tuple(scratch or ()))
+    proposer = FallbackPolicy()
+    audit = AuditLog()
+    op = Operator(Observer(pid or (), children_of or (), scratch or ()), proposer,
+                  Guardrails(grants, Limits(), dry_run=dry_run),
+                  detector=Detector(default_rules(cpu_percent, rss_mb, scratch_mb)), audit=audit,
+                  approvals=_queue(queue), on_event=_show)
+    if model:
+        from llmos import LLM
+
+        with console.status(f"loading {model} ..."):
+            op.proposer = LLMProposer(engine_chat(LLM(model)))
+    paths = [str(p) for p in grants.paths] or "-"
+    console.print(f"operator {'(dry run) ' if dry_run else ''}watching pids {sorted(grants.pids) or '-'}, "
+                  f"children of {sorted(grants.children_of) or '-'}, scratch {paths}; proposals by "
+                  f"{op.proposer.name}; audit log {audit.path}")
+    try:
+        asyncio.run(op.run(duration_s=duration, interval_s=interval))
+    except KeyboardInterrupt:
+        pass
+    acted = sum(e.step == "acted" for e in op.events)
+    console.print(f"[dim]{len(op.events)} events, {acted} actions[/]")
+
+
+def _show(event) -> None:
+    style = _STEP_STYLE.get(event.step, "")
+    action = f" {json.dumps(event.action)}" if event.action else ""
+    console.print(f"[{style}]{event.step:<11}[/] {event.subject}{action} [dim]{event.detail}[/]",
+                  highlight=False)
+
+
+@operator_app.command("pending")
+def pending(queue: QueueOpt = None) -> None:
+    """List the destructive actions waiting for approval.
+
+    Example: llmos operator pending
+    """
+    from rich.table import Table
+
+    rows = _queue(queue).list()
+    if not rows:
+        console.print("[dim]no action waits for approval[/]")
+        return
+    table = Table("id", "action", "why")
+    for r in rows:
+        action = {k: v for k, v in r["action"].items() if k != "reason"}
+        table.add_row(str(r["id"]), json.dumps(action), r["action"].get("reason", ""))
+    console.print(table)
+
+
+@operator_app.command("approve")
+def approve(approval_id: Annotated[int, typer.Argument(help="The id `llmos operator pending` shows.")],
+            queue: QueueOpt = None) -> None:
+    """Approve a queued destructive action; the running operator re-checks its guardrails, then acts.
+
+    Example: llmos operator approve 3
+    """
+    try:
+        row = _queue(queue).decide(approval_id, approve=True)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"approved #{approval_id}: {json.dumps(row['action'])}")
+
+
+@operator_app.command("reject")
+def reject(approval_id: Annotated[int, typer.Argument(help="The id `llmos operator pending` shows.")],
+           queue: QueueOpt = None) -> None:
+    """Reject a queued destructive action.
+
+    Example: llmos operator reject 3
+    """
+    try:
+        _queue(queue).decide(approval_id, approve=False)
+    except ValueError as e:
+        fail(str(e))
+    console.print(f"rejected #{approval_id}")
+
+
+def tune(
+    budget_s: Annotated[float, typer.Option("--budget-s", help="Time bound of the whole search.")] = 300.0,
+    proposer: Annotated[str, typer.Option(help="optimiser (coordinate descent) or model.")] = "optimiser",
+    model: Annotated[str, typer.Option("--model", "-m", help="The model served (and, with --proposer "
+                                       "model, the one proposing).")] = "smollm2-135m-instruct",
+    requests: Annotated[int, typer.Option(help="Requests of workload C (quick) per trial.")] = 12,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request at most, per trial.")] = 48,
+    output: Annotated[str | None, typer.Option(help="Config file to write (TOML).")] = None,
+    json_path: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """Search engine settings for throughput within a time bound; writes the best as a config file.
+
+    Example: llmos tune --budget-s 300
+    """
+    import torch
+    from rich.table import Table
+
+    from llmos.agents.operator.tune import TuneBounds, Tuner, write_config
+    from llmos.bench.engine import write_report
+    from llmos.bench.workloads import BenchRequest, workload_c
+    from llmos.home import llmos_home
+    from llmos.models.loader import load_model
+    from llmos.models.registry import resolve_model
+
+    if proposer not in ("optimiser", "model"):
+        fail(f"--proposer must be optimiser or model, got {proposer!r}")
+    if budget_s <= 0 or requests < 1 or max_tokens < 1:
+        fail("--budget-s, --requests and --max-tokens must be positive")
+    with console.status(f"loading {model} ..."):
+        loaded = load_model(resolve_model(model), dtype=torch.float32, device=torch.device("cpu"))
+    reqs = [BenchRequest(r.prompt_token_ids[:128], min(r.max_tokens, max_tokens))
+            for r in workload_c(quick=True)[:requests]]
+    chat = None
+    if proposer == "model":
+        chat = _sync_chat(model)
+
+    def show(trial) -> None:
+        console.print(f"  {trial.tok_per_s:7.1f} tok/s  {json.dumps(trial.settings)}  [dim]{trial.note}[/]",
+                      highlight=False)
+
+    console.print(f"tuning within {budget_s:.0f}s: {len(reqs)} requests, {sum(r.max_tokens for r in reqs)} "
+                  f"output tokens per trial, proposals by {proposer}")
+    result = Tuner(loaded, reqs, TuneBounds(budget_s=budget_s), on_trial=show).search(proposer, chat)
+    path = write_config(output or llmos_home() / "tuned.toml", result)
+    table = Table(title=f"llmos tune: {len(result['trials'])} trials in {result['seconds']:.0f}s "
+                        f"(bound {budget_s:.0f}s)")
+    for col in ("settings", "tok/s (median, side by side)", "runs"):
+        table.add_column(col)
+    table.add_row("defaults " + json.dumps(result["defaults"]), f"{result['default_tok_per_s']:.1f}",
+                  ", ".join(f"{x:.1f}" for x in result["default_runs"]))
+    table.add_row("best " + json.dumps(result["best"]), f"{result['best_tok_per_s']:.1f}",
+                  ", ".join(f"{x:.1f}" for x in result["best_runs"]))
+    console.print(table)
+    if result["gain"] is not None:
+        console.print(f"gain over the defaults: {result['gain']:+.1%}; config written to {path}")
+    write_report({"bench": "tune", "model": model, "requests": len(reqs), **result}, json_path,
+                 "bench-results/tune.json", console)
+
+
+def _sync_chat(model: str):
+    from llmos import LLM, SamplingParams
+    from llmos.engine.guided import json_schema_grammar
+
+    llm = LLM(model)
+
+    def chat(messages, schema) -> str:
+        params = SamplingParams(max_tokens=96, temperature=0, grammar=json_schema_grammar(schema))
+        return llm.chat([messages], params)[0].outputs[0].text
+
+    return chat
+
+
+def bench_operator(
+    proposer: Annotated[str, typer.Option(help="fallback, model, or both.")] = "both",
+    model: Annotated[str, typer.Option("--model", "-m", help="The model proposing actions.")]
+    = "smollm2-135m-instruct",
+    window_s: Annotated[float, typer.Option(help="Seconds each fault (and the no-fault period) may take.")]
+    = 30.0,
+    kernel: Annotated[bool, typer.Option(help="Also inject the kernel faults (agent over budget, KV "
+                                         "thrashing).")] = True,
+    json_path: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """Chaos benchmark: inject faults one at a time in a sandbox; detection, action, recovery.
+
+    Example: llmos bench operator --proposer fallback
+    """
+    from llmos.bench.operator import BenchConfig, run_operator_bench
+
+    names = {"both": ("fallback", "model"), "fallback": ("fallback",), "model": ("model",)}.get(proposer)
+    if names is None:
+        fail(f"--proposer must be fallback, model or both, got {proposer!r}")
+    run_operator_bench(console, names, model=model, json_path=json_path,
+                       config=BenchConfig(window_s=window_s), kernel=kernel)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    app.add_typer(operator_app, name="operator")
+    app.command("tune")(tune)
+    bench_app.command("operator")(bench_operator)
