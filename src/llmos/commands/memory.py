@@ -1,0 +1,94 @@
+"""Commands of virtual context memory: `llmos bench memory`, and the persistent MemGPT chat
+(`chat_with_agent`, which `llmos chat --agent NAME` runs)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+console = Console()
+
+
+def chat_with_agent(agent: str, model: str = "smollm2-135m-instruct", backend_url: str | None = None,
+                    api_key: str | None = None, context_window: int | None = None) -> None:
+    """Chat in the terminal with the persistent MemGPT agent `agent` until EOF or /exit.
+
+    Each line runs the agent as a kernel process that resumes its memory (core memory, summary,
+    message queue, recall and archival storage under the llmos home), so the chat goes on where
+    the last run left it.
+    """
+    import asyncio
+
+    from llmos.agents import memgpt
+    from llmos.home import llmos_home
+    from llmos.kernel import EngineBackend, Kernel, OpenAIBackend
+    from llmos.tools.base import ToolRegistry
+    from llmos.tools.memory import memory_tools
+
+    if not agent or not agent.replace("-", "").replace("_", "").isalnum():
+        raise ValueError(f"agent name must be letters, digits, '-' or '_', got {agent!r}")
+    tools = ToolRegistry()
+    tools.register(*memory_tools())
+
+    async def go() -> None:
+        with console.status(f"loading {model} ..."):
+            backend = (OpenAIBackend(backend_url, api_key, model) if backend_url else EngineBackend(model))
+        kernel = Kernel(backend, home=llmos_home(), tools=tools)
+        console.print(f"[dim]Agent [bold]{agent}[/bold] ({model}); type a message, /exit leaves.[/]")
+        try:
+            while True:
+                console.print("[bold green]you>[/] ", end="")
+                line = await asyncio.to_thread(sys.stdin.readline)
+                if not line:
+                    break
+                line = line.strip()
+                if line in ("/exit", "/quit"):
+                    break
+                if not line:
+                    continue
+                args = {"message": line}
+                if context_window:
+                    args["context_window"] = context_window
+                with console.status("thinking ..."):
+                    pid = await kernel.spawn(memgpt.main, name=agent, args=args)
+                    reply = await kernel.wait(pid)
+                reason = kernel.process(pid).exit_reason
+                if reason != "exited":
+                    console.print(f"[bold red]error:[/] the agent ended: {reason}")
+                    continue
+                console.print(f"[bold cyan]{agent}>[/] ", end="")
+                console.print(reply if reply else "[dim](no message)[/]", markup=not reply, highlight=False)
+        finally:
+            await kernel.shutdown()
+
+    try:
+        asyncio.run(go())
+    except KeyboardInterrupt:
+        pass
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    @bench_app.command("memory")
+    def bench_memory(
+        quick: Annotated[bool, typer.Option(help="Shrink the work (20 sessions, 1k/5k messages, 60-message "
+                                                 "context run).")] = False,
+        model: Annotated[str, typer.Option("--model", "-m", help="Model of the context run.")]
+        = "smollm2-135m-instruct",
+        output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+        context: Annotated[bool, typer.Option(help="Also run the agent on the model (the context run).")]
+        = True,
+        messages: Annotated[int | None, typer.Option(help="Messages in the context run (default 2000).")]
+        = None,
+        window: Annotated[int, typer.Option(help="Context window of the context run, in tokens.")] = 2048,
+    ) -> None:
+        """Virtual context (MemGPT): retrieval recall@5, search latency, and an agent paging its context.
+
+        Example: llmos bench memory --quick
+        """
+        from llmos.bench.virtual_context import run_memory_bench
+
+        run_memory_bench(console, quick=quick, model=model, json_path=output, context=context,
+                         messages=messages, window=window)
