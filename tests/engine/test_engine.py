@@ -192,3 +192,45 @@ def test_async_streams_and_abort_frees_blocks(smollm):
             llm.shutdown()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("mode", ["swap", "recompute"])
+def test_paused_request_gives_up_its_blocks_first_and_resumes_exactly(smollm, mode):
+    """A paused request (the agent scheduler's preemption) keeps its blocks until others need
+    them; then they are swapped or dropped before any running request is preempted."""
+    a, b = random_prompts(2, 60, 60, seed=3)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    reference = LLM(smollm, kv_budget="64MiB").generate([a], params)[0].outputs[0].token_ids
+    block_bytes = smollm.config.kv_bytes_per_token * 16 * 4
+    engine = LLMEngine(smollm, kv_budget=8 * block_bytes, preemption_mode=mode)  # 128 tokens: one at a time
+    engine.add_request(a, params, "a")
+    for _ in range(5):
+        engine.step()
+    engine.pause_request("a")
+    held = engine.blocks.num_used_blocks
+    assert held == 4 and engine.scheduler.paused[0].status.value == "running"  # 64 tokens
+    assert engine.step() == [] and engine.blocks.num_used_blocks == held  # kept while nobody needs them
+    engine.add_request(b, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), "b")
+    done = {}
+    while "b" not in done:
+        done |= {o.request_id: o for o in engine.step() if o.finished}
+    stats = engine.scheduler.stats
+    assert stats.preemptions == 0  # nobody running was preempted: the paused request paid
+    assert (stats.swap_outs, stats.recomputes) == ((1, 0) if mode == "swap" else (0, 1))
+    engine.resume_request("a")
+    while "a" not in done:
+        done |= {o.request_id: o for o in engine.step() if o.finished}
+    assert done["a"].outputs[0].token_ids == reference
+    assert engine.blocks.num_used_blocks == 0
+
+
+def test_kv_capacity_caps_blocks_at_run_time(smollm):
+    engine = LLMEngine(smollm, kv_budget="8MiB")
+    total = engine.blocks.num_blocks
+    assert engine.set_kv_capacity(4) == total and engine.stats()["kv_blocks_capacity"] == 4
+    engine.add_request(random_prompts(1, 100, 100)[0], SamplingParams(max_tokens=4), "x")
+    assert engine.step() == [] and engine.blocks.num_used_blocks <= 4  # waits: 100 tokens need 7 blocks
+    engine.set_kv_capacity(total)
+    assert engine.step()[0].request_id == "x"
+    with pytest.raises(InvalidRequestError, match=f"KV capacity must be between 1 and {total} blocks"):
+        engine.set_kv_capacity(0)
