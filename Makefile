@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/llmos generate --chat "What is an operating system?" "Name three colors." "Write a haiku about memory." --max-tokens 48
-	$(BIN)/llmos bench engine --quick
+	$(BIN)/llmos run chat react --arg max_tokens=64
+	$(BIN)/llmos generate --chat "What is an operating system?" "Name three colors." --max-tokens 48
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
