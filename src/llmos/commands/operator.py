@@ -158,8 +158,9 @@ def tune(
     proposer: Annotated[str, typer.Option(help="optimiser (coordinate descent) or model.")] = "optimiser",
     model: Annotated[str, typer.Option("--model", "-m", help="The model served (and, with --proposer "
                                        "model, the one proposing).")] = "smollm2-135m-instruct",
-    requests: Annotated[int, typer.Option(help="Requests of workload C (quick) per trial.")] = 12,
-    max_tokens: Annotated[int, typer.Option(help="Output tokens per request at most, per trial.")] = 48,
+    requests: Annotated[int, typer.Option(help="Requests of workload C (quick) per trial.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Output tokens per request at most, per trial.")] = 24,
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt tokens per request at most, per trial.")] = 96,
     output: Annotated[str | None, typer.Option(help="Config file to write (TOML).")] = None,
     json_path: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
 ) -> None:
@@ -179,11 +180,11 @@ def tune(
 
     if proposer not in ("optimiser", "model"):
         fail(f"--proposer must be optimiser or model, got {proposer!r}")
-    if budget_s <= 0 or requests < 1 or max_tokens < 1:
-        fail("--budget-s, --requests and --max-tokens must be positive")
+    if budget_s <= 0 or requests < 1 or max_tokens < 1 or prompt_tokens < 1:
+        fail("--budget-s, --requests, --max-tokens and --prompt-tokens must be positive")
     with console.status(f"loading {model} ..."):
         loaded = load_model(resolve_model(model), dtype=torch.float32, device=torch.device("cpu"))
-    reqs = [BenchRequest(r.prompt_token_ids[:128], min(r.max_tokens, max_tokens))
+    reqs = [BenchRequest(r.prompt_token_ids[:prompt_tokens], min(r.max_tokens, max_tokens))
             for r in workload_c(quick=True)[:requests]]
     chat = None
     if proposer == "model":
