@@ -26,10 +26,15 @@ CONTROL = "$control"  # labels key: what decided that this call happens at all (
 
 @dataclass(frozen=True, order=True)
 class Source:
-    """Where a value came from: `user`, `plan`, `tool:NAME`, `agent:NAME`, `qllm` ..."""
+    """Where a value came from: `user`, `plan`, `tool:NAME`, `agent:NAME`, `qllm` ...
+
+    `endorsed`: untrusted content the user pointed at by name ("pay the bill in bill.txt"); rules
+    that say so accept it where they would refuse other untrusted data.
+    """
 
     name: str
     trusted: bool
+    endorsed: bool = False
 
 
 USER_SOURCE = Source("user", True)
@@ -52,12 +57,21 @@ class Label:
             return self
         return Label(self.sources.union(*(o.sources for o in others)))
 
+    @property
+    def endorsed(self) -> bool:
+        """Trusted, or untrusted only through sources the user named."""
+        return all(s.trusted or s.endorsed for s in self.sources)
+
     def untrusted_sources(self) -> list[str]:
         return sorted(s.name for s in self.sources if not s.trusted)
 
     def to_json(self) -> dict[str, Any]:
-        return {"sources": sorted(s.name for s in self.sources), "trusted": self.trusted,
-                "untrusted": self.untrusted_sources()}
+        out = {"sources": sorted(s.name for s in self.sources), "trusted": self.trusted,
+               "untrusted": self.untrusted_sources()}
+        endorsed = sorted(s.name for s in self.sources if s.endorsed and not s.trusted)
+        if endorsed:
+            out["endorsed"] = endorsed
+        return out
 
     @classmethod
     def of(cls, *sources: Source) -> Label:
@@ -72,11 +86,12 @@ class Label:
             return cls()
         if isinstance(value, Mapping):
             untrusted = set(value.get("untrusted", ()))
+            endorsed = set(value.get("endorsed", ())) & untrusted
             names = set(value.get("sources", ())) | untrusted
             if value.get("trusted") is False and not untrusted:
                 untrusted = names or {"unknown"}
                 names |= untrusted
-            return cls(frozenset(Source(n, n not in untrusted) for n in names))
+            return cls(frozenset(Source(n, n not in untrusted, n in endorsed) for n in names))
         if isinstance(value, Iterable) and not isinstance(value, str | bytes):
             return cls(frozenset(Source(n[1:], False) if n.startswith("!") else Source(n, True)
                                  for n in map(str, value)))
@@ -102,6 +117,7 @@ class FlowRule:
     `trusted_args` lists argument names ("*" = all); an untrusted argument still
     passes if its value (each element, for a list) is in `trusted_values[arg]`.
     With `trusted_control`, the call itself may not be caused by untrusted data.
+    With `endorsed`, content the user named (a file, a page) counts as the user's say.
     `why` is the reason a reader (and the denied agent) sees.
     """
 
@@ -110,6 +126,7 @@ class FlowRule:
     trusted_values: Mapping[str, frozenset[str]] = field(default_factory=dict)
     trusted_control: bool = False
     why: str = ""
+    endorsed: bool = False
 
     def violation(self, args: Mapping[str, Any], labels: Mapping[str, Label]) -> str | None:
         if self.trusted_control:
@@ -120,7 +137,7 @@ class FlowRule:
         names = list(args) if "*" in self.trusted_args else [a for a in self.trusted_args if a in args]
         for arg in names:
             label = labels.get(arg, TRUSTED)
-            if label.trusted:
+            if label.trusted or (self.endorsed and label.endorsed):
                 continue
             allowed = self.trusted_values.get(arg)
             values = args[arg] if isinstance(args[arg], list | tuple) else [args[arg]]
@@ -142,9 +159,9 @@ class FlowPolicies:
     rules: list[FlowRule] = field(default_factory=list)
 
     def add(self, tool: str, *trusted_args: str, trusted_values: Mapping[str, Iterable[str]] | None = None,
-            trusted_control: bool = False, why: str = "") -> FlowPolicies:
+            trusted_control: bool = False, why: str = "", endorsed: bool = False) -> FlowPolicies:
         values = {k: frozenset(_norm(v) for v in vs) for k, vs in (trusted_values or {}).items()}
-        self.rules.append(FlowRule(tool, tuple(trusted_args), values, trusted_control, why))
+        self.rules.append(FlowRule(tool, tuple(trusted_args), values, trusted_control, why, endorsed))
         return self
 
     def check(self, tool: str, args: Mapping[str, Any], labels: Mapping[str, Any] | None) -> str | None:

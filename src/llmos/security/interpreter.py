@@ -129,6 +129,7 @@ class PlanInterpreter:
     tools: set[str]
     call_tool: ToolCaller
     qllm: QLLM | None = None
+    named_readers: Mapping[str, str] = field(default_factory=dict)  # tool -> argument naming what it reads
     user_label: Label = Label.of(Source("user", True))
     env: dict[str, Labeled] = field(default_factory=dict)
     output: list[Labeled] = field(default_factory=list)
@@ -397,6 +398,9 @@ class PlanInterpreter:
         if not outcome.ok:
             raise PlanError(f"line {node.lineno}: the tool {name} failed")
         source = tool_source(name, outcome.trusted)
+        naming = self.named_readers.get(name)
+        if not outcome.trusted and naming in labels and labels[naming].trusted and self.pc.trusted:
+            source = Source(source.name, False, endorsed=True)  # what the user pointed at by name
         return _relabel(outcome.content, Label.of(source).join(self.pc))
 
     async def _qllm(self, node: ast.Call, args: list[Labeled], kwargs: dict[str, Labeled],
