@@ -1,0 +1,106 @@
+"""Commands of protection: `llmos audit verify|tail` and `llmos bench security`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from llmos.commands._common import console, fail
+
+DbOpt = Annotated[str | None, typer.Option("--db", help="Audit database (default: LLMOS_HOME/audit.db).")]
+
+
+def _audit(db: str | None):
+    from pathlib import Path
+
+    from llmos.security.audit import AuditLog, default_audit_path
+
+    path = Path(db) if db else default_audit_path()
+    if not path.exists():
+        fail(f"no audit log at {path}")
+    return AuditLog(path)
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    audit_app = typer.Typer(no_args_is_help=True, help="The reference monitor's audit log (hash-chained).")
+    app.add_typer(audit_app, name="audit")
+
+    @audit_app.command("verify")
+    def audit_verify(db: DbOpt = None) -> None:
+        """Recompute the hash chain; exit 1 if a row was edited, inserted or deleted."""
+        ok, row, message = _audit(db).verify()
+        if ok:
+            console.print(f"[green]ok[/]: {message}")
+        else:
+            console.print(f"[bold red]TAMPERED[/] at row {row}: {message}")
+            raise typer.Exit(1)
+
+    @audit_app.command("tail")
+    def audit_tail(n: Annotated[int, typer.Option("-n", min=1, help="How many rows.")] = 20,
+                   db: DbOpt = None) -> None:
+        """The last decisions: time, agent, tool, decision, reason."""
+        import datetime
+
+        from rich.table import Table
+
+        table = Table("id", "time", "agent", "tool", "decision", "reason", "args")
+        for r in _audit(db).tail(n):
+            colour = {"allow": "green", "deny": "red"}.get(r["decision"], "dim")
+            table.add_row(str(r["id"]), datetime.datetime.fromtimestamp(r["ts"]).strftime("%H:%M:%S"),
+                          r["agent"], r["tool"], f"[{colour}]{r['decision']}[/]", r["reason"],
+                          r["args_preview"][:60])
+        console.print(table)
+
+    @bench_app.command("security")
+    def bench_security(
+        suite: Annotated[list[str] | None, typer.Option("--suite", help="AgentDojo suite(s): workspace, "
+                                                        "travel, banking, slack (default: all).")] = None,
+        quick: Annotated[bool, typer.Option(help="Only the first 5 user tasks of each suite.")] = False,
+        escapes: Annotated[bool, typer.Option(help="Run the sandbox escape suite.")] = True,
+        agentdojo: Annotated[bool, typer.Option(help="Run the AgentDojo replay.")] = True,
+        output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+    ) -> None:
+        """AgentDojo through the reference monitor (benign and compromised replays) and sandbox escapes."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.table import Table
+
+        from llmos.bench.engine import write_report
+        from llmos.bench.security import SUITES, agentdojo_work, run_agentdojo
+        from llmos.security.escapes import run_escape_suite
+        from llmos.security.sandbox import describe_isolation
+
+        bad = [s for s in suite or [] if s not in SUITES]
+        if bad:
+            fail(f"unknown suite(s) {bad}; choose from {list(SUITES)}")
+        report: dict = {"isolation": describe_isolation()}
+        if agentdojo:
+            try:
+                import agentdojo as _  # noqa: F401
+            except ImportError:
+                fail("AgentDojo is not installed: pip install agentdojo (or run with --no-agentdojo)")
+            limit = 5 if quick else None
+            with Progress(TextColumn("AgentDojo replay"), BarColumn(), MofNCompleteColumn(),
+                          TimeElapsedColumn(), console=console) as bar:
+                task = bar.add_task("replay", total=agentdojo_work(suite, limit))
+                result = run_agentdojo(suite, limit, progress=lambda n: bar.advance(task, n))
+            report["agentdojo"] = result
+            table = Table("suite", "user tasks", "benign utility", "attacks", "attack success",
+                          "data-only", "no monitor", "labels checked",
+                          title=f"{result['benchmark']}: llmos reference monitor")
+            for r in result["suites"]:
+                table.add_row(r["suite"], str(r["user_tasks"]), f"{r['benign_utility']:.1%}", str(r["pairs"]),
+                              f"{r['attack_success']:.1%}", f"{r['attack_success_data_only']:.1%}",
+                              f"{r['attack_success_no_monitor']:.1%}",
+                              "ok" if r["canary"]["ok"] else "[red]WRONG[/]")
+            console.print(table)
+        if escapes:
+            with console.status("sandbox escape suite ..."):
+                outcomes = run_escape_suite()
+            report["escapes"] = [o.__dict__ for o in outcomes]
+            table = Table("escape", "result", "detail", "wall s", title=f"sandbox ({outcomes[0].mode})")
+            for o in outcomes:
+                table.add_row(o.name, "[green]contained[/]" if o.contained else "[bold red]ESCAPED[/]",
+                              o.detail, f"{o.wall_s:.2f}")
+            console.print(table)
+        write_report(report, output, "docs/bench/security.json", console)
