@@ -61,7 +61,12 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         agentdojo: Annotated[bool, typer.Option(help="Run the AgentDojo replay.")] = True,
         output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
     ) -> None:
-        """AgentDojo through the reference monitor (benign and compromised replays) and sandbox escapes."""
+        """AgentDojo through the reference monitor (benign and compromised replays) and sandbox escapes.
+
+        utility: benign user tasks whose calls all pass and whose check holds; ASR: attack success of
+        the compromised replay (data-only: control labels ignored; no monitor: every call allowed);
+        labels: no tool treated as trusted ever returned injected text.
+        """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
@@ -85,8 +90,8 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 task = bar.add_task("replay", total=agentdojo_work(suite, limit))
                 result = run_agentdojo(suite, limit, progress=lambda n: bar.advance(task, n))
             report["agentdojo"] = result
-            table = Table("suite", "user tasks", "benign utility", "attacks", "attack success",
-                          "data-only", "no monitor", "labels checked",
+            table = Table("suite", "tasks", "utility", "pairs", "ASR", "ASR data-only", "ASR no monitor",
+                          "labels",
                           title=f"{result['benchmark']}: llmos reference monitor")
             for r in result["suites"]:
                 table.add_row(r["suite"], str(r["user_tasks"]), f"{r['benign_utility']:.1%}", str(r["pairs"]),
