@@ -77,11 +77,14 @@ async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 
             return f"Stopped by the security policy: {e}"
         except PlanError as e:
             if attempt == retries:
+                sys.print(f"plan failed: {e}")
                 return f"The plan failed: {e}"
             messages += [{"role": "assistant", "content": reply.text},
                          {"role": "user", "content": f"The plan failed: {e}. Write a corrected plan."}]
             continue
         printed = [o.value for o in output]
         sys.print(json.dumps({"plan": code, "calls": len(interp.trace)}))
-        return "\n".join(printed) if printed else "Done."
+        answer = "\n".join(printed) if printed else "Done."
+        sys.print(answer)
+        return answer
     return "The plan failed."
