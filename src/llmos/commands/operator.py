@@ -100,10 +100,12 @@ def operator(
 
 
 def _show(event) -> None:
-    style = _STEP_STYLE.get(event.step, "")
-    action = f" {json.dumps(event.action)}" if event.action else ""
-    console.print(f"[{style}]{event.step:<11}[/] {event.subject}{action} [dim]{event.detail}[/]",
-                  highlight=False)
+    from rich.text import Text
+
+    line = Text(f"{event.step:<11} ", style=_STEP_STYLE.get(event.step, "white"))
+    line.append(event.subject + (f" {json.dumps(event.action)}" if event.action else ""))
+    line.append(f" {event.detail}", style="dim")
+    console.print(line, highlight=False)
 
 
 @operator_app.command("pending")

@@ -50,7 +50,7 @@ class TuneBounds:
     budget_s: float = 300.0  # the whole search, final comparison included
     trial_s: float = 60.0
     rss_bytes: int = 6 * 2**30
-    compare_rounds: int = 2  # default and best alternate this many times at the end
+    compare_rounds: int = 3  # default and best alternate this many times at the end (medians)
 
 
 def grid_schema() -> dict[str, Any]:
@@ -146,8 +146,8 @@ class Tuner:
         deadline = t0 + self.bounds.budget_s
 
         def reserve() -> float:  # time kept for the final side-by-side comparison
-            per_run = statistics.median([t.wall_s for t in self.trials]) if self.trials else 0.0
-            return 2 * self.bounds.compare_rounds * per_run * 1.2
+            walls = [t.wall_s for t in self.trials if t.tok_per_s > 0]
+            return 2 * self.bounds.compare_rounds * (max(walls) if walls else 0.0) * 1.2
 
         def best() -> dict[str, Any]:
             return max(self.trials, key=lambda t: t.tok_per_s).settings if self.trials else dict(DEFAULTS)
@@ -161,15 +161,16 @@ class Tuner:
             candidates = _llm_proposals(chat, lambda: self.trials, candidates, tried)
         for candidate in candidates:
             left = deadline - time.monotonic() - reserve()
-            if left < 0.5 * (self.trials[0].wall_s if self.trials else 0.0):
+            if left < self.trials[0].wall_s:  # not even time for a run as long as the defaults'
                 break
             self._record(self.measure(candidate, left))
         chosen = best()
         # side by side: default and best alternate, so load from other work hits both alike
         default_runs, best_runs = [], []
-        for _ in range(self.bounds.compare_rounds):
-            for runs, s in ((default_runs, DEFAULTS), (best_runs, chosen)):
-                runs.append(self.measure(s, self.bounds.trial_s).tok_per_s)
+        for i in range(self.bounds.compare_rounds):
+            for j, (runs, s) in enumerate(((default_runs, DEFAULTS), (best_runs, chosen))):
+                share = (deadline - time.monotonic()) / (2 * (self.bounds.compare_rounds - i) - j)
+                runs.append(self.measure(s, max(share, 1.0)).tok_per_s)
         default_tps, best_tps = statistics.median(default_runs), statistics.median(best_runs)
         return {
             "defaults": DEFAULTS, "best": chosen, "proposer": proposer,
