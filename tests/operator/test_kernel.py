@@ -101,3 +101,32 @@ def test_kv_starvation_gets_more_blocks_and_a_useless_change_is_rolled_back(llm,
             await kernel.shutdown(close_backend=False)
 
     asyncio.run(main())
+
+
+def test_the_operator_runs_as_an_agent_on_the_kernel(llm, tmp_path, monkeypatch):
+    from llmos.agents import load_program
+    from llmos.kernel import EngineBackend, Kernel
+    from llmos.security.audit import AuditLog
+
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    _, operator_main = load_program("operator")
+
+    async def main():
+        kernel = Kernel(EngineBackend(llm), home=tmp_path)
+        try:
+            looper = await kernel.spawn(_looper, name="looper")
+            op = await kernel.spawn(operator_main, name="operator",
+                                    args={"use_model": False, "duration_s": 20.0, "interval_s": 0.3,
+                                          "token_budget": 40})
+            end = time.monotonic() + 20
+            while kernel.process(looper).state.value != "suspended" and time.monotonic() < end:
+                await asyncio.sleep(0.2)
+            assert kernel.process(looper).state.value == "suspended"
+            await kernel.kill(op, "test over")
+            await kernel.kill(looper, "test over")
+        finally:
+            await kernel.shutdown(close_backend=False)
+
+    asyncio.run(main())
+    rows = [(r["agent"], r["tool"], r["decision"]) for r in AuditLog(tmp_path / "audit.db").tail(50)]
+    assert ("operator", "operator.suspend_agent", "executed") in rows
