@@ -70,7 +70,7 @@ def test_react_corrects_malformed_replies_and_uses_tools(tmp_path):
 
 
 def test_react_schema_offers_the_answer_only_after_a_tool_ran():
-    specs = builtin_tools().specs()
+    specs = builtin_tools().specs(react.DEFAULT_TOOLS)
     first = react.action_schema(specs, may_answer=False)
     later = react.action_schema(specs)
     assert len(first["anyOf"]) == 4 and len(later["anyOf"]) == 5

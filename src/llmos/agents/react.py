@@ -16,6 +16,7 @@ from typing import Any
 from llmos.kernel.api import Syscalls
 
 DEFAULT_TASK = "What is 17 * 23? Save it in result.txt."
+DEFAULT_TOOLS = ["calculator", "list_files", "read_file", "write_file"]
 SYSTEM = """You solve tasks step by step with tools. The tools are:
 {tools}
 Reply with one JSON object and nothing else: {{"tool": "<name>", "arguments": {{...}}}} to call a tool, \
@@ -81,9 +82,9 @@ def parse_action(text: str, tools: set[str]) -> Action:
     return Action(tool=tool, arguments=arguments)
 
 
-async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None = None, max_steps: int = 8,
-               max_tokens: int = 96, constrained: bool = True) -> str | None:
-    """Work on `task` with `tools` (default: all registered); returns the answer, or None."""
+async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None = DEFAULT_TOOLS,
+               max_steps: int = 8, max_tokens: int = 96, constrained: bool = True) -> str | None:
+    """Work on `task` with `tools` (None: every registered tool); returns the answer, or None."""
     specs = [s for s in sys.tools() if tools is None or s["function"]["name"] in tools]
     names = {s["function"]["name"] for s in specs}
     listing = "\n".join(f"- {s['function']['name']}: {s['function']['description']} "

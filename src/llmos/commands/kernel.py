@@ -91,6 +91,9 @@ def run(
     quantum: Annotated[int, typer.Option(help="rr time slice / fair granularity, in tokens.")] = 16,
     kv_budget: Annotated[str, typer.Option(help="KV cache size: bytes (2GiB) or a fraction.")] = "0.5",
     live: Annotated[bool, typer.Option(help="Show the live process view while agents run.")] = True,
+    grants: Annotated[str | None, typer.Option(help="Capability policy file (TOML or YAML) for the agents; "
+                                               "default: own workdir, sandboxed shell/python, memory.")]
+    = None,
 ) -> None:
     """Boot a kernel and run agents on it concurrently; ends with a summary table.
 
@@ -100,9 +103,15 @@ def run(
     from llmos.engine import InvalidRequestError
     from llmos.kernel import POLICIES
     from llmos.models.config import ModelError
+    from llmos.security import PolicyError, load_policy
 
     if policy not in POLICIES:
         fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if grants:
+        try:
+            load_policy(grants)  # read once now, so a bad file is one line before anything boots
+        except PolicyError as e:
+            fail(str(e))
     try:
         programs = [load_program(a) for a in agents]
     except AgentNotFound as e:
@@ -113,18 +122,26 @@ def run(
             backend = _backend(model, backend_url, api_key, backend_model, kv_budget)
         except (ModelError, InvalidRequestError, ValueError) as e:
             fail(str(e))
-    asyncio.run(_run(backend, programs, args, policy, max_running, quantum, live))
+    asyncio.run(_run(protected_kernel(backend, policy, max_running, quantum, grants), programs, args, live))
 
 
-def _kernel(backend, policy: str, max_running: int, quantum: int):
+def protected_kernel(backend, policy: str = "fifo", max_running: int = 8, quantum: int = 16,
+                     grants: str | None = None):
+    """A kernel with every built-in tool behind the reference monitor (capabilities, flow
+    policy, audit log); agents get `grants` (a policy file) or the default capabilities."""
     from llmos.kernel import Kernel
+    from llmos.security import AuditLog, ReferenceMonitor, default_capabilities, load_policy
     from llmos.tools import builtin_tools
 
-    return Kernel(backend, tools=builtin_tools(), policy=policy, max_running=max_running, quantum=quantum)
+    tools = builtin_tools()
+    kernel = Kernel(backend, tools=tools, monitor=ReferenceMonitor(audit=AuditLog(), tools=tools),
+                    policy=policy, max_running=max_running, quantum=quantum)
+    kernel.default_capabilities = ((lambda workdir: load_policy(grants, workdir, kernel.home)) if grants
+                                   else default_capabilities)
+    return kernel
 
 
-async def _run(backend, programs, args, policy, max_running, quantum, live: bool) -> None:
-    kernel = _kernel(backend, policy, max_running, quantum)
+async def _run(kernel, programs, args, live: bool) -> None:
     kernel.on_output = lambda proc, text: console.print(f"[bold]\\[{proc.pid} {proc.name}][/] {text}",
                                                         markup=True, highlight=False)
     started = time.time()

@@ -122,6 +122,7 @@ class Kernel:
         except Exception as e:  # the agent's own bug ends the agent, not the kernel
             reason = f"error: {type(e).__name__}: {e}"
         proc.state, proc.exit_reason, proc.ended = ProcessState.TERMINATED, reason, time.time()
+        self.monitor.forget(proc)
         self.table.save([self._row(proc)])
 
     def process(self, pid: int) -> Process:

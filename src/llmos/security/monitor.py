@@ -38,6 +38,9 @@ class Monitor(Protocol):
         Raises PermissionError if `requested` is not a subset of what the parent holds.
         """
 
+    def forget(self, agent: Any) -> None:
+        """The agent ended: drop whatever the monitor tracked for it."""
+
 
 class AllowAllMonitor:
     """Allows every call; the kernel's syscall log still records each one."""
@@ -52,6 +55,9 @@ class AllowAllMonitor:
 
     def attenuate(self, parent: Any, requested: Any) -> Any:
         return requested
+
+    def forget(self, agent: Any) -> None:
+        pass
 
 
 class ReferenceMonitor:
