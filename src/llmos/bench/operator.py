@@ -252,7 +252,7 @@ def _starved(engine: Any) -> Callable[[], bool]:
 async def _kernel_faults(sb: _Sandbox, cfg: BenchConfig, proposer: Any, model: str,
                          console: Console | None) -> list[dict[str, Any]]:
     """Faults that need the kernel and its engine: a looping agent, and KV thrashing."""
-    from llmos.kernel import EngineBackend, Kernel
+    from llmos.kernel import EngineBackend, Kernel, Quotas
 
     kernel = Kernel(EngineBackend(model, kv_budget=cfg.kv_budget), home=sb.root / "home")
     results = []
@@ -273,8 +273,9 @@ async def _kernel_faults(sb: _Sandbox, cfg: BenchConfig, proposer: Any, model: s
         results.append({"key": "over_quota", **_summarise(fault, op.events[mark:])})
         await kernel.kill(pid, "chaos cleanup")
         # KV thrashing: steady work, then a KV cap far below what it needs
-        workers = [await kernel.spawn(_generator, name=f"gen{i}", args={"n": i})
-                   for i in range(cfg.thrash_agents)]
+        # legitimate heavy work: a kernel quota of their own exempts them from the operator's soft budget
+        workers = [await kernel.spawn(_generator, name=f"gen{i}", args={"n": i},
+                                      quotas=Quotas(llm_tokens=10**9)) for i in range(cfg.thrash_agents)]
         await _drive(op, cfg.warmup_s, cfg)
         mark = len(op.events)
         engine = kernel.backend.engine

@@ -185,8 +185,10 @@ class Operator:
         signals = obs.signals()
         findings = self.detector.update(signals)
         await self._verify(obs, signals)
-        await self._run_approved(obs)
+        acted = await self._run_approved(obs)
         for finding in self._one_per_subject(findings):
+            if finding.subject in acted:  # this observation predates the approved action just run
+                continue
             busy = self._inflight.get(finding.subject)
             # a rule firing while a baseline anomaly's gentler action is still verified escalates now
             escalate = busy is not None and busy.finding.source == "baseline" and finding.source == "rule"
@@ -296,9 +298,11 @@ class Operator:
                             evidence)
                 self._emit(obs.t, "rolled_back", subject, f.undo, outcome.detail)
 
-    async def _run_approved(self, obs: Observation) -> None:
+    async def _run_approved(self, obs: Observation) -> set[str]:
+        """Run what a human approved since the last tick; the subjects acted on."""
+        acted: set[str] = set()
         if self.approvals is None:
-            return
+            return acted
         for approval_id, action, evidence in self.approvals.take_approved():
             finding = Finding(**evidence["finding"]) if "finding" in evidence else Finding(
                 "approved", action.target(), "", 0.0, 0.0, "human")
@@ -313,6 +317,8 @@ class Operator:
                 continue
             ok = await self._act(obs, finding, action, evidence, f"approved #{approval_id}: ")
             self.approvals.finish(approval_id, "done" if ok else "failed")
+            acted.add(finding.subject)
+        return acted
 
     def _attempt(self, subject: str, action: Any, recovered: bool) -> None:
         self._attempts.setdefault(subject, []).append(Attempt(action.kind, recovered, action.target()))
