@@ -4,7 +4,10 @@ import asyncio
 import json
 from typing import Any
 
+from rich.console import Console
+
 from llmos.agents import memgpt
+from llmos.bench.virtual_context import run_context
 from llmos.kernel import ChatResult, Kernel
 from llmos.memory import CoreMemory, RecallStorage, open_store
 from llmos.tools.base import ToolRegistry
@@ -173,3 +176,13 @@ def test_end_to_end_on_the_embedded_model(tmp_path, embedder):
     assert reply is None or isinstance(reply, str)
     row = store.agent("smol")
     assert row["overflows"] == 0 and row["largest_prompt"] <= 2048 - 96
+
+
+def test_bench_context_run_pages_and_never_overflows(tmp_path):
+    """The context run of `llmos bench memory`, shrunk: the embedded model, evictions, no overflow."""
+    c = run_context("smollm2-135m-instruct", tmp_path, Console(file=open(tmp_path / "log.txt", "w")),
+                    messages=9, window=576, chunk=3)
+    assert c["messages"] >= 9 and c["window_overflows"] == 0
+    assert c["largest_prompt_plus_reply"] <= 576
+    assert c["summaries"] >= 1 and c["evictions"] >= 1 and c["evicted_in_store"] == c["evictions"]
+    assert c["every_message_in_recall"] is True

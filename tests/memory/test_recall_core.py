@@ -1,6 +1,6 @@
 """Recall storage and core memory on a real SQLite file: ranking, dates, paging, limits, restarts."""
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -18,7 +18,7 @@ CORPUS = [
 
 
 def ts(day: str) -> float:
-    return datetime.strptime(day, "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(day, "%Y-%m-%d %H:%M").replace(tzinfo=UTC).timestamp()
 
 
 @pytest.fixture

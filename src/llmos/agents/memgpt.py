@@ -82,7 +82,8 @@ class MemGPTAgent:
     """One agent's step loop over the kernel's syscalls."""
 
     def __init__(self, sys: Any, context: MainContext, specs: list[dict[str, Any]], *, reply_tokens: int,
-                 max_chain: int, temperature: float, seed: int | None, constrained: bool) -> None:
+                 max_chain: int, temperature: float, seed: int | None, constrained: bool,
+                 max_string: int) -> None:
         self.sys = sys
         self.context = context
         self.specs = specs
@@ -91,7 +92,7 @@ class MemGPTAgent:
         self.max_chain = max_chain
         self.temperature = temperature
         self.seed = seed
-        self.schema = call_schema(specs) if constrained else None
+        self.schema = call_schema(specs, max_string) if constrained else None
 
     async def _summarize(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         result = await self.sys.llm_chat(messages, max_tokens=max_tokens, temperature=0.0)
@@ -143,10 +144,13 @@ async def main(sys: Any, message: str | list[str] | None = None, context_window:
                persona: str = DEFAULT_PERSONA, human: str = DEFAULT_HUMAN, block_limit: int = 1000,
                reply_tokens: int = 192, summary_tokens: int = 200, warning_fraction: float = 0.7,
                flush_fraction: float = 1.0, max_chain: int = 4, temperature: float = 0.0,
-               seed: int | None = None, constrained: bool = True) -> str | None:
+               seed: int | None = None, constrained: bool = True,
+               max_string: int | None = None) -> str | None:
     """Resume the MemGPT agent `sys.name` and answer `message` (one, or several in turn).
 
     Returns what the agent sent to the user (messages joined by newlines), or None if it sent nothing.
+    With `constrained`, string arguments are at most `max_string` characters (default: 2 per reply
+    token), so that a call fits its reply budget.
     """
     window = min(context_window or sys.context_window, sys.context_window)
     config = ContextConfig(window, reply_tokens=reply_tokens, summary_tokens=summary_tokens,
@@ -159,7 +163,8 @@ async def main(sys: Any, message: str | list[str] | None = None, context_window:
         raise RuntimeError("the MemGPT agent needs the memory tools registered with the kernel "
                            "(llmos.tools.memory.memory_tools())")
     agent = MemGPTAgent(sys, context, specs, reply_tokens=reply_tokens, max_chain=max_chain,
-                        temperature=temperature, seed=seed, constrained=constrained)
+                        temperature=temperature, seed=seed, constrained=constrained,
+                        max_string=max_string or 2 * reply_tokens)
     messages = [message] if isinstance(message, str) else list(message or [])
     sent: list[str] = []
     for text in messages:

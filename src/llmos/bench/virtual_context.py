@@ -273,7 +273,7 @@ def run_latency(home: Path, sizes: list[int], base_vectors: np.ndarray, queries:
                     times.append(time.perf_counter() - t)
                 res[f"archival_vector_search_{mode}"] = _percentiles(times)
             times = []
-            for q in queries[:50]:
+            for q in queries[:len(queries) // 2]:
                 t = time.perf_counter()
                 archival.search(q)
                 times.append(time.perf_counter() - t)
@@ -299,8 +299,8 @@ def run_context(model: str, home: Path, console: Console, messages: int = 2000, 
     user_turns = [c for r, c, _ in make_conversation(sessions=400, facts=100, seed=seed).rows if r == "user"]
     tools = ToolRegistry()
     tools.register(*memory_tools())
-    settings = {"context_window": window, "reply_tokens": 96, "summary_tokens": 160, "block_limit": 400,
-                "max_chain": 2}
+    settings = {"context_window": window, "reply_tokens": 64, "max_string": 100, "summary_tokens": 96,
+                "block_limit": 400, "max_chain": 2}
     store = open_store(home)
     recall = RecallStorage(store, "bench")
     sent: list[str] = []
@@ -340,7 +340,8 @@ def run_context(model: str, home: Path, console: Console, messages: int = 2000, 
     return {"model": model, "context_window": window, **settings, "messages": total,
             "user_turns": len(sent), "llm_calls": row["llm_calls"], "evictions": row["evictions"],
             "evicted_in_store": evicted, "summaries": row["summaries"], "warnings": warnings,
-            "largest_prompt": row["largest_prompt"], "largest_prompt_plus_reply": row["largest_prompt"] + 96,
+            "largest_prompt": row["largest_prompt"],
+            "largest_prompt_plus_reply": row["largest_prompt"] + settings["reply_tokens"],
             "window_overflows": row["overflows"], "invalid_calls": invalid,
             "calls": {name: calls.count(name) for name in sorted(set(calls))},
             "every_message_in_recall": stored_user == sent and evicted == row["evictions"],
@@ -367,7 +368,7 @@ def run_memory_bench(console: Console, quick: bool = False, model: str = "smollm
         vectors = retrieval.pop("_vectors")
         report["retrieval"] = {"sessions": sessions, **retrieval}
         queries = [q for _, q in conv.facts]
-        report["latency"] = run_latency(home, sizes, vectors, (queries * 3)[:max(100, len(queries))], console)
+        report["latency"] = run_latency(home, sizes, vectors, (queries * 5)[:30 if quick else 100], console)
         report["latency_note"] = ("archival vectors beyond the conversation's own are its real embeddings "
                                   "plus Gaussian noise (sigma 0.02), renormalised")
         if context:

@@ -122,6 +122,9 @@ class MainContext:
         self.created = store.ensure_agent(agent, system, time.time())
         for label, (value, limit) in (blocks or {}).items():
             self.core.define(label, value, limit)
+        if self.created:
+            with store.transaction() as db:
+                db.execute("UPDATE agents SET memory_stats = ? WHERE name = ?", (self._memory_stats(), agent))
         fixed = self.count_tokens([self.system_message()])
         if fixed + config.summary_tokens > config.budget:
             raise ContextError(
@@ -171,13 +174,18 @@ class MainContext:
     def system_message(self, summary: str | None = None) -> dict[str, str]:
         row = self._row()
         summary = row["summary"] if summary is None else summary
-        archival = ArchivalStorage(self.store, self.agent).count()
         parts = [row["system"], "", "### Core memory", self.core.render() or "(empty)", "",
-                 f"### Memory statistics\n{self.recall.count()} messages in recall storage, "
-                 f"{archival} passages in archival storage."]
+                 f"### Memory statistics\n{row['memory_stats'] or self._memory_stats()}"]
         if summary:
             parts += ["", "### Summary of evicted conversation", summary]
         return {"role": "system", "content": "\n".join(parts)}
+
+    def _memory_stats(self) -> str:
+        """Counts as of now; the prompt shows those of the last eviction, so that between evictions the
+        prompt only grows at its end and the backend's prefix cache serves all of it but the new turn."""
+        archival = ArchivalStorage(self.store, self.agent).count()
+        return (f"{self.recall.count()} messages in recall storage, {archival} passages in archival "
+                f"storage (as of the last eviction).")
 
     def messages(self) -> list[dict[str, str]]:
         """The assembled prompt (without the safety net of `prompt`)."""
@@ -240,9 +248,9 @@ class MainContext:
         summary = await self._fold(self.summary, evicted, summarize)
         with self.store.transaction() as db:
             self.recall.evict([m.id for m in evicted])
-            db.execute("UPDATE agents SET summary = ?, summaries = summaries + 1, "
+            db.execute("UPDATE agents SET summary = ?, summaries = summaries + 1, memory_stats = ?, "
                        "evictions = evictions + ?, warned = 0 WHERE name = ?",
-                       (summary, len(evicted), self.agent))
+                       (summary, self._memory_stats(), len(evicted), self.agent))
         return len(evicted)
 
     def summary_request(self, summary: str, messages: list[Message]) -> list[dict[str, str]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Generic, TypeVar
 
 from llmos.memory.store import MemoryStore
@@ -46,7 +46,7 @@ class Message:
 
     def as_dict(self) -> dict:
         """The message as a search result the agent reads."""
-        when = datetime.fromtimestamp(self.created_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        when = datetime.fromtimestamp(self.created_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
         return {"id": self.id, "role": self.role, "time": when, "content": self.content}
 
 
@@ -85,7 +85,7 @@ def parse_date(value: str, field: str) -> float:
         day = datetime.strptime(value.strip(), "%Y-%m-%d")
     except (ValueError, AttributeError):
         raise RecallError(f"{field} must be a date as YYYY-MM-DD, got {value!r}") from None
-    return day.replace(tzinfo=timezone.utc).timestamp()
+    return day.replace(tzinfo=UTC).timestamp()
 
 
 def _check_page(page: int, page_size: int) -> None:
@@ -149,7 +149,8 @@ class RecallStorage:
         """Messages matching any content word of `query`, best BM25 rank first."""
         _check_page(page, page_size)
         match = fts_query(query)
-        base = ("FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid "
+        # CROSS JOIN: the full-text index drives the loop (SQLite would rather scan the agent's rows).
+        base = ("FROM messages_fts CROSS JOIN messages m ON m.id = messages_fts.rowid "
                 "WHERE messages_fts MATCH ? AND m.agent = ?")
         total = self.store.query(f"SELECT count(*) {base}", (match, self.agent))[0][0]
         rows = self.store.query(f"SELECT m.* {base} ORDER BY bm25(messages_fts), m.id LIMIT ? OFFSET ?",

@@ -22,6 +22,7 @@ CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     system TEXT NOT NULL,
     summary TEXT NOT NULL DEFAULT '',
+    memory_stats TEXT NOT NULL DEFAULT '',
     summaries INTEGER NOT NULL DEFAULT 0,
     evictions INTEGER NOT NULL DEFAULT 0,
     warned INTEGER NOT NULL DEFAULT 0,

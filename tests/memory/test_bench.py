@@ -1,0 +1,33 @@
+"""`llmos bench memory` in its quick form: the generated conversation, retrieval, latency."""
+
+import json
+
+from rich.console import Console
+
+from llmos.bench.virtual_context import make_conversation, run_memory_bench
+
+
+def test_conversation_is_seeded_and_states_each_fact_once():
+    a, b = make_conversation(sessions=30, facts=20, seed=3), make_conversation(sessions=30, facts=20, seed=3)
+    assert a.rows == b.rows and a.facts == b.facts
+    assert len(a.rows) == 30 * 28 and len(a.facts) == 20
+    texts = [c for _, c, _ in a.rows]
+    for row, question in a.facts:
+        assert a.rows[row][0] == "user" and texts.count(texts[row]) == 1
+        assert question not in texts  # asked later: questions are not part of the stored conversation
+    assert make_conversation(sessions=30, facts=20, seed=4).rows != a.rows
+
+
+def test_quick_bench_writes_its_report(tmp_path):
+    out = tmp_path / "memory.json"
+    report = run_memory_bench(Console(file=open(tmp_path / "log.txt", "w")), quick=True, context=False,
+                              json_path=str(out))
+    assert json.loads(out.read_text())["retrieval"]["facts"] == 20
+    r = report["retrieval"]
+    assert r["messages"] == 20 * 28 and r["tokens"] > 8000
+    assert r["recall_at_5"]["archival_memory_search"] >= 0.9
+    assert 0 < r["recall_at_5"]["conversation_search"] <= 1
+    assert set(report["latency"]) == {"1000", "5000"}
+    for res in report["latency"].values():
+        assert 0 < res["conversation_search"]["p50_ms"] <= res["conversation_search"]["p99_ms"]
+        assert res["ivf_recall_vs_exact"] == 1.0 and res["ivf_in_use"] is False  # exact below 20k
