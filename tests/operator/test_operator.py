@@ -165,3 +165,25 @@ def test_the_embedded_model_answers_with_a_valid_action_for_a_runaway(spawn):
     if proposal.action["kind"] != "none":
         assert proposal.action["pid"] == busy.pid  # the narrowed schema admits no other pid
     assert op.proposer.invalid == 0
+
+
+def test_a_rule_is_handled_even_right_after_an_anomaly_was_let_be(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "a").write_bytes(b"x" * 1000)
+    op = _operator(NO_APPROVAL, scratch=[scratch], cooldown_s=60.0)
+    op.detector = Detector(default_rules(scratch_mb=1.0), warmup=5, persist=2, min_std=0.01)
+
+    async def ticks(n):
+        for _ in range(n):
+            await op.tick()
+
+    asyncio.run(ticks(6))
+    (scratch / "b").write_bytes(b"x" * 2**19)  # unusual (0.5 MB), under the 1 MB line
+    asyncio.run(ticks(2))
+    assert [e.step for e in op.events] == ["finding", "proposal"]
+    assert op.events[0].detail.startswith("anomaly") and op.events[1].action["kind"] == "none"
+    (scratch / "c").write_bytes(b"x" * 2 * 2**20)  # over the line, inside the 60 s cooldown
+    asyncio.run(ticks(2))
+    assert [e.step for e in op.events] == ["finding", "proposal", "finding", "proposal", "acted", "recovered"]
+    assert op.events[3].action["path"] == str(scratch / "c")

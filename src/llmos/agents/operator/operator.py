@@ -176,6 +176,7 @@ class Operator:
     events: list[Event] = field(default_factory=list)
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
     _quiet_until: dict[str, float] = field(default_factory=dict)
+    _quiet_baseline: set[str] = field(default_factory=set)  # quiet because a baseline finding was let be
     _attempts: dict[str, list[Attempt]] = field(default_factory=dict)
     _awaiting: dict[str, int] = field(default_factory=dict)  # subject -> approval id
 
@@ -193,6 +194,8 @@ class Operator:
             # a rule firing while a baseline anomaly's gentler action is still verified escalates now
             escalate = busy is not None and busy.finding.source == "baseline" and finding.source == "rule"
             quiet = obs.t < self._quiet_until.get(finding.subject, 0.0) or finding.subject in self._awaiting
+            # a rule crossing its line is news even right after an anomaly on the same subject was let be
+            quiet = quiet and not (finding.source == "rule" and finding.subject in self._quiet_baseline)
             if (busy or quiet) and not escalate:
                 continue
             if escalate:
@@ -238,6 +241,10 @@ class Operator:
     def _refused(self, obs: Observation, finding: Finding, action: Any, verdict: Verdict,
                  evidence: dict[str, Any]) -> None:
         self._quiet_until[finding.subject] = obs.t + self.cooldown_s
+        if finding.source == "baseline":
+            self._quiet_baseline.add(finding.subject)
+        else:
+            self._quiet_baseline.discard(finding.subject)
         if isinstance(action, NoAction):
             return
         step = {NEEDS_APPROVAL: "queued", "dry_run": "dry_run"}.get(verdict.decision, "refused")
