@@ -5,7 +5,7 @@ second) share the engine with batch agents (long prompts, long answers, all
 at t=0); the engine runs at most `max_running` calls at once, so the policy
 decides who waits. Each policy runs the same work on the same engine, one
 after another (prefix cache emptied between runs). Reported per policy:
-throughput, interactive latency p50/p99 (arrival to last token), Jain's
+throughput, interactive latency p50/p99 (request sent to last token), Jain's
 fairness index of tokens per weight over the batch agents while all of them
 are still busy, and for sjf the length predictor's mean absolute error.
 """
@@ -59,13 +59,16 @@ async def _batch_agent(sys: Syscalls, prompt: str, max_tokens: int) -> int:
 
 async def _interactive_agent(sys: Syscalls, questions: list[str], arrivals: list[float], start: float,
                              max_tokens: int) -> list[tuple[float, int]]:
+    """An agent is sequential: a request is sent at its arrival time or when the previous
+    answer came, whichever is later; its latency runs from sending to the last token."""
     done = []
     for question, at in zip(questions, arrivals, strict=True):
         delay = at - (time.perf_counter() - start)
         if delay > 0:
             await sys.sleep(delay)
+        sent = time.perf_counter()
         reply = await sys.llm_chat([{"role": "user", "content": question}], max_tokens=max_tokens)
-        done.append((time.perf_counter() - start - at, reply.completion_tokens))
+        done.append((time.perf_counter() - sent, reply.completion_tokens))
     return done
 
 
