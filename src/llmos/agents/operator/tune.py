@@ -145,9 +145,11 @@ class Tuner:
         t0 = time.monotonic()
         deadline = t0 + self.bounds.budget_s
 
+        rounds = self.bounds.compare_rounds
+
         def reserve() -> float:  # time kept for the final side-by-side comparison
             walls = [t.wall_s for t in self.trials if t.tok_per_s > 0]
-            return 2 * self.bounds.compare_rounds * (max(walls) if walls else 0.0) * 1.2
+            return 2 * rounds * (max(walls) if walls else 0.0) * 1.2
 
         def best() -> dict[str, Any]:
             return max(self.trials, key=lambda t: t.tok_per_s).settings if self.trials else dict(DEFAULTS)
@@ -156,6 +158,9 @@ class Tuner:
             return any(t.settings == s for t in self.trials)
 
         self._record(self.measure(DEFAULTS, deadline - time.monotonic()))
+        # on a slow (or busy) machine the comparison gets at most ~40% of the budget, one round at least
+        fits = int(0.4 * self.bounds.budget_s / (2.4 * max(self.trials[0].wall_s, 1e-3)))
+        rounds = max(1, min(rounds, fits))
         candidates = coordinate_descent(best, tried)
         if proposer == "model" and chat is not None:
             candidates = _llm_proposals(chat, lambda: self.trials, candidates, tried)
@@ -167,9 +172,9 @@ class Tuner:
         chosen = best()
         # side by side: default and best alternate, so load from other work hits both alike
         default_runs, best_runs = [], []
-        for i in range(self.bounds.compare_rounds):
+        for i in range(rounds):
             for j, (runs, s) in enumerate(((default_runs, DEFAULTS), (best_runs, chosen))):
-                share = (deadline - time.monotonic()) / (2 * (self.bounds.compare_rounds - i) - j)
+                share = (deadline - time.monotonic()) / (2 * (rounds - i) - j)
                 runs.append(self.measure(s, max(share, 1.0)).tok_per_s)
         default_tps, best_tps = statistics.median(default_runs), statistics.median(best_runs)
         return {
