@@ -94,6 +94,11 @@ def test_one_turn_edits_memory_then_answers(tmp_path, count_tokens, embedder):
     # the model's output was constrained to calls of the seven functions
     names = sorted(alt["properties"]["function"]["const"] for alt in backend.schemas[0]["anyOf"])
     assert names == sorted(memgpt.MEMORY_FUNCTIONS)
+    append = next(a for a in backend.schemas[0]["anyOf"]
+                  if a["properties"]["function"]["const"] == "core_memory_append")
+    args = append["properties"]["arguments"]["properties"]
+    assert args["label"]["enum"] == ["persona", "human"]  # only blocks that exist
+    assert args["content"]["maxLength"] == 2 * 128  # two characters per reply token
     # the agent's own reply is searchable, the function call plumbing is not
     hits = RecallStorage(store, "sam").search("Rex")
     assert sorted(m.role for m in hits.items) == ["assistant", "user"]
@@ -108,7 +113,7 @@ def test_errors_come_back_as_results_and_chain_a_step(tmp_path, count_tokens, em
         {"function": "launch_rocket", "arguments": {}},
         say("Sorry, all fixed."),
     ])
-    assert run_agent(tmp_path, backend, embedder, message="hello") == "Sorry, all fixed."
+    assert run_agent(tmp_path, backend, embedder, message="hello", max_chain=4) == "Sorry, all fixed."
     queue = RecallStorage(open_store(tmp_path), "sam").in_context()
     texts = [m.content for m in queue]
     assert "Your reply was not a valid function call: the reply is not JSON" in texts[2]

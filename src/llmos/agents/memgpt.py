@@ -42,16 +42,22 @@ def home_of(sys: Any) -> Path:
     return Path(home) if home else llmos_home()
 
 
-def call_schema(specs: list[dict[str, Any]], max_string: int = 400) -> dict[str, Any]:
-    """JSON schema of one function call to any of `specs` (OpenAI tool specs); strings are bounded
-    so a call always ends inside the reply's token budget."""
+def call_schema(specs: list[dict[str, Any]], max_string: int = 400,
+                choices: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """JSON schema of one function call to any of `specs` (OpenAI tool specs). Strings are bounded so
+    a call ends inside the reply's token budget; an argument named in `choices` (e.g. a core memory
+    `label`) may only take one of the listed values."""
+    choices = choices or {}
 
-    def bounded(schema: dict[str, Any]) -> dict[str, Any]:
+    def bounded(schema: dict[str, Any], name: str = "") -> dict[str, Any]:
         out = dict(schema)
         if out.get("type") == "string":
-            out.setdefault("maxLength", max_string)
+            if choices.get(name):
+                out["enum"] = list(choices[name])
+            else:
+                out.setdefault("maxLength", max_string)
         if "properties" in out:
-            out["properties"] = {k: bounded(v) for k, v in out["properties"].items()}
+            out["properties"] = {k: bounded(v, k) for k, v in out["properties"].items()}
         return out
 
     return {"anyOf": [
@@ -92,7 +98,8 @@ class MemGPTAgent:
         self.max_chain = max_chain
         self.temperature = temperature
         self.seed = seed
-        self.schema = call_schema(specs, max_string) if constrained else None
+        labels = {"label": [b.label for b in context.core.blocks()]}
+        self.schema = call_schema(specs, max_string, labels) if constrained else None
 
     async def _summarize(self, messages: list[dict[str, Any]], max_tokens: int) -> str:
         result = await self.sys.llm_chat(messages, max_tokens=max_tokens, temperature=0.0)
@@ -142,8 +149,8 @@ class MemGPTAgent:
 
 async def main(sys: Any, message: str | list[str] | None = None, context_window: int | None = None,
                persona: str = DEFAULT_PERSONA, human: str = DEFAULT_HUMAN, block_limit: int = 1000,
-               reply_tokens: int = 192, summary_tokens: int = 200, warning_fraction: float = 0.7,
-               flush_fraction: float = 1.0, max_chain: int = 4, temperature: float = 0.0,
+               reply_tokens: int = 128, summary_tokens: int = 200, warning_fraction: float = 0.7,
+               flush_fraction: float = 1.0, max_chain: int = 3, temperature: float = 0.0,
                seed: int | None = None, constrained: bool = True,
                max_string: int | None = None) -> str | None:
     """Resume the MemGPT agent `sys.name` and answer `message` (one, or several in turn).
