@@ -18,25 +18,21 @@ def chat_with_agent(agent: str, model: str = "smollm2-135m-instruct", backend_ur
 
     Each line runs the agent as a kernel process that resumes its memory (core memory, summary,
     message queue, recall and archival storage under the llmos home), so the chat goes on where
-    the last run left it.
+    the last run left it. The kernel is the one `llmos run` boots: tools behind the reference monitor.
     """
     import asyncio
 
     from llmos.agents import memgpt
-    from llmos.home import llmos_home
-    from llmos.kernel import EngineBackend, Kernel, OpenAIBackend
-    from llmos.tools.base import ToolRegistry
-    from llmos.tools.memory import memory_tools
+    from llmos.commands.kernel import protected_kernel
+    from llmos.kernel import EngineBackend, OpenAIBackend
 
     if not agent or not agent.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"agent name must be letters, digits, '-' or '_', got {agent!r}")
-    tools = ToolRegistry()
-    tools.register(*memory_tools())
 
     async def go() -> None:
         with console.status(f"loading {model} ..."):
             backend = (OpenAIBackend(backend_url, api_key, model) if backend_url else EngineBackend(model))
-        kernel = Kernel(backend, home=llmos_home(), tools=tools)
+        kernel = protected_kernel(backend)  # every memory function passes the reference monitor
         console.print(f"[dim]Agent [bold]{agent}[/bold] ({model}); type a message, /exit leaves.[/]")
         try:
             while True:
