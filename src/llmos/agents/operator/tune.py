@@ -177,8 +177,11 @@ class Tuner:
                 share = (deadline - time.monotonic()) / (2 * (rounds - i) - j)
                 runs.append(self.measure(s, max(share, 1.0)).tok_per_s)
         default_tps, best_tps = statistics.median(default_runs), statistics.median(best_runs)
+        searched = chosen
+        if best_tps <= default_tps:  # the search's winner did not hold up side by side: keep the defaults
+            chosen, best_tps, best_runs = dict(DEFAULTS), default_tps, default_runs
         return {
-            "defaults": DEFAULTS, "best": chosen, "proposer": proposer,
+            "defaults": DEFAULTS, "best": chosen, "search_winner": searched, "proposer": proposer,
             "default_tok_per_s": default_tps, "best_tok_per_s": best_tps,
             "gain": best_tps / default_tps - 1 if default_tps else None,
             "default_runs": default_runs, "best_runs": best_runs,
