@@ -209,6 +209,9 @@ def tune(
     table.add_row("best " + json.dumps(result["best"]), f"{result['best_tok_per_s']:.1f}",
                   ", ".join(f"{x:.1f}" for x in result["best_runs"]))
     console.print(table)
+    if result["best"] != result["search_winner"]:
+        console.print(f"the search's winner {json.dumps(result['search_winner'])} did not beat the defaults "
+                      "side by side: the defaults stay", highlight=False)
     if result["gain"] is not None:
         console.print(f"gain over the defaults: {result['gain']:+.1%}; config written to {path}")
     write_report({"bench": "tune", "model": model, "requests": len(reqs), **result}, json_path,
