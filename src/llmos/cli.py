@@ -117,12 +117,30 @@ def chat(
     max_tokens: Annotated[int, typer.Option(help="Tokens per reply at most.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.7,
     seed: int | None = None,
+    agent: Annotated[str | None, typer.Option(help="Chat with this persistent MemGPT agent instead; "
+                                              "it keeps its memory across runs.")] = None,
+    context_window: Annotated[int | None, typer.Option(help="With --agent: a smaller window to page in.")]
+    = None,
+    backend_url: Annotated[str | None, typer.Option(help="With --agent: an OpenAI-compatible server.")]
+    = None,
+    api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Key for --backend-url.")]
+    = None,
 ) -> None:
     """Chat in the terminal; the conversation is kept until /exit.
 
-    Example: llmos chat --system "You are terse."
+    Example: llmos chat --system "You are terse."   or   llmos chat --agent sam
     """
     from llmos.engine import InvalidRequestError, SamplingParams
+
+    if agent is not None:
+        from llmos.commands.memory import chat_with_agent
+
+        with _user_errors():
+            try:
+                chat_with_agent(agent, model, backend_url, api_key, context_window)
+            except ValueError as e:
+                fail(str(e))
+        return
 
     with _user_errors():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
