@@ -8,34 +8,18 @@ from llmos.engine import AsyncLLM
 from llmos.kernel import ChatResult, EngineBackend, Kernel, OpenAIBackend
 from llmos.tools import builtin_tools
 from tests.server.conftest import start_server
+from tests.stub_backend import StubBackend
 
 
-class ReplayBackend:
+class ReplayBackend(StubBackend):
     """Replays fixed model replies and keeps the prompts it was sent."""
-
-    context_window = 8192
 
     def __init__(self, replies: list[str]) -> None:
         self.replies, self.prompts = list(replies), []
 
-    def attach(self, sched, on_switch) -> None:
-        pass
-
-    def count_tokens(self, messages) -> int:
-        return 0
-
     async def complete(self, call, prompt, params, on_tokens) -> ChatResult:
         self.prompts.append(list(prompt))
         return ChatResult(self.replies.pop(0), "stop", 0, 1)
-
-    async def run_in_scheduler(self, fn):
-        return fn()
-
-    async def stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def test_react_corrects_malformed_replies_and_uses_tools(tmp_path):

@@ -13,30 +13,13 @@ from llmos.security.monitor import ReferenceMonitor
 from llmos.tools.base import ToolRegistry
 from llmos.tools.files import file_tools
 from llmos.tools.shell import shell_tool
+from tests.stub_backend import StubBackend
 
 
-class NoLLM:
+class NoLLM(StubBackend):
     """A backend for agents that only make tool syscalls."""
 
     context_window = 1024
-
-    def attach(self, sched, on_switch) -> None:
-        pass
-
-    def count_tokens(self, messages) -> int:
-        return 0
-
-    async def complete(self, call, prompt, params, on_tokens):
-        raise AssertionError("no LLM call expected")
-
-    async def run_in_scheduler(self, fn):
-        return fn()
-
-    async def stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 async def child(sys):
