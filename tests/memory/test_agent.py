@@ -4,6 +4,7 @@ import asyncio
 import json
 from typing import Any
 
+import pytest
 from rich.console import Console
 
 from llmos.agents import memgpt
@@ -191,3 +192,17 @@ def test_bench_context_run_pages_and_never_overflows(tmp_path):
     assert c["largest_prompt_plus_reply"] <= 576
     assert c["summaries"] >= 1 and c["evictions"] >= 1 and c["evicted_in_store"] == c["evictions"]
     assert c["every_message_in_recall"] is True
+
+
+def test_parse_call_names_what_is_wrong():
+    known = {"send_message"}
+    assert memgpt.parse_call('{"function": "send_message", "arguments": {"message": "hi"}}', known) == \
+        ("send_message", {"message": "hi"})
+    bad = [("hello", "the reply is not JSON"),
+           ('["send_message"]', 'an object with a "function" name'),
+           ('{"function": "fly", "arguments": {}}', "no function named 'fly' (functions: send_message)"),
+           ('{"function": "send_message", "arguments": "hi"}', '"arguments" must be an object')]
+    for text, why in bad:
+        with pytest.raises(ValueError) as e:
+            memgpt.parse_call(text, known)
+        assert why in str(e.value)
