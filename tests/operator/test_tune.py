@@ -47,9 +47,11 @@ def test_a_short_search_stays_within_its_bound_and_writes_a_config(tmp_path):
     tuner = Tuner(loaded, reqs, TuneBounds(budget_s=20.0, trial_s=20.0, compare_rounds=1))
     t0 = time.monotonic()
     result = tuner.search()
-    assert time.monotonic() - t0 < 20.0 + 2 * 20.0  # the search's budget, plus the final comparison's runs
+    assert time.monotonic() - t0 < 20.0 + 5.0  # the whole search, comparison included, keeps its bound
     assert result["trials"][0]["settings"] == DEFAULTS
-    assert result["default_tok_per_s"] > 0 and result["best_tok_per_s"] > 0
+    assert result["trials"][0]["tok_per_s"] > 0
+    # the side-by-side runs share what is left of the budget (0 tok/s when a busy machine aborts one)
+    assert len(result["default_runs"]) == len(result["best_runs"]) >= 1
     path = write_config(tmp_path / "tuned.toml", result)
     text = path.read_text()
     assert "[engine]" in text and f"block_size = {result['best']['block_size']}" in text
