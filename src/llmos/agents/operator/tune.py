@@ -171,12 +171,15 @@ class Tuner:
             self._record(self.measure(candidate, left))
         chosen = best()
         # side by side: default and best alternate, so load from other work hits both alike
-        default_runs, best_runs = [], []
-        for i in range(rounds):
+        default_runs: list[float] = []
+        best_runs: list[float] = []
+        for i in range(rounds if chosen != DEFAULTS else 0):  # nothing to compare when the defaults won
             for j, (runs, s) in enumerate(((default_runs, DEFAULTS), (best_runs, chosen))):
                 share = (deadline - time.monotonic()) / (2 * (rounds - i) - j)
                 runs.append(self.measure(s, max(share, 1.0)).tok_per_s)
-        default_tps, best_tps = statistics.median(default_runs), statistics.median(best_runs)
+        done_d, done_b = [x for x in default_runs if x > 0], [x for x in best_runs if x > 0]  # not aborted
+        default_tps = statistics.median(done_d) if done_d else self.trials[0].tok_per_s
+        best_tps = statistics.median(done_b) if done_b else 0.0
         searched = chosen
         if best_tps <= default_tps:  # the search's winner did not hold up side by side: keep the defaults
             chosen, best_tps, best_runs = dict(DEFAULTS), default_tps, default_runs
