@@ -272,3 +272,45 @@ def test_shutdown_ends_live_agents(make_kernel, tmp_path):
     pid = asyncio.run(main())
     row = ProcessTable(tmp_path / "kernel.db").process(pid)
     assert row["state"] == "terminated" and row["exit_reason"] == "kernel shut down"
+
+
+def test_privileged_syscalls_need_kernel_capabilities(make_kernel, tmp_path):
+    from llmos.security import AuditLog, Capabilities, ReferenceMonitor, default_capabilities
+
+    async def sleeper(sys: Syscalls):
+        await sys.sleep(30)
+
+    async def admin(sys: Syscalls, victim: int):
+        stats = await sys.kernel_stats()
+        old = await sys.configure(policy="fair", quantum=8)
+        try:
+            await sys.kill(sys.pid)
+        except SyscallError as e:
+            self_kill = str(e)
+        return stats["policy"], old, await sys.kill(victim, "cleanup"), self_kill
+
+    async def intruder(sys: Syscalls):
+        try:
+            await sys.configure(max_running=1)
+        except SyscallError as e:
+            return str(e)
+
+    async def main():
+        tools = builtin_tools()
+        monitor = ReferenceMonitor(audit=AuditLog(tmp_path / "audit.db"), tools=tools)
+        kernel = make_kernel(tools=tools, monitor=monitor)
+        kernel.default_capabilities = default_capabilities
+        victim = await kernel.spawn(sleeper)
+        caps = Capabilities.of([{"tool": f"kernel.{name}"} for name in ("stats", "configure", "signal")])
+        policy, old, outcome, self_kill = await kernel.wait(
+            await kernel.spawn(admin, args={"victim": victim}, capabilities=caps))
+        assert (policy, old, outcome) == ("fifo", {"policy": "fifo", "quantum": 16}, "kill: done")
+        assert self_kill == "an agent cannot signal itself"
+        assert kernel.settings()["policy"] == "fair"
+        assert kernel.process(victim).exit_reason == "killed: cleanup"
+        denied = await kernel.wait(await kernel.spawn(intruder))
+        assert denied == "denied: denied by capabilities: no capability for tool 'kernel.configure'"
+        assert kernel.settings()["max_running"] == 8
+        await kernel.shutdown(close_backend=False)
+
+    asyncio.run(main())

@@ -141,12 +141,27 @@ def protected_kernel(backend, policy: str = "fifo", max_running: int = 8, quantu
     return kernel
 
 
+def _requested(kernel, main) -> Any:
+    """An agent module may ask for more than the ordinary grants (`CAPABILITIES`, like an app's
+    manifest); running it with `llmos run` is the user's consent, so say what it gets."""
+    import inspect
+
+    extra = getattr(inspect.getmodule(main), "CAPABILITIES", None)
+    if not extra:
+        return None  # the kernel gives the ordinary grants
+    from llmos.security import Capabilities
+
+    console.print(f"[yellow]granting {main.__module__}: {', '.join(g['tool'] for g in extra)}[/]")
+    return Capabilities.of([*kernel.default_capabilities(None).grants, *extra])
+
+
 async def _run(kernel, programs, args, live: bool) -> None:
     kernel.on_output = lambda proc, text: console.print(f"[bold]\\[{proc.pid} {proc.name}][/] {text}",
                                                         markup=True, highlight=False)
     started = time.time()
     try:
-        pids = [await kernel.spawn(main, name, args=_accepted(main, args)) for name, main in programs]
+        pids = [await kernel.spawn(main, name, args=_accepted(main, args),
+                                   capabilities=_requested(kernel, main)) for name, main in programs]
         title = f"llmos kernel (boot {kernel.boot})"
         waiter = asyncio.gather(*(kernel.wait(p) for p in pids))
         if live:

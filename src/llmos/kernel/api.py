@@ -101,6 +101,31 @@ class Syscalls:
     async def sleep(self, seconds: float) -> None:
         await self.kernel.syscall(self.pid, "sleep", seconds=seconds)
 
+    # Privileged calls: the reference monitor allows them only with a `kernel.*` capability.
+
+    async def kernel_stats(self) -> dict[str, Any]:
+        """Engine, scheduler and per-agent state (what `llmos top` shows); needs `kernel.stats`."""
+        return await self.kernel.syscall(self.pid, "kernel_stats")
+
+    def settings(self) -> dict[str, Any]:
+        """The scheduler and engine settings now (read-only, like /proc/sys)."""
+        return self.kernel.settings()
+
+    async def configure(self, **changes: Any) -> dict[str, Any]:
+        """Change settings (policy, quantum, max_running, kv_blocks); returns the previous values.
+        Needs `kernel.configure`."""
+        return await self.kernel.syscall(self.pid, "configure", changes=changes)
+
+    async def kill(self, pid: int, reason: str = "") -> str:
+        """End another agent; needs `kernel.signal`."""
+        return await self.kernel.syscall(self.pid, "signal", target=pid, signal="kill", reason=reason)
+
+    async def suspend(self, pid: int) -> str:
+        return await self.kernel.syscall(self.pid, "signal", target=pid, signal="suspend")
+
+    async def resume(self, pid: int) -> str:
+        return await self.kernel.syscall(self.pid, "signal", target=pid, signal="resume")
+
     def print(self, text: str) -> None:
         """Write to the agent's output (shown by `llmos run`, kept in the process table)."""
         self.kernel.emit(self.pid, text)

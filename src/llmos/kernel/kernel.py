@@ -75,7 +75,8 @@ class Kernel:
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "llm_chat": self._sys_llm_chat, "llm_generate": self._sys_llm_generate,
             "tool_call": self._sys_tool_call, "spawn": self._sys_spawn, "wait": self._sys_wait,
-            "sleep": self._sys_sleep,
+            "sleep": self._sys_sleep, "kernel_stats": self._sys_kernel_stats,
+            "configure": self._sys_configure, "signal": self._sys_signal,
         }
 
     # -- process management ----------------------------------------------------------
@@ -341,6 +342,29 @@ class Kernel:
         finally:
             proc.set_state(ProcessState.RUNNING)
 
+    # Privileged syscalls (/proc, sysctl, kill): each needs a capability for `kernel.<name>`.
+
+    async def _privileged(self, proc: Process, name: str, args: dict[str, Any]) -> None:
+        decision = self.monitor.check(proc, f"kernel.{name}", args, None)
+        self.monitor.record(proc, f"kernel.{name}", args, decision, "ok" if decision.allowed else "denied")
+        if not decision.allowed:
+            raise SyscallError(f"denied: {decision.reason}")
+
+    async def _sys_kernel_stats(self, proc: Process) -> dict[str, Any]:
+        await self._privileged(proc, "stats", {})
+        return await self.stats()
+
+    async def _sys_configure(self, proc: Process, changes: dict[str, Any]) -> dict[str, Any]:
+        await self._privileged(proc, "configure", changes)
+        return await self.configure(**changes)
+
+    async def _sys_signal(self, proc: Process, target: int, signal: str, reason: str = "") -> str:
+        await self._privileged(proc, "signal", {"target": target, "signal": signal})
+        if target == proc.pid:
+            raise SyscallError("an agent cannot signal itself")
+        self.process(target)
+        return await self._signal(target, signal, reason or f"signal from agent {proc.pid}")
+
     def emit(self, pid: int, text: str) -> None:
         proc = self.process(pid)
         proc.output.append(text)
@@ -381,8 +405,8 @@ class Kernel:
             outcome = await self._signal(sig["pid"], sig["signal"])
             self.table.signal_handled(sig["id"], outcome)
 
-    async def _signal(self, pid: int, signal: str) -> str:
-        actions = {"kill": lambda: self.kill(pid, "signal from llmos kill"),
+    async def _signal(self, pid: int, signal: str, reason: str = "signal from llmos kill") -> str:
+        actions = {"kill": lambda: self.kill(pid, reason),
                    "suspend": lambda: self.suspend(pid), "resume": lambda: self.resume(pid)}
         if signal not in actions:
             return f"unknown signal {signal!r}"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 
-class ProcessState(str, enum.Enum):
+class ProcessState(enum.StrEnum):
     NEW = "new"
     READY = "ready"
     RUNNING = "running"
