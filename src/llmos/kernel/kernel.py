@@ -242,7 +242,7 @@ class Kernel:
         except (Terminated, asyncio.CancelledError):
             status = "killed"
             raise
-        except SyscallError:
+        except Exception:
             status = "error"
             proc.syscall_errors += 1
             raise
@@ -326,7 +326,10 @@ class Kernel:
 
     async def _sys_spawn(self, proc: Process, program: Program, name: str | None = None,
                          **kwargs: Any) -> int:
-        return await self.spawn(program, name, parent=proc.pid, **kwargs)
+        try:
+            return await self.spawn(program, name, parent=proc.pid, **kwargs)
+        except PermissionError as e:  # asked for more than the parent holds
+            raise SyscallError(f"denied: {e}") from None
 
     async def _sys_wait(self, proc: Process, target: int) -> Any:
         proc.set_state(ProcessState.BLOCKED)
