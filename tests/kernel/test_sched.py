@@ -115,3 +115,9 @@ def test_configure_changes_settings_and_names_bad_ones():
         sched.configure(speed=2)
     with pytest.raises(ValueError, match="max_running must be at least 1"):
         sched.configure(max_running=0)
+
+
+def test_sjf_preempts_a_long_call_for_a_much_shorter_one():
+    lengths = dict(L=12, S=2)
+    got = simulate(dict(policy="sjf", max_running=1, quantum=2), {0: "L", 3: "S"}, lengths, 15)
+    assert got == "L L L S S L L L L L L L L L -"  # S (predicted 1) beats L's remaining 12 - 3

@@ -95,7 +95,7 @@ async def run_policy(backend: EngineBackend, policy: str, w: SchedWorkload, home
     for j in range(w.interactive):
         mine = list(range(j, w.interactive_requests, w.interactive))
         interactive.append(await kernel.spawn(
-            _interactive_agent, f"interactive-{j}", priority=0,
+            _interactive_agent, f"interactive-{j}", priority=0, weight=4.0,
             args={"questions": [_QUESTIONS[k % len(_QUESTIONS)] for k in mine],
                   "arrivals": [(k + 1) * w.interval for k in mine], "start": start,
                   "max_tokens": w.interactive_tokens}))

@@ -12,8 +12,11 @@ cap); every tick (one engine step) the policy picks who holds those slots:
 - `fair`: weighted fair share, CFS-style: each agent's virtual runtime is
   the tokens it generated divided by its weight, and the lowest runs; a new
   or sleeping agent starts at the queue's minimum less one quantum.
-- `sjf`: shortest predicted job first, with aging; the prediction is learned
-  per agent from its own past calls (`LengthPredictor`).
+- `sjf`: shortest predicted remaining job first (preemptive, as SRTF), with
+  aging; the prediction is learned per agent from its own past calls
+  (`LengthPredictor`); a call that outlived its prediction is expected to run
+  to its max_tokens. A running call yields to one predicted to need less
+  than half of what it still needs, once it has run a quantum.
 
 Preemption is a pause: the engine keeps the call's KV blocks (or swaps them
 when memory runs short) and resumes it exactly where it stopped. The
@@ -27,7 +30,7 @@ import itertools
 from dataclasses import dataclass, field
 
 POLICIES = ("fifo", "rr", "priority", "fair", "sjf")
-_PREEMPTIVE = {"rr", "priority", "fair"}
+_PREEMPTIVE = {"rr", "priority", "fair", "sjf"}
 
 
 @dataclass(eq=False)
@@ -179,7 +182,7 @@ class AgentScheduler:
         if policy == "fair":
             return (self.vruntime.get(call.pid, 0.0), call.order)
         if policy == "sjf":
-            return (call.predicted - call.generated - call.waited * s.quantum / s.aging, call.order)
+            return (self._remaining(call) - call.waited * s.quantum / s.aging, call.order)
         return (call.order, 0)
 
     def _preempt(self) -> list[LLMCall]:
@@ -204,11 +207,20 @@ class AgentScheduler:
             expired = [c for c in self.running if c.generated - c.slice_start >= q]
             return max(expired, key=lambda c: c.generated - c.slice_start) if expired else None
         worst = max(self.running, key=self._key)
+        if policy == "sjf":
+            ran = worst.generated - worst.slice_start >= q
+            return worst if ran and self._key(best)[0] < self._remaining(worst) / 2 else None
         if policy == "priority":
             return worst if self._key(best)[0] < self._key(worst)[0] else None
         # fair: yield once the gap exceeds the granularity and the victim has run at all
         gap = self.vruntime[worst.pid] - self.vruntime[best.pid]
         return worst if gap > q / best.weight and worst.generated > worst.slice_start else None
+
+    @staticmethod
+    def _remaining(call: LLMCall) -> float:
+        """Tokens a call still needs by its prediction; past the prediction, up to max_tokens."""
+        expected = call.predicted if call.generated < call.predicted else call.max_tokens
+        return max(0.0, expected - call.generated)
 
     def _pause(self, call: LLMCall) -> None:
         self.running.remove(call)
