@@ -6,6 +6,7 @@ written, so the result is untrusted for information-flow control.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -36,24 +37,33 @@ def timeout_arg(args: dict[str, Any], limits: SandboxLimits) -> SandboxLimits:
     return replace(limits, wall_s=float(t))
 
 
-def shell_tool(limits: SandboxLimits | None = None) -> Tool:
+def sandboxed_tool(name: str, description: str, field: str, what: str, max_chars: int,
+                   command: Callable[[str], tuple[list[str], str | None]],
+                   limits: SandboxLimits | None = None) -> Tool:
+    """A tool that runs one string argument (`field`) in the sandbox: `command` turns it into
+    (argv, stdin). Its output is untrusted; it may write to the workdir, so it is destructive."""
     limits = limits or SandboxLimits()
 
     def run(args: dict[str, Any], ctx: ToolContext) -> str:
-        command = args.get("command")
-        if not isinstance(command, str) or not command.strip():
-            raise ToolError("'command' must be a non-empty string")
-        if len(command) > MAX_COMMAND_CHARS:
-            raise ToolError(f"'command' is {len(command)} characters; the limit is {MAX_COMMAND_CHARS}")
+        value = args.get(field)
+        if not isinstance(value, str) or not value.strip():
+            raise ToolError(f"'{field}' must be a non-empty string{what}")
+        if len(value) > max_chars:
+            raise ToolError(f"'{field}' is {len(value)} characters; the limit is {max_chars}")
         ctx.workdir.mkdir(parents=True, exist_ok=True)
-        r = run_sandboxed(["/bin/sh", "-c", command], ctx.workdir, timeout_arg(args, limits))
-        return format_result(r)
+        argv, stdin = command(value)
+        return format_result(run_sandboxed(argv, ctx.workdir, timeout_arg(args, limits), stdin=stdin))
 
-    return Tool("run_shell",
-                "Run a shell command (/bin/sh) in a sandbox: your working directory is the current directory "
-                "and the only writable place; there is no network.",
+    return Tool(name, description,
                 {"type": "object", "properties": {
-                    "command": {"type": "string"},
+                    field: {"type": "string"},
                     "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": limits.wall_s}},
-                 "required": ["command"], "additionalProperties": False},
+                 "required": [field], "additionalProperties": False},
                 run, untrusted_output=True, destructive=True)
+
+
+def shell_tool(limits: SandboxLimits | None = None) -> Tool:
+    return sandboxed_tool(
+        "run_shell", "Run a shell command (/bin/sh) in a sandbox: your working directory is the current "
+        "directory and the only writable place; there is no network.",
+        "command", "", MAX_COMMAND_CHARS, lambda command: (["/bin/sh", "-c", command], None), limits)
