@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llmos.home import llmos_home
 from llmos.memory import DEFAULT_SYSTEM, ContextConfig, MainContext, event, open_store
 
 MEMORY_FUNCTIONS = ("send_message", "core_memory_append", "core_memory_replace", "conversation_search",
@@ -38,8 +37,7 @@ _CALL_FORMAT = (
 
 def home_of(sys: Any) -> Path:
     """The llmos home the kernel gives its tools (memory tools and this agent must share one store)."""
-    home = getattr(sys, "home", None) or getattr(getattr(sys, "kernel", None), "home", None)
-    return Path(home) if home else llmos_home()
+    return Path(sys.home)
 
 
 def call_schema(specs: list[dict[str, Any]], max_string: int = 400,

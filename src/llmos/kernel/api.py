@@ -57,6 +57,11 @@ class Syscalls:
         return self.kernel.workdir(self.pid)
 
     @property
+    def home(self):
+        """The llmos home the kernel's tools use (shared state such as memory.db lives there)."""
+        return self.kernel.home
+
+    @property
     def context_window(self) -> int:
         return self.kernel.backend.context_window
 
