@@ -234,3 +234,23 @@ def test_kv_capacity_caps_blocks_at_run_time(smollm):
     assert engine.step()[0].request_id == "x"
     with pytest.raises(InvalidRequestError, match=f"KV capacity must be between 1 and {total} blocks"):
         engine.set_kv_capacity(0)
+
+
+def test_the_engine_thread_outlives_a_caller_whose_event_loop_closed(smollm):
+    """A command whose caller gave up (its loop closed before the answer) must not kill the engine."""
+    import time
+
+    llm = AsyncLLM(LLMEngine(smollm, kv_budget="16MiB"))
+
+    async def give_up() -> None:
+        task = asyncio.ensure_future(llm.call(lambda: time.sleep(0.3)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    try:
+        asyncio.run(give_up())  # the loop closes while the engine thread still runs the command
+        time.sleep(0.5)
+        assert not llm.is_dead
+        assert asyncio.run(llm.stats())["num_running"] == 0
+    finally:
+        llm.shutdown()

@@ -113,7 +113,7 @@ class AsyncLLM:
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the engine thread between two steps and return its result."""
-        if self._stopped:
+        if self.is_dead:
             raise EngineDeadError("the engine is shut down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -122,9 +122,9 @@ class AsyncLLM:
             try:
                 result = fn()
             except Exception as e:  # handed to the caller, not raised in the engine thread
-                loop.call_soon_threadsafe(_settle, future, None, e)
+                _post(loop, _settle, future, None, e)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                _post(loop, _settle, future, result, None)
 
         with self._wake:
             self._commands.append(command)
@@ -162,7 +162,7 @@ class AsyncLLM:
         stream = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if stream is not None:
             loop, queue = stream
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            _post(loop, queue.put_nowait, item)
 
     def _fail_all(self, error: BaseException) -> None:
         for request_id in list(self.engine.requests):
@@ -170,6 +170,15 @@ class AsyncLLM:
             self._deliver(request_id, error, True)
         for request_id in list(self._streams):
             self._deliver(request_id, error, True)
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Hand a result to the event loop that asked for it; if that loop has closed (its caller
+    gave up and left), the result has no reader and is dropped: the engine thread goes on."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
