@@ -13,9 +13,10 @@ from llmos.kernel import ChatResult, Kernel
 from llmos.memory import CoreMemory, RecallStorage, open_store
 from llmos.tools.base import ToolRegistry
 from llmos.tools.memory import memory_tools
+from tests.stub_backend import StubBackend
 
 
-class ScriptedBackend:
+class ScriptedBackend(StubBackend):
     """A kernel backend that replays fixed model outputs (function calls) and writes summaries itself;
     tokens are counted with the real SmolLM2 tokenizer and chat template."""
 
@@ -26,9 +27,6 @@ class ScriptedBackend:
         self.prompts: list[list[dict]] = []
         self.summaries = 0
         self.schemas: list[Any] = []
-
-    def attach(self, sched, on_switch) -> None:
-        pass
 
     async def complete(self, call, prompt, params, on_tokens) -> ChatResult:
         n = self.count_tokens(prompt)
@@ -41,15 +39,6 @@ class ScriptedBackend:
         out = self.outputs.pop(0)
         text = out if isinstance(out, str) else json.dumps(out)
         return ChatResult(text, "stop", n, 10)
-
-    async def run_in_scheduler(self, fn):
-        return fn()
-
-    async def stats(self) -> dict:
-        return {}
-
-    def close(self) -> None:
-        pass
 
 
 def say(message: str, heartbeat: bool = False) -> dict:
