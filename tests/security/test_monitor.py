@@ -95,8 +95,9 @@ def test_default_capabilities_and_context_taint(tmp_path: Path):
     assert mon.context_label(p).untrusted_sources() == ["tool:read_file"]
     d = mon.check(p, "write_file", {"path": "b.txt", "content": "y"})
     assert not d.allowed and "untrusted data from tool:read_file" in d.reason
-    # explicit labels (the planner's) take precedence over the context's
-    assert mon.check(p, "write_file", {"path": "b.txt", "content": "y"}, {"content": USER}).allowed
+    # labels the agent passes are joined with its context's: they cannot launder what it has read
+    d = mon.check(p, "write_file", {"path": "b.txt", "content": "y"}, {"content": USER})
+    assert not d.allowed and "untrusted data from tool:read_file" in d.reason
     mon.forget(p)
     assert mon.context_label(p).trusted
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,12 @@ class Quotas:
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            if value is not None and value <= 0:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                    math.isfinite(value) if isinstance(value, float) else value.bit_length() < 64):
+                raise ValueError(f"quota {name} must be a finite number within 64 bits, got {value!r:.40}")
+            if value <= 0:
                 raise ValueError(f"quota {name} must be positive, got {value}")
 
 

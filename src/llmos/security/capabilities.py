@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -118,6 +119,41 @@ def glob_covers(parent: str, child: str, *, path: bool = False) -> bool:
     return covers(0, 0)
 
 
+def _finite(v: Any) -> Any:
+    """`v` unless it is a number that is not finite (NaN never compares, inf never ends)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError(f"must be a finite number, got {v}")
+    if isinstance(v, int) and not isinstance(v, bool) and abs(v) > 2 ** 63:
+        raise ValueError("must be a number within the signed 64-bit range")
+    return v
+
+
+# Characters that split one string into several values for whatever reads it (lists of addresses,
+# shell words, lines); a value glob accepts a value holding one only where the glob spells it out.
+_SEPARATORS = frozenset(",;| \t\r\n\x00\x0b\x0c")
+
+
+def _value_matches(patterns: Iterable[str], value: Any) -> bool:
+    """Whether an allowlisted argument value matches one of `patterns`.
+
+    An allowlist of addresses (a pattern with '@') reads the value as an address list: every
+    address in it must match, and a display name may not hold an address. Other values must
+    match whole, without separators the pattern does not spell out.
+    """
+    patterns = list(patterns)
+    text = str(value)
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text if ch not in "\t"):
+        return False
+    if any("@" in p for p in patterns):
+        found = getaddresses([text])
+        return bool(found) and all(addr and "@" not in name and any(glob_match(p, addr) for p in patterns)
+                                   for name, addr in found)
+    return any(glob_match(p, text) and not (_SEPARATORS & (set(text) - set(p))) for p in patterns)
+
+
+_HOST = re.compile(r"[a-z0-9._:\-]+")  # a host name or an IP address, nothing else
+
+
 def _host_of(value: str) -> str:
     """The host a URL (or bare host name) points at, lower-cased."""
     v = value.strip()
@@ -132,6 +168,11 @@ class Bound(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     min: float | None = None
     max: float | None = None
+
+    @field_validator("min", "max")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        return _finite(v)
 
     @model_validator(mode="after")
     def _ordered(self) -> Bound:
@@ -178,7 +219,7 @@ class Grant(BaseModel):
     def _quota(cls, v: int | None) -> int | None:
         if v is not None and v < 0:
             raise ValueError("must be >= 0")
-        return v
+        return _finite(v)
 
     @field_validator("expires", mode="before")
     @classmethod
@@ -190,7 +231,7 @@ class Grant(BaseModel):
                 return datetime.fromisoformat(v.replace("Z", "+00:00")).timestamp()
             except ValueError:
                 raise ValueError(f"not an ISO 8601 time or unix seconds: {v!r}") from None
-        return v
+        return _finite(v)
 
     @field_validator("root")
     @classmethod
@@ -241,7 +282,7 @@ class Grant(BaseModel):
                 return f"argument {arg!r} is required by the grant's allowlist"
             values = args[arg] if isinstance(args[arg], list | tuple) else [args[arg]]
             for v in values:
-                if not any(glob_match(p, str(v)) for p in patterns):
+                if not _value_matches(patterns, v):
                     return f"{arg}={v!r} is not in the allowlist {list(patterns)}"
         for arg, patterns in self.hosts.items():
             if arg not in args:
@@ -249,14 +290,14 @@ class Grant(BaseModel):
             values = args[arg] if isinstance(args[arg], list | tuple) else [args[arg]]
             for v in values:
                 host = _host_of(str(v))
-                if not host or not any(glob_match(p.lower(), host) for p in patterns):
+                if not _HOST.fullmatch(host) or not any(glob_match(p.lower(), host) for p in patterns):
                     return f"host {host or v!r} of {arg} is not in the allowlist {list(patterns)}"
         for arg, bound in self.bounds.items():
             v = args.get(arg)
-            if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v):
-                return f"argument {arg!r} must be a number (bounded by the grant), got {v!r}"
+            if isinstance(v, bool) or not isinstance(v, int | float) or v != v:  # NaN != NaN
+                return f"argument {arg!r} must be a number (bounded by the grant), got {_short(v)}"
             if (bound.min is not None and v < bound.min) or (bound.max is not None and v > bound.max):
-                return f"{arg}={v} is outside the granted bounds [{bound.min}, {bound.max}]"
+                return f"{arg}={_short(v)} is outside the granted bounds [{bound.min}, {bound.max}]"
         return None
 
     def covers(self, child: Grant) -> str | None:
@@ -286,6 +327,14 @@ class Grant(BaseModel):
         if self.expires is not None and (child.expires is None or child.expires > self.expires):
             return f"{child.tool}: must expire no later than the parent's grant"
         return None
+
+
+def _short(v: Any) -> str:
+    """A value for a reason text: a huge integer by its size, never its (slow, limited) decimal form."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"<an integer of {v.bit_length()} bits>"
+    text = repr(v)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _resolve(value: str, workdir: Path | None) -> str | None:

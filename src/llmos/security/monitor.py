@@ -2,9 +2,11 @@
 
 The kernel calls `check` before it runs a tool and `record` after; a denial
 is a value (the agent reads the reason as the tool's result), never an
-exception. `AllowAllMonitor` is the permissive monitor a kernel gets when it
-is given none; `ReferenceMonitor` is llmos' real one (capabilities, flow
-policies, audit), deterministic: no model takes part in a decision.
+exception, also for arguments or labels it cannot read (a huge integer, a
+malformed label). `ReferenceMonitor` is llmos' monitor and what a kernel gets
+by default (capabilities, flow policies, audit), deterministic: no model takes
+part in a decision. `AllowAllMonitor` allows everything and is used only when
+asked for by name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,33 @@ class Decision:
 
 
 ALLOW = Decision(True, "allowed")
+DECLASSIFY = "ifc.declassify"  # the capability to label values finer than the agent's context
+MAX_INT_BITS = 64  # integer arguments beyond a signed 64-bit range are refused, not converted
+MAX_DEPTH = 32  # how deeply arguments may nest
+
+
+def unsafe_argument(args: Any) -> str | None:
+    """Why `args` cannot be checked safely (a huge integer, a non-mapping, deep nesting), or None."""
+    if not isinstance(args, Mapping):
+        return f"arguments must be a mapping, got {type(args).__name__}"
+    stack: list[tuple[str, Any, int]] = [(str(k), v, 1) for k, v in args.items()]
+    while stack:
+        where, value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"argument {where!r} nests deeper than {MAX_DEPTH} levels"
+        if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() >= MAX_INT_BITS:
+            return f"argument {where!r} is an integer outside the signed {MAX_INT_BITS}-bit range"
+        if isinstance(value, Mapping):
+            stack.extend((f"{where}.{k}", v, depth + 1) for k, v in value.items())
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend((f"{where}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    return None
+
+
+def _auditable(args: Any) -> dict:
+    """The arguments as the audit log stores them (a note instead, when they cannot be serialized)."""
+    why = unsafe_argument(args)
+    return dict(args) if why is None else {"unreadable": why}
 
 
 class Monitor(Protocol):
@@ -66,9 +95,12 @@ class ReferenceMonitor:
     Guarantees: a call is allowed only if a capability the agent holds grants it
     and no flow rule forbids it; every decision is appended to the audit log
     before the tool runs. An agent the kernel spawned without capabilities gets
-    `default_capabilities(its workdir)`. Calls made without labels are labelled
-    by the agent's context: once a tool with untrusted output has answered an
-    agent, everything that agent asks for afterwards may depend on that output.
+    `default_capabilities(its workdir)`. Every call is labelled at least by the
+    agent's context: once a tool with untrusted output has answered an agent,
+    everything that agent asks for afterwards may depend on that output. Labels
+    a caller passes are joined with the context label (labels only rise); only
+    an agent holding a grant for `ifc.declassify` (the plan interpreter, which
+    tracks labels per value) has its labels taken as given.
     """
 
     def __init__(self, audit: Any = None, flows: Any = None, tools: Any = None,
@@ -108,18 +140,45 @@ class ReferenceMonitor:
 
         return self._context.get(_key(agent), Label())
 
-    def _labels(self, agent: Any, args: Mapping[str, Any], labels: Mapping[str, Any] | None) -> dict:
+    def may_declassify(self, agent: Any) -> bool:
+        """Whether `agent` holds a grant for `ifc.declassify` (may label values finer than its context)."""
+        workdir = getattr(agent, "workdir", None)
+        return self.capabilities_of(agent).check(DECLASSIFY, {}, workdir, consume=False).allowed
+
+    def _labels(self, agent: Any, args: Mapping[str, Any], labels: Any) -> dict:
+        """The labels the flow rules see: the caller's labels joined with the agent's context label.
+
+        Labels only rise: a caller without `ifc.declassify` cannot make an argument (or the call's
+        control) look more trusted than everything its context has seen.
+        """
         from llmos.security.ifc import CONTROL, Label
 
-        if labels is not None:
-            return {k: Label.coerce(v) for k, v in labels.items()}
-        if not self.track_context:
-            return {}
-        ctx = self.context_label(agent)
-        return {**{k: ctx for k in args}, CONTROL: ctx}
+        ctx = self.context_label(agent) if self.track_context else Label()
+        if labels is None:
+            return {**{k: ctx for k in args}, CONTROL: ctx} if self.track_context else {}
+        if not isinstance(labels, Mapping):
+            raise TypeError(f"labels must map argument names to labels, got {type(labels).__name__}")
+        given = {str(k): Label.coerce(v) for k, v in labels.items()}
+        if not ctx.sources or self.may_declassify(agent):
+            return given
+        return {k: given.get(k, Label()).join(ctx) for k in dict.fromkeys([*args, *given, CONTROL])}
 
     def check(self, agent: Any, tool: str, args: Mapping[str, Any],
               labels: Mapping[str, Any] | None = None) -> Decision:
+        try:
+            decision, effective = self._decide(agent, tool, args, labels)
+        except Exception as e:  # malformed labels or arguments: a denial, never a crash
+            decision, effective = Decision(False, f"the call cannot be checked: {e}"), {}
+        if self.audit is not None:
+            shown = {k: v.to_json() for k, v in effective.items()} or None
+            self.audit.append(_name(agent), tool, _auditable(args), shown,
+                              "allow" if decision.allowed else "deny", decision.reason,
+                              {"pid": getattr(agent, "pid", None)})
+        return decision
+
+    def _decide(self, agent: Any, tool: str, args: Mapping[str, Any], labels: Any) -> tuple[Decision, dict]:
+        if (why := unsafe_argument(args)) is not None:
+            return Decision(False, f"denied by the monitor: {why}"), {}
         caps = self.capabilities_of(agent)
         workdir = getattr(agent, "workdir", None)
         cap = caps.check(tool, args, workdir, consume=False)
@@ -132,11 +191,7 @@ class ReferenceMonitor:
             cap = caps.check(tool, args, workdir, consume=True)  # takes one unit of quota
             decision = Decision(True, cap.reason) if cap.allowed else \
                 Decision(False, f"denied by capabilities: {cap.reason}")
-        if self.audit is not None:
-            self.audit.append(_name(agent), tool, dict(args), {k: v.to_json() for k, v in effective.items()}
-                              or None, "allow" if decision.allowed else "deny", decision.reason,
-                              {"pid": getattr(agent, "pid", None)})
-        return decision
+        return decision, effective
 
     def record(self, agent: Any, tool: str, args: Mapping[str, Any], decision: Decision,
                status: str) -> None:
@@ -146,7 +201,7 @@ class ReferenceMonitor:
             key = _key(agent)
             self._context[key] = self._context.get(key, Label()).join(Label.of(tool_source(tool, False)))
         if self.audit is not None and decision.allowed:
-            self.audit.append(_name(agent), tool, dict(args), None, "done", status,
+            self.audit.append(_name(agent), tool, _auditable(args), None, "done", status,
                               {"pid": getattr(agent, "pid", None)})
 
     def attenuate(self, parent: Any, requested: Any) -> Any:
