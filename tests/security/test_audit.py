@@ -1,13 +1,18 @@
-"""The audit log is append-only and any tampering breaks verification at the right row."""
+"""The audit log is append-only, keyed and anchored; tampering breaks verification at the right row."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
 
-from llmos.security.audit import AuditLog, args_digest
+from llmos.security.audit import AuditError, AuditLog, Verdict, args_digest
+
+FIXTURE = Path(__file__).parent / "fixtures" / "audit_main_f02445c.db"  # written by the unkeyed main code
 
 
 def fill(log: AuditLog, n: int = 5) -> None:
@@ -18,21 +23,37 @@ def fill(log: AuditLog, n: int = 5) -> None:
 
 def test_append_tail_verify(tmp_path: Path):
     log = AuditLog(tmp_path / "audit.db")
-    assert log.verify() == (True, None, "0 rows, chain intact")
+    assert log.verify() == Verdict(True, None, "0 rows, chain intact", "ok")
     assert log.append("a", "read_file", {"path": "x"}, None, "deny", "no capability") == 1
     fill(log, 4)
-    assert len(log) == 5 and log.verify() == (True, None, "5 rows, chain intact")
+    assert len(log) == 5 and log.verify() == (True, None, "5 rows, chain intact", "ok")
     rows = log.tail(2)
     assert [r["id"] for r in rows] == [4, 5]
     assert rows[0]["evidence"] is None and rows[1]["evidence"] == {"i": 3}
     assert rows[1]["labels"] == {"to": {"trusted": True}}
     assert rows[1]["args_digest"] == args_digest({"to": "u3@example.com"})
     assert rows[1]["prev_hash"] == rows[0]["hash"]
-    # reopened, the chain continues
+    # reopened, the chain continues under the same key
     log.close()
     log2 = AuditLog(tmp_path / "audit.db")
     assert log2.append("b", "t", {}, None, "allow", "ok") == 6
-    assert log2.verify()[0]
+    assert log2.verify() == (True, None, "6 rows, chain intact", "ok")
+
+
+def test_the_key_lives_outside_the_database_readable_only_by_its_user(tmp_path: Path):
+    log = AuditLog(tmp_path / "audit.db")
+    fill(log, 2)
+    key = (tmp_path / "audit.db.key").read_text()
+    st = os.stat(tmp_path / "audit.db.key")
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.geteuid() and len(key) == 64
+    assert stat.S_IMODE(os.stat(tmp_path / "audit.db.anchor").st_mode) == 0o600
+    log._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert key.encode() not in (tmp_path / "audit.db").read_bytes()
+    assert bytes.fromhex(key) not in (tmp_path / "audit.db").read_bytes()
+    log.close()
+    os.chmod(tmp_path / "audit.db.key", 0o644)
+    with pytest.raises(AuditError, match="readable only by it .* mode 644"):
+        AuditLog(tmp_path / "audit.db")
 
 
 def test_triggers_refuse_update_and_delete(tmp_path: Path):
@@ -67,23 +88,56 @@ def test_verify_finds_tampering(tmp_path: Path, sql, bad_row, message):
     fill(log, 5)
     log.close()
     _tamper(path, *sql)
-    ok, row, msg = AuditLog(path).verify()
-    assert not ok and row == bad_row and message in msg
+    ok, row, msg, status = AuditLog(path).verify()
+    assert (ok, row, status) == (False, bad_row, "TAMPERED") and message in msg
 
 
-def test_recomputed_row_breaks_the_next_link(tmp_path: Path):
-    """An attacker who rewrites a row and fixes its own hash still breaks the link after it."""
-    from llmos.security.audit import _row_hash
+def test_a_crash_between_commit_and_anchor_leaves_a_consistent_log(tmp_path: Path, monkeypatch):
+    """The anchor is replaced after the row commits: a crash in between leaves it one row behind, which
+    verifies (the extra row carries a valid HMAC), and the next append brings it up to date."""
+    log = AuditLog(tmp_path / "audit.db")
+    fill(log, 3)
+
+    def crash(*_):
+        raise KeyboardInterrupt("killed between commit and anchor")
+
+    monkeypatch.setattr(log, "_write_anchor", crash)
+    with pytest.raises(KeyboardInterrupt):
+        log.append("a", "t", {}, None, "allow", "ok")
+    monkeypatch.undo()
+    assert len(log) == 4
+    assert log.verify() == (True, None, "4 rows, chain intact; 1 row(s) past the anchor (an append was "
+                                        "interrupted)", "ok")
+    assert log.append("a", "t", {}, None, "allow", "ok") == 5
+    assert log.verify() == (True, None, "5 rows, chain intact", "ok")
+
+
+def test_a_log_from_before_keys_opens_and_continues_keyed(tmp_path: Path):
+    path = tmp_path / "audit.db"
+    shutil.copyfile(FIXTURE, path)
+    log = AuditLog(path)
+    assert (tmp_path / "audit.db.key").exists() and (tmp_path / "audit.db.anchor").exists()
+    legacy = " (rows 1-4 predate the key: unkeyed chain)"
+    assert log.verify() == (True, None, "4 rows, chain intact" + legacy, "ok")
+    assert [r["decision"] for r in log.tail(4)] == ["allow", "done", "deny", "allow"]
+    assert log.append("agent-3", "read_file", {"path": "a"}, None, "allow", "granted") == 5
+    assert log.verify() == (True, None, "5 rows, chain intact" + legacy, "ok")
+    log.close()
+    # a second opener neither re-keys nor moves the migration point
+    key = (tmp_path / "audit.db.key").read_bytes()
+    assert AuditLog(path).verify().ok and (tmp_path / "audit.db.key").read_bytes() == key
+
+
+def test_concurrent_appenders_in_two_processes(tmp_path: Path):
+    import subprocess
+    import sys
 
     path = tmp_path / "audit.db"
+    AuditLog(path).close()
+    code = ("import sys; from llmos.security.audit import AuditLog; log = AuditLog(sys.argv[1])\n"
+            "for i in range(40): log.append(sys.argv[2], 't', {'i': i}, None, 'allow', 'ok')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"w{n}"]) for n in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
     log = AuditLog(path)
-    fill(log, 4)
-    row = log.tail(4)[1]
-    log.close()
-    row["reason"] = "forged"
-    row["labels"] = '{"to":{"trusted":true}}'
-    row["evidence"] = '{"i":1}'
-    new_hash = _row_hash(row)
-    _tamper(path, f"UPDATE audit SET reason = 'forged', hash = '{new_hash}' WHERE id = 2")
-    ok, bad, msg = AuditLog(path).verify()
-    assert (ok, bad) == (False, 3) and "does not link" in msg
+    assert log.verify() == (True, None, "80 rows, chain intact", "ok")
+    assert sorted({r["agent"] for r in log.tail(80)}) == ["w0", "w1"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Annotated
 
 import typer
@@ -14,27 +15,35 @@ DbOpt = Annotated[str | None, typer.Option("--db", help="Audit database (default
 def _audit(db: str | None):
     from pathlib import Path
 
-    from llmos.security.audit import AuditLog, default_audit_path
+    from llmos.security.audit import AuditError, AuditLog, default_audit_path
 
     path = Path(db) if db else default_audit_path()
     if not path.exists():
         fail(f"no audit log at {path}")
-    return AuditLog(path)
+    try:
+        return AuditLog(path)
+    except (AuditError, sqlite3.DatabaseError) as e:
+        fail(f"cannot open the audit log {path}: {e}")
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
-    audit_app = typer.Typer(no_args_is_help=True, help="The reference monitor's audit log (hash-chained).")
+    audit_app = typer.Typer(no_args_is_help=True,
+                            help="The reference monitor's audit log (keyed hash chain, anchored).")
     app.add_typer(audit_app, name="audit")
 
     @audit_app.command("verify")
     def audit_verify(db: DbOpt = None) -> None:
-        """Recompute the hash chain; exit 1 if a row was edited, inserted or deleted."""
-        ok, row, message = _audit(db).verify()
-        if ok:
-            console.print(f"[green]ok[/]: {message}")
-        else:
-            console.print(f"[bold red]TAMPERED[/] at row {row}: {message}")
-            raise typer.Exit(1)
+        """Check the keyed hash chain and its anchor; exit 1 if TAMPERED (rows edited, inserted, forged or
+        removed, anchor or key changed) or DAMAGED (not a readable audit log)."""
+        from llmos.security.audit import default_audit_path, verify_file
+
+        verdict = verify_file(db or default_audit_path())
+        if verdict.ok:
+            console.print(f"[green]ok[/]: {verdict.message}")
+            return
+        where = f" at row {verdict.row}" if verdict.row is not None else ""
+        console.print(f"[bold red]{verdict.status}[/]{where}: {verdict.message}", highlight=False)
+        raise typer.Exit(1)
 
     @audit_app.command("tail")
     def audit_tail(n: Annotated[int, typer.Option("-n", min=1, help="How many rows.")] = 20,
@@ -45,7 +54,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from rich.table import Table
 
         table = Table("id", "time", "agent", "tool", "decision", "reason", "args")
-        for r in _audit(db).tail(n):
+        try:
+            rows = _audit(db).tail(n)
+        except sqlite3.DatabaseError as e:
+            fail(f"the audit log is damaged: {e} (llmos audit verify says more)")
+        for r in rows:
             colour = {"allow": "green", "deny": "red"}.get(r["decision"], "dim")
             table.add_row(str(r["id"]), datetime.datetime.fromtimestamp(r["ts"]).strftime("%H:%M:%S"),
                           r["agent"], r["tool"], f"[{colour}]{r['decision']}[/]", r["reason"],

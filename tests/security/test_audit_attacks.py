@@ -1,0 +1,266 @@
+"""Adversarial tests of the audit log: an attacker who can write the database (and, where said, the
+anchor) but cannot read the key tries each rewrite an adversarial review found; each is detected.
+
+The attacker knows the code: the row format, the old unkeyed SHA-256 chain, the anchor's layout. What
+they lack is the key, so their recomputed hashes are plain SHA-256 or HMACs under a key they guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmos.security.audit import _FIELDS, AuditLog, AuditTampered, _canonical, verify_file
+
+FIXTURE = Path(__file__).parent / "fixtures" / "audit_main_f02445c.db"
+LLMOS = str(Path(sys.executable).with_name("llmos"))
+GUESSED_KEY = b"\0" * 32
+
+
+def _log(tmp_path: Path, n: int = 6) -> Path:
+    """A log of `n` decisions, every third one a deny, closed."""
+    path = tmp_path / "audit.db"
+    log = AuditLog(path)
+    for i in range(n):
+        denied = i % 3 == 2
+        log.append("agent-1", "send_money", {"iban": f"DE{i:02d}", "amount": 10 * i}, None,
+                   "deny" if denied else "allow", "denied by flow policy" if denied else "granted")
+    log.close()
+    return path
+
+
+def _attacker(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("DROP TRIGGER IF EXISTS audit_no_update")
+    db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
+    return db
+
+
+def _forge_hash(row: dict, how: str) -> str:
+    data = _canonical([row[f] for f in _FIELDS]).encode()
+    if how == "sha256":  # the unkeyed chain main used to write
+        return hashlib.sha256(data).hexdigest()
+    return hmac.new(GUESSED_KEY, b"row:" + data, hashlib.sha256).hexdigest()
+
+
+def _rechain(db: sqlite3.Connection, start: int, how: str) -> None:
+    """Recompute every row's hash and link from `start` on, as an attacker without the key can."""
+    cols = [d[1] for d in db.execute("PRAGMA table_info(audit)")]
+    prev = db.execute("SELECT hash FROM audit WHERE id = ?", (start - 1,)).fetchone()
+    prev_hash = prev[0] if prev else "0" * 64
+    for values in db.execute("SELECT * FROM audit WHERE id >= ? ORDER BY id", (start,)).fetchall():
+        row = dict(zip(cols, values, strict=True))
+        row["prev_hash"] = prev_hash
+        row["hash"] = _forge_hash(row, how)
+        db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (row["prev_hash"], row["hash"],
+                                                                             row["id"]))
+        prev_hash = row["hash"]
+
+
+def _tampered(path: Path, row: int | None, text: str) -> None:
+    verdict = verify_file(path)
+    assert (verdict.ok, verdict.status, verdict.row) == (False, "TAMPERED", row), verdict
+    assert text in verdict.message
+
+
+# -- the four rewrites of the review ---------------------------------------------------------------------
+
+def test_deleting_the_tail_and_fixing_the_head(tmp_path: Path):
+    path = _log(tmp_path)
+    db = _attacker(path)
+    db.execute("DELETE FROM audit WHERE id > 4")
+    # the old head record is gone; an attacker rebuilding one can only write it in the database
+    db.execute("CREATE TABLE IF NOT EXISTS audit_head (one INTEGER PRIMARY KEY, count INTEGER, hash TEXT)")
+    last = db.execute("SELECT hash FROM audit WHERE id = 4").fetchone()[0]
+    db.execute("INSERT OR REPLACE INTO audit_head VALUES (1, 4, ?)", (last,))
+    db.close()
+    _tampered(path, 5, "the log ends at row 4 but the anchor records 6 rows (rows were removed from the end)")
+
+
+@pytest.mark.parametrize("how", ["sha256", "guessed-key"])
+def test_flipping_a_deny_into_an_allow_and_recomputing_the_chain(tmp_path: Path, how: str):
+    path = _log(tmp_path)
+    db = _attacker(path)
+    db.execute("UPDATE audit SET decision = 'allow', reason = 'granted' WHERE id = 3")
+    _rechain(db, 3, how)
+    db.close()
+    _tampered(path, 3, "row 3 was modified (its hash does not match)")
+
+
+@pytest.mark.parametrize("how", ["sha256", "guessed-key"])
+def test_appending_a_forged_row(tmp_path: Path, how: str):
+    path = _log(tmp_path)
+    db = _attacker(path)
+    cols = [d[1] for d in db.execute("PRAGMA table_info(audit)")]
+    row = dict(zip(cols, db.execute("SELECT * FROM audit WHERE id = 6").fetchone(), strict=True))
+    row.update(id=7, tool="send_money", decision="allow", reason="granted", prev_hash=row["hash"])
+    row["hash"] = _forge_hash(row, how)
+    db.execute(f"INSERT INTO audit VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
+    db.close()
+    _tampered(path, 7, "row 7 was modified (its hash does not match)")
+
+
+def test_emptying_the_log(tmp_path: Path):
+    path = _log(tmp_path)
+    db = _attacker(path)
+    db.execute("DELETE FROM audit")
+    db.close()
+    _tampered(path, 1, "the log ends at row 0 but the anchor records 6 rows")
+
+
+def test_replacing_the_database_with_a_fresh_one(tmp_path: Path):
+    path = _log(tmp_path)
+    for f in tmp_path.glob("audit.db*"):
+        if f.suffix not in (".key", ".anchor"):
+            f.unlink()
+    sqlite3.connect(path).close()  # an empty file where the log was
+    _tampered(path, 1, "the log ends at row 0 but the anchor records 6 rows")
+    path.unlink()
+    assert verify_file(path) == (False, None, f"no audit log at {path}", "DAMAGED")
+
+
+# -- the anchor and the key ------------------------------------------------------------------------------
+
+def test_rewriting_the_anchor_without_the_key(tmp_path: Path):
+    path = _log(tmp_path)
+    db = _attacker(path)
+    db.execute("DELETE FROM audit WHERE id > 4")
+    last = db.execute("SELECT hash FROM audit WHERE id = 4").fetchone()[0]
+    db.close()
+    anchor = tmp_path / "audit.db.anchor"
+    body = json.loads(anchor.read_text())
+    body.update(count=4, head=last)
+    anchor.write_text(json.dumps(body))  # the old MAC no longer matches
+    _tampered(path, None, "was modified (its MAC does not match)")
+    body["mac"] = hmac.new(GUESSED_KEY, b"anchor:" + _canonical([4, last, 1]).encode(),
+                           hashlib.sha256).hexdigest()
+    anchor.write_text(json.dumps(body))
+    _tampered(path, None, "was modified (its MAC does not match)")
+
+
+def test_deleting_the_anchor_or_the_key(tmp_path: Path):
+    path = _log(tmp_path)
+    anchor, key = tmp_path / "audit.db.anchor", tmp_path / "audit.db.key"
+    saved = anchor.read_bytes()
+    anchor.unlink()
+    _tampered(path, None, "is missing (deleted?)")
+    with pytest.raises(AuditTampered, match="anchor .* is missing"):
+        AuditLog(path).append("a", "t", {}, None, "allow", "ok")  # not re-anchored where it was
+    assert not anchor.exists()
+    anchor.write_bytes(saved)
+    key.unlink()
+    _tampered(path, None, "the audit key")
+    with pytest.raises(AuditTampered, match="key .* is missing: refusing to extend the log"):
+        AuditLog(path).append("a", "t", {}, None, "allow", "ok")
+    assert not key.exists()  # a missing key is never replaced by a new one
+
+
+def test_a_garbled_anchor_is_damaged(tmp_path: Path):
+    path = _log(tmp_path)
+    (tmp_path / "audit.db.anchor").write_bytes(b"\x00garbage")
+    verdict = verify_file(path)
+    assert (verdict.ok, verdict.status) == (False, "DAMAGED") and "is unreadable" in verdict.message
+
+
+def test_no_append_continues_a_truncated_log(tmp_path: Path):
+    """Appending after a truncation must not overwrite the anchor that proves it."""
+    path = _log(tmp_path)
+    db = _attacker(path)
+    db.execute("DELETE FROM audit WHERE id = 6")
+    db.close()
+    log = AuditLog(path)
+    with pytest.raises(AuditTampered, match="refusing to extend a tampered audit log: the log ends at row 5"):
+        log.append("a", "t", {}, None, "allow", "ok")
+    assert len(log) == 5
+    _tampered(path, 6, "rows were removed from the end")
+
+
+def test_rewriting_a_row_from_before_the_key(tmp_path: Path):
+    """Rows of a pre-key log keep their unkeyed chain; the first keyed row (or the anchor) binds them."""
+    path = tmp_path / "audit.db"
+    shutil.copyfile(FIXTURE, path)
+    log = AuditLog(path)
+    log.close()
+    db = _attacker(path)
+    db.execute("UPDATE audit SET decision = 'allow' WHERE id = 3")
+    _rechain(db, 3, "sha256")
+    db.close()
+    _tampered(path, 4, "row 4 is not the row the anchor recorded as the head")
+    shutil.copyfile(FIXTURE, path)  # the same, with a keyed row after the migration point
+    for f in (tmp_path / "audit.db.key", tmp_path / "audit.db.anchor"):
+        f.unlink()
+    log = AuditLog(path)
+    log.append("agent-1", "read_file", {"path": "x"}, None, "allow", "granted")
+    log.close()
+    db = _attacker(path)
+    db.execute("UPDATE audit SET decision = 'allow' WHERE id = 3")
+    _rechain(db, 3, "sha256")
+    db.close()
+    _tampered(path, 5, "row 5 was modified")
+
+
+# -- damaged files and the command line ------------------------------------------------------------------
+
+def _checkpointed(tmp_path: Path, n: int = 60) -> Path:
+    path = _log(tmp_path, n)
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    return path
+
+
+def test_truncated_garbled_and_foreign_files(tmp_path: Path):
+    path = _checkpointed(tmp_path)
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size // 2)
+    verdict = verify_file(path)
+    assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
+
+    other = tmp_path / "g"
+    other.mkdir()
+    path = _checkpointed(other)
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size - 3000)
+        f.write(os.urandom(2000))
+    verdict = verify_file(path)
+    assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
+
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("not a database, just some text that is long enough to fill a header page " * 20)
+    verdict = verify_file(foreign)
+    assert (verdict.ok, verdict.status) == (False, "DAMAGED")
+    assert "is not a readable SQLite database" in verdict.message
+
+
+def test_llmos_audit_verify_says_tampered_or_damaged_never_a_traceback(tmp_path: Path):
+    (tmp_path / "good").mkdir()
+    (tmp_path / "bad").mkdir()
+    good, bad = _log(tmp_path / "good"), _log(tmp_path / "bad")
+    db = _attacker(bad)
+    db.execute("DELETE FROM audit")
+    db.close()
+    foreign = tmp_path / "notes.db"
+    foreign.write_bytes(b"\x7fELF" + os.urandom(5000))
+
+    def verify(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([LLMOS, "audit", "verify", "--db", str(path)], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "LLMOS_HOME": str(tmp_path)})
+
+    r = verify(good)
+    assert (r.returncode, r.stdout.strip()) == (0, "ok: 6 rows, chain intact")
+    r = verify(bad)
+    assert r.returncode == 1 and r.stdout.startswith("TAMPERED at row 1: the log ends at row 0")
+    r = verify(foreign)
+    assert r.returncode == 1 and r.stdout.startswith("DAMAGED: ") and "Traceback" not in r.stderr + r.stdout
+    r = verify(tmp_path / "missing.db")
+    assert r.returncode == 1 and r.stdout.startswith("DAMAGED: no audit log at")
