@@ -4,8 +4,10 @@ Each kernel boot is a row; each agent it ran is a row that outlives it, so
 `llmos ps` in another terminal sees live agents, and a restarted kernel knows
 which agents existed and how they ended. A boot whose kernel process is gone
 had its unfinished agents end with it: they are marked terminated on the
-next boot. Signals (`llmos kill`) travel through the table too. WAL mode lets
-readers run beside the kernel's writes; every write is one transaction.
+next boot. Signals (`llmos kill`) travel through the table too. The file is
+opened by `llmos.db` (WAL: readers run beside the kernel's writes; a schema
+version with migrations); every write is one transaction. Each process has
+the `owner` (a user id) it was spawned for.
 """
 
 from __future__ import annotations
@@ -17,21 +19,33 @@ import time
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS boots (
-    boot INTEGER PRIMARY KEY AUTOINCREMENT, os_pid INTEGER, started REAL, ended REAL,
-    heartbeat REAL, status TEXT);
-CREATE TABLE IF NOT EXISTS processes (
-    pid INTEGER PRIMARY KEY AUTOINCREMENT, boot INTEGER, name TEXT, parent INTEGER, state TEXT,
-    priority INTEGER, weight REAL, quotas TEXT, tokens_used INTEGER, tool_calls INTEGER,
-    syscalls INTEGER, syscall_errors INTEGER, current_syscall TEXT, created REAL, ended REAL,
-    exit_reason TEXT, result TEXT);
-CREATE TABLE IF NOT EXISTS syscalls (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, name TEXT, args TEXT, status TEXT,
-    started REAL, duration REAL);
-CREATE TABLE IF NOT EXISTS signals (
-    id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, signal TEXT, sent REAL, handled REAL, outcome TEXT);
-"""
+from llmos.db import connect
+
+_MIGRATIONS = [
+    # 1: the schema of the table before versions (a file made then has version 0 and these tables)
+    """
+    CREATE TABLE IF NOT EXISTS boots (
+        boot INTEGER PRIMARY KEY AUTOINCREMENT, os_pid INTEGER, started REAL, ended REAL,
+        heartbeat REAL, status TEXT);
+    CREATE TABLE IF NOT EXISTS processes (
+        pid INTEGER PRIMARY KEY AUTOINCREMENT, boot INTEGER, name TEXT, parent INTEGER, state TEXT,
+        priority INTEGER, weight REAL, quotas TEXT, tokens_used INTEGER, tool_calls INTEGER,
+        syscalls INTEGER, syscall_errors INTEGER, current_syscall TEXT, created REAL, ended REAL,
+        exit_reason TEXT, result TEXT);
+    CREATE TABLE IF NOT EXISTS syscalls (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, name TEXT, args TEXT, status TEXT,
+        started REAL, duration REAL);
+    CREATE TABLE IF NOT EXISTS signals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, signal TEXT, sent REAL, handled REAL,
+        outcome TEXT);
+    """,
+    # 2: users: every process belongs to one (processes from before users belong to the local user)
+    """
+    ALTER TABLE processes ADD COLUMN owner TEXT NOT NULL DEFAULT 'local';
+    CREATE INDEX processes_owner ON processes(owner, pid);
+    CREATE INDEX syscalls_pid ON syscalls(pid, id);
+    """,
+]
 
 _PROCESS_FIELDS = ("name", "parent", "state", "priority", "weight", "quotas", "tokens_used", "tool_calls",
                    "syscalls", "syscall_errors", "current_syscall", "created", "ended", "exit_reason",
@@ -56,12 +70,8 @@ def _truncate(value: Any, limit: int = ARG_LIMIT) -> str:
 
 class ProcessTable:
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.executescript(_SCHEMA)
+        self.db = connect(path, _MIGRATIONS)
         self.boot: int | None = None
 
     def _tx(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
@@ -87,10 +97,10 @@ class ProcessTable:
                             "current_syscall=NULL WHERE boot=? AND state!='terminated'", (now, reason, boot))
             self.db.execute("UPDATE boots SET ended=? WHERE boot=?", (now, boot))
 
-    def new_pid(self, name: str, parent: int | None) -> int:
-        return self._tx("INSERT INTO processes (boot, name, parent, state, created) "
-                        "VALUES (?, ?, ?, 'new', ?)",
-                        (self.boot, name, parent, time.time())).lastrowid
+    def new_pid(self, name: str, parent: int | None, owner: str = "local") -> int:
+        return self._tx("INSERT INTO processes (boot, name, parent, state, created, owner) "
+                        "VALUES (?, ?, ?, 'new', ?, ?)",
+                        (self.boot, name, parent, time.time(), owner)).lastrowid
 
     def save(self, infos: list[dict[str, Any]]) -> None:
         rows = [tuple(_truncate(i[f], 2000) if f in ("quotas", "result") and i[f] is not None else i[f]
@@ -120,9 +130,18 @@ class ProcessTable:
 
     # -- anyone's side (llmos ps / top / kill) ---------------------------------------
 
-    def processes(self, only_live: bool = False, limit: int = 50) -> list[dict[str, Any]]:
-        where = "WHERE state != 'terminated'" if only_live else ""
-        rows = self.db.execute(f"SELECT * FROM processes {where} ORDER BY pid DESC LIMIT ?", (limit,))
+    def processes(self, only_live: bool = False, limit: int = 50,
+                  owner: str | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` processes, oldest first; `owner`: only that user's."""
+        conds, params = [], []
+        if only_live:
+            conds.append("state != 'terminated'")
+        if owner is not None:
+            conds.append("owner = ?")
+            params.append(owner)
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
+        rows = self.db.execute(f"SELECT * FROM processes {where} ORDER BY pid DESC LIMIT ?",
+                               (*params, limit))
         return [dict(r) for r in rows.fetchall()][::-1]
 
     def process(self, pid: int) -> dict[str, Any] | None:

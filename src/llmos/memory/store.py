@@ -3,7 +3,8 @@ main context pages to and from.
 
 Every agent's core memory, messages (recall storage), summary and archival
 passages live in `memory.db` under the llmos home directory, keyed by the
-agent's name. Guarantees: the database runs in WAL mode, every change is made
+agent's name. Guarantees: the database is opened by `llmos.db` (WAL mode, a
+schema version and its migrations), every change is made
 inside one transaction (a crash leaves the state before or after it, never
 between), and reopening the file after a restart gives back exactly what was
 committed.
@@ -17,7 +18,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-_SCHEMA = """
+from llmos.db import connect
+
+_MIGRATIONS: list[str] = [
+    # 1: the schema of the store before versions (a file made then has version 0 and these tables)
+    """
 CREATE TABLE IF NOT EXISTS agents (
     name TEXT PRIMARY KEY,
     system TEXT NOT NULL,
@@ -70,7 +75,8 @@ CREATE TABLE IF NOT EXISTS archival_versions (
     agent TEXT PRIMARY KEY,
     version INTEGER NOT NULL
 );
-"""
+""",
+]
 
 
 class MemoryStore:
@@ -78,15 +84,9 @@ class MemoryStore:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._depth = 0
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None,
-                                     timeout=30.0)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._conn.executescript(_SCHEMA)
+        self._conn = connect(self.path, _MIGRATIONS)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
