@@ -1,0 +1,55 @@
+"""Allocation bounds: sizes a plan asks for are checked before anything is allocated in the kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+import time
+
+import pytest
+
+from llmos.bench.security import ALLOCATION_CASES, run_plan_case
+from llmos.security.interpreter import LimitExceeded, PlanError, PlanInterpreter
+
+NOT_ALLOWED = {"%-format width"}  # refused as outside the subset, not as too large
+
+
+@pytest.mark.parametrize("name", list(ALLOCATION_CASES))
+def test_oversized_requests_are_refused_before_allocating(name):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    sent, _, error = run_plan_case(ALLOCATION_CASES[name])
+    assert time.perf_counter() - t0 < 2
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100  # MB
+    assert sent == []
+    if name in NOT_ALLOWED:
+        assert type(error) is PlanError and "not allowed" in str(error)
+    else:
+        assert isinstance(error, LimitExceeded), error
+        assert str(error).startswith("line ")
+
+
+def run(plan: str) -> dict:
+    interp = PlanInterpreter(set(), None)
+    asyncio.run(interp.run(plan))
+    return {k: v.value for k, v in interp.env.items()}
+
+
+def test_sizes_within_the_bounds_work():
+    env = run('a = "ab" * 1000\nb = [0] * 1000\nc = 2 ** 64\nd = f"{7:>5}|{1.25:.3f}"\n'
+              'e = "{:>4}{}".format(1, 2)\nf = "-".join(["x"] * 3)\ng = "aXa".replace("X", "yy")\n'
+              'h = sum(range(1000))\nk = round(1234, -2)\nm = (10 ** 60) ** 2\n')
+    assert len(env["a"]) == 2000 and len(env["b"]) == 1000 and env["c"] == 2 ** 64
+    assert env["d"] == "    7|1.250" and env["e"] == "   12" and env["f"] == "x-x-x" and env["g"] == "ayya"
+    assert env["h"] == 499500 and env["k"] == 1200 and env["m"] == 10 ** 120
+
+
+@pytest.mark.parametrize("plan, message", [
+    ('x = "{0.__class__}".format(1)', "format fields may only be {} or {N}"),
+    ('x = "{0[0]}".format([1])', "format fields may only be {} or {N}"),
+    ('x = "{:{}}".format(1, 5)', "nested fields in a format specification are not allowed"),
+    ('x = []\nfor i in range(200):\n    x = [x]\ny = str(x)', "values may nest at most 64 containers deep"),
+])
+def test_format_and_nesting_are_closed(plan, message):
+    with pytest.raises(PlanError, match=message):
+        run(plan)
