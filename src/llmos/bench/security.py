@@ -646,7 +646,8 @@ def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
 def run_adversarial(escapes: list[Any] | None = None) -> list[dict[str, Any]]:
     """The adversarial classes: cases tried and held per class, with the cases that did not hold.
 
-    `escapes`: outcomes of the sandbox escape suite, already run, each reported as its own class.
+    `escapes`: the sandbox escape suite's outcomes (`EscapeOutcome.__dict__`), already run, each
+    reported as its own class.
     """
     rows = []
     for cls, cases in adversarial_cases().items():
@@ -660,6 +661,6 @@ def run_adversarial(escapes: list[Any] | None = None) -> list[dict[str, Any]]:
                 failed.append(f"{name}: {detail}")
         rows.append({"class": cls, "tried": len(cases), "held": len(cases) - len(failed), "failed": failed})
     for o in escapes or []:
-        rows.append({"class": f"sandbox: {o.name}", "tried": 1, "held": int(o.contained),
-                     "failed": [] if o.contained else [o.detail]})
+        rows.append({"class": f"sandbox: {o['name']}", "tried": 1, "held": int(o["contained"]),
+                     "failed": [] if o["contained"] else [o["detail"]]})
     return rows

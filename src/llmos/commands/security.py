@@ -84,7 +84,7 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from rich.table import Table
 
         from llmos.bench.engine import write_report
-        from llmos.bench.security import SUITES, agentdojo_work, run_agentdojo
+        from llmos.bench.security import SUITES, agentdojo_work, run_adversarial, run_agentdojo
         from llmos.security.escapes import run_escape_suite
         from llmos.security.sandbox import describe_isolation
 
@@ -121,4 +121,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 table.add_row(o.name, "[green]contained[/]" if o.contained else "[bold red]ESCAPED[/]",
                               o.detail, f"{o.wall_s:.2f}")
             console.print(table)
+        report["adversarial"] = run_adversarial(report.get("escapes"))
+        table = Table("class", "cases tried", "held", title="adversarial classes (issue 13)")
+        for r in report["adversarial"]:
+            colour = "green" if r["held"] == r["tried"] else "bold red"
+            table.add_row(r["class"], str(r["tried"]), f"[{colour}]{r['held']}[/]")
+        console.print(table)
         write_report(report, output, "docs/bench/security.json", console)
