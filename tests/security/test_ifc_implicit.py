@@ -63,6 +63,12 @@ def test_a_failure_carries_what_it_depended_on():
     with pytest.raises(PlanError) as e:  # a trusted operation reached only because of untrusted data
         asyncio.run(interp_over("yes").run('page = web()\nif page == "yes":\n    x = int("a")\n'))
     assert e.value.label.untrusted_sources() == ["tool:web"]
+    with pytest.raises(PlanError) as e:  # a branch of a pure conditional expression
+        asyncio.run(interp_over("yes").run('page = web()\nx = [][1] if page == "yes" else 0\n'))
+    assert e.value.label.untrusted_sources() == ["tool:web"]
+    with pytest.raises(PlanError) as e:  # an operand of `and` evaluated only because of the first
+        asyncio.run(interp_over("yes").run('page = web()\nx = page == "yes" and int("a")\n'))
+    assert e.value.label.untrusted_sources() == ["tool:web"]
 
 
 def test_a_plan_may_start_under_a_control_label():

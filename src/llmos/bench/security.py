@@ -488,6 +488,9 @@ ALLOCATION_CASES: dict[str, str] = {
     "aliased list sent": 'x = ["a" * 1000] * 1000\ny = [x] * 1000\nsend_email(to="bob@corp.org", body=y)',
     "cycle printed": 'a = []\na.append(a)\nprint(a)',
     "round digits": 'n = read_inbox()[1]["n"]\nx = round(1, -n)',
+    "split into many parts": 's = "," * 999999\nx = s.split(",")',
+    "list of a long string": 'x = list("a" * 999999)',
+    "deeply nested expression": 'x = ' + '-' * 1500 + '1',
 }
 
 # (plans the privileged LLM writes in turn, quarantined answers, payments that may happen)

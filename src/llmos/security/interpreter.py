@@ -58,6 +58,7 @@ MAX_INT_BITS = 8_192  # the largest integer a plan may compute (about 2,466 digi
 MAX_FORMAT_WIDTH = 10_000  # the widest width or precision in a format specification
 MAX_ROUND_DIGITS = 1_000
 MAX_DEPTH = 64  # the deepest nesting of containers a plan may copy or pass on
+MAX_AST_DEPTH = 200  # the deepest nesting of a plan's syntax tree
 MAX_MEASURE = 4_000_000  # the most a value may weigh (characters + elements) once aliasing is expanded
 MAX_WORK = 20_000_000  # elements the interpreter may visit, over the whole plan, to label and measure values
 
@@ -165,10 +166,19 @@ def parse_plan(code: str) -> ast.Module:
         text = text.split("\n", 1)[1] if "\n" in text else ""
         text = text.rsplit("```", 1)[0]
     try:
-        return ast.parse(text, mode="exec")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        line = getattr(e, "lineno", None)
-        raise PlanError(f"syntax error at line {line}: {getattr(e, 'msg', type(e).__name__)}") from None
+        module = ast.parse(text, mode="exec")
+    except SyntaxError as e:
+        raise PlanError(f"syntax error at line {e.lineno}: {e.msg}") from None
+    except (ValueError, RecursionError, MemoryError):
+        raise LimitExceeded("the plan nests too deeply or is too large to parse") from None
+    stack: list[tuple[ast.AST, int]] = [(module, 0)]
+    while stack:  # the interpreter recurses along the tree: bound its depth before running anything
+        node, depth = stack.pop()
+        if depth > MAX_AST_DEPTH:
+            raise LimitExceeded(f"line {getattr(node, 'lineno', '?')}: the plan nests more than "
+                                f"{MAX_AST_DEPTH} deep")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return module
 
 
 def _measure(value: Any) -> int:
@@ -220,6 +230,10 @@ def _plain(v: Any) -> Any:
 
 
 _DIGITS = re.compile(r"\d+")
+_WORDS = re.compile(r"\s+")  # whitespace runs: one more part than runs, at most
+_LINES = re.compile(r"\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+_ITERATING = frozenset({"list", "sorted", "set", "enumerate", "reversed", "zip", "dict", "sum", "min", "max",
+                        "any", "all"})
 
 
 def _check_spec(spec: str) -> None:
@@ -275,7 +289,15 @@ def _check_method(obj: Any, name: str, args: list[Any], kwargs: dict[str, Any]) 
     """Bounds for the str methods whose result can be far larger than their inputs."""
     if not isinstance(obj, str):
         return
-    if name == "format":
+    if name in ("split", "splitlines"):
+        sep = args[0] if args and name == "split" else kwargs.get("sep")
+        if isinstance(sep, str) and sep:
+            parts = obj.count(sep) + 1
+        else:
+            parts = len((_WORDS if name == "split" else _LINES).findall(obj)) + 1
+        if parts > MAX_ITEMS:
+            raise LimitExceeded(f"a split may give at most {MAX_ITEMS} parts")
+    elif name == "format":
         _check_template(obj)
     elif name == "join" and args and isinstance(args[0], list | tuple):
         parts = args[0]
@@ -309,6 +331,16 @@ def _at(node: ast.AST, label: Label) -> Iterator[None]:
         yield
     except PlanError as e:
         raise type(e)(f"line {getattr(node, 'lineno', '?')}: {e}", e.label.join(label)) from None
+
+
+@contextmanager
+def _depending_on(label: Label) -> Iterator[None]:
+    """Code run only because of `label`: if it fails, the failure depends on `label` too."""
+    try:
+        yield
+    except PlanError as e:
+        e.label = e.label.join(label)
+        raise
 
 
 def _has_call(node: ast.AST) -> bool:
@@ -352,8 +384,6 @@ class PlanInterpreter:
         except PlanError as e:
             e.label = e.label.join(self.pc)  # reaching the failing statement depended on the control label
             raise
-        except RecursionError:
-            raise PlanError("the plan nests too deeply", self.pc) from None
         return self.output
 
     # -- labels of containers
@@ -577,7 +607,8 @@ class PlanInterpreter:
             for i, e in enumerate(node.values):
                 if i and _has_call(e):
                     self._raise_pc(label)
-                result = await self._expr(e)
+                with _depending_on(label):
+                    result = await self._expr(e)
                 label = label.join(self.deep_label(result))
                 if _truth(result) == isinstance(node.op, ast.Or):
                     break
@@ -600,7 +631,8 @@ class PlanInterpreter:
             cond_label = self.deep_label(cond)
             if _has_call(node.body) or _has_call(node.orelse):
                 self._raise_pc(cond_label)  # a call that may or may not happen: strict from here on
-            chosen = await self._expr(node.body if _truth(cond) else node.orelse)
+            with _depending_on(cond_label):
+                chosen = await self._expr(node.body if _truth(cond) else node.orelse)
             return Labeled(chosen.value, chosen.label.join(cond_label))
         if isinstance(node, ast.Subscript):
             base = await self._expr(node.value)
@@ -684,6 +716,10 @@ class PlanInterpreter:
         if name in _BUILTINS:
             if name == "len" and len(args) == 1 and not kwargs and isinstance(args[0].value, _SIZED):
                 return Labeled(len(args[0].value), self.deep_label(args[0]))  # counted without a copy
+            if name in _ITERATING and any(isinstance(a.value, _SIZED) and len(a.value) > MAX_ITEMS
+                                          for a in args):
+                raise LimitExceeded(f"line {node.lineno}: {name}() takes at most {MAX_ITEMS} items",
+                                    self._deep_all(*args))
             return self._apply(_BUILTINS[name], args, node, kwargs)
         if name in self.tools:
             return await self._tool(node, name, args, kwargs)
