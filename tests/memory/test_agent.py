@@ -31,7 +31,7 @@ class ScriptedBackend(StubBackend):
     async def complete(self, call, prompt, params, on_tokens) -> ChatResult:
         n = self.count_tokens(prompt)
         assert n + params.max_tokens <= self.context_window, "prompt and reply overflow the window"
-        if params.json_schema is None:  # the summarizer
+        if prompt[0]["content"].startswith("You maintain the running summary"):  # the summarizer
             self.summaries += 1
             return ChatResult(f"summary {self.summaries}", "stop", n, 3)
         self.prompts.append(prompt)
@@ -103,7 +103,7 @@ def test_errors_come_back_as_results_and_chain_a_step(tmp_path, count_tokens, em
         {"function": "launch_rocket", "arguments": {}},
         say("Sorry, all fixed."),
     ])
-    assert run_agent(tmp_path, backend, embedder, message="hello", max_chain=4) == "Sorry, all fixed."
+    assert run_agent(tmp_path, backend, embedder, message="hello", max_steps=4) == "Sorry, all fixed."
     queue = RecallStorage(open_store(tmp_path), "sam").in_context()
     texts = [m.content for m in queue]
     assert "Your reply was not a valid function call: the reply is not JSON" in texts[2]
@@ -114,11 +114,33 @@ def test_errors_come_back_as_results_and_chain_a_step(tmp_path, count_tokens, em
     assert "no function named 'launch_rocket'" in texts[7]
 
 
-def test_chain_stops_at_max_chain(tmp_path, count_tokens, embedder):
+def test_the_last_step_may_only_reply(tmp_path, count_tokens, embedder):
     search = {"function": "archival_memory_search", "arguments": {"query": "x", "request_heartbeat": True}}
-    backend = ScriptedBackend(count_tokens, [search] * 3)
-    assert run_agent(tmp_path, backend, embedder, message="loop", max_chain=3) is None
-    assert backend.outputs == []
+    backend = ScriptedBackend(count_tokens, [search, search, say("Found nothing.")])
+    assert run_agent(tmp_path, backend, embedder, message="loop", max_steps=3) == "Found nothing."
+    offered = [sorted(a["properties"]["function"]["const"] for a in s["anyOf"]) for s in backend.schemas]
+    assert offered == [sorted(memgpt.MEMORY_FUNCTIONS)] * 2 + [["send_message"]]
+
+
+def test_a_call_that_yields_without_a_reply_is_followed_by_one(tmp_path, count_tokens, embedder):
+    note = {"function": "archival_memory_insert", "arguments": {"content": "x", "request_heartbeat": False}}
+    backend = ScriptedBackend(count_tokens, [note, say("Saved.")])
+    assert run_agent(tmp_path, backend, embedder, message="remember x", max_steps=5) == "Saved."
+    assert [len(s["anyOf"]) for s in backend.schemas] == [7, 1]  # the second step could only reply
+
+
+def test_an_unconstrained_model_cannot_break_the_rules(tmp_path, count_tokens, embedder):
+    search = {"function": "archival_memory_search", "arguments": {"query": "x", "request_heartbeat": True}}
+    backend = ScriptedBackend(count_tokens, [search, search, say("ok")])
+    rules = [{"type": "run_first", "tool_name": "send_message"}]
+    assert run_agent(tmp_path, backend, embedder, message="hi", max_steps=2, constrained=False,
+                     tool_rules=rules) is None  # neither step made an allowed call
+    queue = RecallStorage(open_store(tmp_path), "sam").in_context()
+    alerts = [json.loads(m.content)["message"] for m in queue if m.role == "system"]
+    assert alerts == ["Function archival_memory_search is not allowed now by the tool rules; "
+                      "call one of: send_message."] * 2
+    assert [m.role for m in queue].count("tool") == 0  # nothing ran
+    assert backend.schemas == [None, None]
 
 
 def test_agent_resumes_across_kernels(tmp_path, count_tokens, embedder):
@@ -162,13 +184,14 @@ def test_end_to_end_on_the_embedded_model(tmp_path, embedder):
 
     backend = EngineBackend("smollm2-135m-instruct")
     reply = run_agent(tmp_path, backend, embedder, name="smol", message="Hi! My name is Ana.",
-                      max_chain=2, reply_tokens=96, context_window=2048)
+                      max_steps=2, reply_tokens=96, context_window=2048)
     store = open_store(tmp_path)
     queue = RecallStorage(store, "smol").in_context()
     calls = [json.loads(m.content) for m in queue if m.role == "assistant"]
     assert calls and all(c["function"] in memgpt.MEMORY_FUNCTIONS for c in calls)  # constrained: valid
     assert [m.role for m in queue][:3] == ["user", "assistant", "tool"]
-    assert reply is None or isinstance(reply, str)
+    assert isinstance(reply, str) and reply.strip()  # the reply guarantee: a message, every turn
+    assert calls[-1]["function"] == "send_message" and calls[-1]["arguments"]["message"] == reply
     row = store.agent("smol")
     assert row["overflows"] == 0 and row["largest_prompt"] <= 2048 - 96
 

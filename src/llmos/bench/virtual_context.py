@@ -300,7 +300,7 @@ def run_context(model: str, home: Path, console: Console, messages: int = 2000, 
     tools = ToolRegistry()
     tools.register(*memory_tools())
     settings = {"context_window": window, "reply_tokens": 64, "max_string": 100, "summary_tokens": 96,
-                "block_limit": 400, "max_chain": 2}
+                "block_limit": 400, "max_steps": 2}
     store = open_store(home)
     recall = RecallStorage(store, "bench")
     sent: list[str] = []

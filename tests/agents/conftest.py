@@ -1,0 +1,1 @@
+from tests.memory.conftest import count_tokens, embedder, tokenizer  # noqa: F401  (shared fixtures)
