@@ -38,15 +38,19 @@ def run(plan: str) -> dict:
 def test_sizes_within_the_bounds_work():
     env = run('a = "ab" * 1000\nb = [0] * 1000\nc = 2 ** 64\nd = f"{7:>5}|{1.25:.3f}"\n'
               'e = "{:>4}{}".format(1, 2)\nf = "-".join(["x"] * 3)\ng = "aXa".replace("X", "yy")\n'
-              'h = sum(range(1000))\nk = round(1234, -2)\nm = (10 ** 60) ** 2\n')
+              'h = sum(range(1000))\nk = round(1234, -2)\nm = (10 ** 60) ** 2\n'
+              'n = "{who}!".format(who="hi")\n')
     assert len(env["a"]) == 2000 and len(env["b"]) == 1000 and env["c"] == 2 ** 64
     assert env["d"] == "    7|1.250" and env["e"] == "   12" and env["f"] == "x-x-x" and env["g"] == "ayya"
     assert env["h"] == 499500 and env["k"] == 1200 and env["m"] == 10 ** 120
+    assert env["n"] == "hi!"
 
 
 @pytest.mark.parametrize("plan, message", [
-    ('x = "{0.__class__}".format(1)', "format fields may only be {} or {N}"),
-    ('x = "{0[0]}".format([1])', "format fields may only be {} or {N}"),
+    ('x = "{0.__class__}".format(1)', "format fields may only be {}, {N} or {name}"),
+    ('x = "{0[0]}".format([1])', "format fields may only be {}, {N} or {name}"),
+    ('x = b"a" * 10', "bytes constants are not allowed"),
+    ('x = sum([[0] * 1000] * 1000, [])', "TypeError while evaluating"),
     ('x = "{:{}}".format(1, 5)', "nested fields in a format specification are not allowed"),
     ('x = []\nfor i in range(200):\n    x = [x]\ny = str(x)', "values may nest at most 64 containers deep"),
 ])

@@ -114,6 +114,12 @@ def _range(*args: int) -> range:
     return r
 
 
+def _sum(xs: Any, start: int | float = 0) -> Any:
+    if not isinstance(start, int | float):  # adding up lists or strings is quadratic: not here
+        raise TypeError("sum() adds numbers only")
+    return sum(xs, start)
+
+
 def _round(x: Any, ndigits: int | None = None) -> Any:
     if ndigits is not None and isinstance(ndigits, int) and abs(ndigits) > MAX_ROUND_DIGITS:
         raise LimitExceeded(f"round() takes at most {MAX_ROUND_DIGITS} digits")
@@ -122,7 +128,7 @@ def _round(x: Any, ndigits: int | None = None) -> Any:
 
 _BUILTINS: dict[str, Callable[..., Any]] = {
     "len": len, "str": str, "int": int, "float": float, "bool": bool, "list": list, "dict": dict,
-    "sorted": sorted, "min": min, "max": max, "sum": sum, "abs": abs, "round": _round, "range": _range,
+    "sorted": sorted, "min": min, "max": max, "sum": _sum, "abs": abs, "round": _round, "range": _range,
     "enumerate": lambda xs, start=0: list(enumerate(xs, start)),
     "zip": lambda *xs: list(zip(*xs, strict=False)),
     "reversed": lambda xs: list(reversed(xs)), "any": any, "all": all, "set": lambda xs=(): sorted(set(xs)),
@@ -251,8 +257,8 @@ def _check_template(template: str) -> None:
     except ValueError:
         raise PlanError("bad format string") from None
     for _, name, spec, _ in fields:
-        if name is not None and not re.fullmatch(r"\d*", name):
-            raise PlanError("format fields may only be {} or {N}")
+        if name is not None and not re.fullmatch(r"\d*|[A-Za-z_]\w*", name):
+            raise PlanError("format fields may only be {}, {N} or {name}")
         if spec:
             _check_spec(spec)
 
@@ -549,7 +555,9 @@ class PlanInterpreter:
     async def _expr(self, node: ast.expr) -> Labeled:
         self._tick(node)
         if isinstance(node, ast.Constant):
-            if isinstance(node.value, int) and not isinstance(node.value, bool):
+            if not isinstance(node.value, str | int | float | bool | None):
+                raise PlanError(f"line {node.lineno}: {type(node.value).__name__} constants are not allowed")
+            with _at(node, Label()):
                 _check_result(node.value)
             return Labeled(node.value, Label.of(PLAN_SOURCE))
         if isinstance(node, ast.Name):
