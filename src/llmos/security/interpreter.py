@@ -306,7 +306,7 @@ def _check_method(obj: Any, name: str, args: list[Any], kwargs: dict[str, Any]) 
     elif name == "format":
         _check_template(obj)
     elif name == "join" and args and isinstance(args[0], list | tuple):
-        parts = args[0]
+        parts = [_plain_top(p) for p in args[0]]
         size = sum(len(p) if isinstance(p, str) else 0 for p in parts) + len(obj) * max(len(parts) - 1, 0)
         if size > MAX_VALUE_CHARS:
             raise LimitExceeded("value too large")
