@@ -183,29 +183,69 @@ def serve(
     kv_budget: Annotated[str, typer.Option(envvar="LLMOS_KV_BUDGET",
                                            help="KV cache size: bytes (2GiB) or a fraction (0.5).")] = "0.9",
     api_key: Annotated[str | None, typer.Option(envvar="LLMOS_API_KEY",
-                                                help="Require this bearer token.")] = None,
+                                                help="Require this bearer token (its holder is the admin); "
+                                                "keys of `llmos users add` work too.")] = None,
+    backend_url: Annotated[str | None, typer.Option(help="Run agents on this OpenAI-compatible server "
+                                                    "instead of the embedded engine.")] = None,
+    backend_api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY",
+                                                        help="Key for --backend-url.")] = None,
+    backend_model: Annotated[str | None, typer.Option(help="Model name on --backend-url.")] = None,
+    policy: Annotated[str, typer.Option(help="Agent scheduling: fifo, rr, priority, fair or sjf.")] = "fair",
+    max_running: Annotated[int, typer.Option(help="LLM calls on the engine at once.")] = 8,
+    quantum: Annotated[int, typer.Option(help="rr time slice / fair granularity, in tokens.")] = 16,
+    grants: Annotated[str | None, typer.Option(help="Capability policy file for agents (default: the "
+                                               "ordinary grants).")] = None,
+    operator: Annotated[bool, typer.Option(help="Run the operator agent on the kernel.")] = False,
 ) -> None:
-    """Serve the OpenAI API (completions, chat, models, tokenize, metrics).
+    """Boot the whole OS once and serve it: the OpenAI API, the agents API (Letta's), the kernel API.
 
-    Example: llmos serve --port 8000, then point any OpenAI client at http://127.0.0.1:8000/v1
+    One kernel (scheduling, memory, reference monitor, audit log) on one llmos home; `llmos ps`, `top`,
+    `kill` and `audit` find it there. Example: llmos serve --port 8000, then point an OpenAI client at
+    http://127.0.0.1:8000/v1 or a Letta client at http://127.0.0.1:8000
     """
+    import asyncio
+
     import uvicorn
 
-    from llmos.engine import AsyncLLM
+    from llmos.kernel import POLICIES
     from llmos.server import create_app
+    from llmos.server.system import boot
 
-    with console.status(f"loading {model} ..."), _user_errors():
-        llm = AsyncLLM(model, kv_budget=kv_budget)
-    name = model if not model.endswith(".gguf") and "/" not in model else llm.engine.loaded.path.stem
-    console.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1")
+    if policy not in POLICIES:
+        fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    with console.status(f"booting llmos on {backend_url or model} ..."), _user_errors():
+        try:
+            system = boot(model=model, backend_url=backend_url, backend_api_key=backend_api_key,
+                          backend_model=backend_model, kv_budget=kv_budget, policy=policy,
+                          max_running=max_running, quantum=quantum, grants=grants, api_key=api_key)
+        except ValueError as e:
+            fail(str(e))
+    url = f"http://{host}:{port}"
+    server = uvicorn.Server(uvicorn.Config(create_app(system=system), host=host, port=port,
+                                           log_level="warning"))
+
+    async def run() -> None:
+        async def announce() -> None:  # server.json once the port is bound, so clients find a live URL
+            while not server.started:
+                await asyncio.sleep(0.05)
+            system.publish(url)
+            console.print(f"llmos serving [bold]{system.model_name}[/] on {url} (OpenAI: {url}/v1), "
+                          f"policy {policy}, home {system.home}")
+
+        announcer = asyncio.create_task(announce())
+        try:
+            if operator:
+                await system.start_operator()
+            await server.serve()
+        finally:
+            announcer.cancel()
+            await system.aclose()
+
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: a no-op here, so shutdown ends with exit status 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
-    try:
-        uvicorn.run(create_app(llm, name, api_key), host=host, port=port, log_level="warning")
-    finally:
-        llm.shutdown()
+    asyncio.run(run())
 
 
 @app.command()

@@ -1,4 +1,9 @@
-"""`llmos run | ps | top | kill`: boot a kernel with agents, and watch or signal it from elsewhere."""
+"""`llmos run | ps | top | kill`: boot a kernel with agents, and watch or signal it from elsewhere.
+
+`ps`, `top` and `kill` talk to the running server of the llmos home (found
+through its server.json, or `--url`) when there is one, and read the process
+table of the home otherwise.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,50 @@ from rich.table import Table
 from rich.text import Text
 
 from llmos.commands._common import console, fail
+
+UrlOpt = Annotated[str | None, typer.Option("--url", envvar="LLMOS_URL",
+                                            help="A running llmos server (default: the llmos home's).")]
+KeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="LLMOS_API_KEY",
+                                            help="Key for the server (default: the home's local key).")]
+
+
+class ServerClient:
+    """The kernel API of a running llmos server, as this terminal's user sees it."""
+
+    def __init__(self, url: str, key: str | None) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        """The JSON answer; an error answer or an unreachable server is one red line."""
+        import httpx
+
+        try:
+            r = self.http.request(method, path, **kwargs)
+        except httpx.HTTPError as e:
+            fail(f"the llmos server at {self.url} did not answer: {e}")
+        if r.status_code >= 400:
+            try:
+                message = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = r.text[:200]
+            fail(f"{message} (HTTP {r.status_code} from {self.url})")
+        return r.json()
+
+
+def server_client(url: str | None = None, key: str | None = None) -> ServerClient | None:
+    """The running server to talk to: `url`, else the one the llmos home names; None when none runs."""
+    from llmos.home import llmos_home
+    from llmos.server.system import find_server
+
+    info = find_server(llmos_home())
+    if url is None and info is None:
+        return None
+    same = info is not None and (url is None or url.rstrip("/") == info["url"])
+    return ServerClient(url or info["url"], key or (info.get("local_key") if same else None))
 
 _STATE_STYLE = {"running": "green", "ready": "yellow", "waiting": "cyan", "blocked": "blue",
                 "suspended": "magenta", "terminated": "dim", "new": "white"}
@@ -206,12 +255,19 @@ def _snapshot(table, show_all: bool) -> tuple[list[dict[str, Any]], dict[str, An
     return rows, (boots[-1]["status"] if boots else None)
 
 
-def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Ended agents too.")] = False) -> None:
+def _remote_snapshot(client: ServerClient, show_all: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    rows = client.call("GET", "/v1/kernel/processes", params={"all": show_all})["data"]
+    return rows, client.call("GET", "/v1/kernel/stats")
+
+
+def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Ended agents too.")] = False,
+       url: UrlOpt = None, api_key: KeyOpt = None) -> None:
     """List agents: live ones of running kernels, or all with --all.
 
     Example: llmos ps --all
     """
-    rows, _ = _snapshot(_table(), show_all)
+    client = server_client(url, api_key)
+    rows, _ = _remote_snapshot(client, show_all) if client else _snapshot(_table(), show_all)
     if not rows:
         console.print("[dim]no agents running (llmos ps --all shows ended ones)[/]")
         return
@@ -221,21 +277,31 @@ def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Ended agents 
 def top(
     interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 0.5,
     once: Annotated[bool, typer.Option(help="Print one snapshot and exit.")] = False,
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
 ) -> None:
     """Live view of running kernels: agents, states, tokens, current syscall, engine batch and KV.
 
     Example: llmos top
     """
-    table = _table()
+    client = server_client(url, api_key)
+    if client is not None:
+        def snapshot():
+            return _remote_snapshot(client, False)
+    else:
+        table = _table()
+
+        def snapshot():
+            return _snapshot(table, False)
     if once:
-        console.print(agents_view(*_snapshot(table, False), "llmos top"))
+        console.print(agents_view(*snapshot(), "llmos top"))
         return
     try:
-        with Live(agents_view(*_snapshot(table, False), "llmos top"), console=console,
+        with Live(agents_view(*snapshot(), "llmos top"), console=console,
                   refresh_per_second=max(1, int(1 / interval))) as view:
             while True:
                 time.sleep(interval)
-                view.update(agents_view(*_snapshot(table, False), "llmos top (Ctrl-C leaves)"))
+                view.update(agents_view(*snapshot(), "llmos top (Ctrl-C leaves)"))
     except KeyboardInterrupt:
         pass
 
@@ -243,6 +309,8 @@ def top(
 def kill(
     pid: Annotated[int, typer.Argument(help="The agent's pid (see llmos ps).")],
     signal: Annotated[str, typer.Option(help="kill, suspend or resume.")] = "kill",
+    url: UrlOpt = None,
+    api_key: KeyOpt = None,
 ) -> None:
     """Signal an agent of a running kernel (kill, suspend or resume).
 
@@ -250,6 +318,12 @@ def kill(
     """
     if signal not in ("kill", "suspend", "resume"):
         fail(f"unknown signal {signal!r}; use kill, suspend or resume")
+    client = server_client(url, api_key)
+    if client is not None:
+        proc = client.call("GET", f"/v1/kernel/processes/{pid}")
+        out = client.call("POST", f"/v1/kernel/processes/{pid}/signal", json={"signal": signal})
+        console.print(f"{pid} ({proc['name']}): {out['outcome']}")
+        return
     table = _table()
     row = table.process(pid)
     if row is None:

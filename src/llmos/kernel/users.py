@@ -7,6 +7,10 @@ home), so reading the database does not give a key away. With no user added,
 the OS has a single local user (`LOCAL_USER`, an admin), as it had before
 users existed. Guarantees:
 
+- once a user was added, keys are required for good: removing every user
+  does not reopen the server to requests without a key (delete users.db to
+  go back to a single local user);
+
 - `authenticate` answers a user only for a key that was issued and not
   revoked; removing a user revokes their keys at once (every request looks
   the key up, nothing is cached);
@@ -55,6 +59,7 @@ _MIGRATIONS = [
     CREATE TABLE keys (key_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL REFERENCES users(id),
                        created REAL NOT NULL);
     CREATE INDEX keys_user ON keys(user_id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
 ]
 
@@ -94,6 +99,7 @@ class UserStore:
                                  (user.id, user.name, int(admin), now))
                 self._db.execute("INSERT INTO keys (key_hash, user_id, created) VALUES (?, ?, ?)",
                                  (hash_key(key), user.id, now))
+                self._db.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('keys_required', '1')")
                 self._db.execute("COMMIT")
             except BaseException as e:
                 self._db.execute("ROLLBACK")
@@ -127,9 +133,10 @@ class UserStore:
             row = self._db.execute("SELECT * FROM users WHERE name = ?", (name,)).fetchone()
         return _user(row) if row else None
 
-    def has_users(self) -> bool:
+    def keys_required(self) -> bool:
+        """True once a user was ever added: removing the last user does not reopen the server."""
         with self._lock:
-            return self._db.execute("SELECT 1 FROM users LIMIT 1").fetchone() is not None
+            return self._db.execute("SELECT 1 FROM meta WHERE key = 'keys_required'").fetchone() is not None
 
     def authenticate(self, key: str) -> User | None:
         """The user holding `key`, or None for a key never issued or revoked."""

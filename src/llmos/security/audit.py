@@ -37,6 +37,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -364,9 +365,16 @@ class AuditLog:
             message += f"; {len(rows) - anchor.count} row(s) past the anchor (an append was interrupted)"
         return Verdict(True, None, message)
 
-    def tail(self, n: int = 20) -> list[dict[str, Any]]:
-        """The last `n` rows, oldest first, with labels and evidence decoded."""
-        rows = self._rows("SELECT * FROM audit ORDER BY id DESC LIMIT ?", (int(n),))
+    def tail(self, n: int = 20, agents: Collection[str] | None = None) -> list[dict[str, Any]]:
+        """The last `n` rows (of the agents named in `agents`, if given), oldest first, with labels
+        and evidence decoded."""
+        where, params = "", ()
+        if agents is not None:
+            params = tuple(sorted(set(agents)))
+            if not params:
+                return []
+            where = f"WHERE agent IN ({', '.join('?' * len(params))})"
+        rows = self._rows(f"SELECT * FROM audit {where} ORDER BY id DESC LIMIT ?", (*params, int(n)))
         for row in rows:
             for key in ("labels", "evidence"):
                 if row[key] is not None:

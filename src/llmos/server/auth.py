@@ -8,7 +8,7 @@ hashed keys of `llmos users add`. Guarantees:
 - while no key is configured (no `--api-key`, no user added) every request is
   the local user, as before users existed, whatever header it carries;
 - once one is, a request without a valid key gets 401 in OpenAI's error shape
-  and reaches no route (only /health and /metrics stay open);
+  and reaches no route (only /health, /metrics and /version stay open);
 - a user removed while the server runs is refused from the next request on;
 - `request.state.user` is set on every request that reaches a route.
 """
@@ -16,13 +16,14 @@ hashed keys of `llmos users add`. Guarantees:
 from __future__ import annotations
 
 import hmac
+from typing import Annotated
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from llmos.kernel.users import LOCAL_USER, User, UserStore
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
 
 
 def request_key(request: Request) -> str | None:
@@ -47,7 +48,7 @@ class Authenticator:
         self.users, self.api_key, self.local_key = users, api_key, local_key
 
     def required(self) -> bool:
-        return bool(self.api_key) or (self.users is not None and self.users.has_users())
+        return bool(self.api_key) or (self.users is not None and self.users.keys_required())
 
     def user(self, key: str | None) -> User | None:
         """The user for `key`, or None when the request must be refused."""
@@ -81,3 +82,6 @@ def install(app: FastAPI, auth: Authenticator) -> None:
 def current_user(request: Request) -> User:
     """The authenticated user of a request (a FastAPI dependency)."""
     return request.state.user
+
+
+CurrentUser = Annotated[User, Depends(current_user)]  # a route parameter: the request's user
