@@ -9,6 +9,7 @@ import time
 import pytest
 
 from llmos.bench.security import ALLOCATION_CASES, run_plan_case
+from llmos.security import interpreter
 from llmos.security.interpreter import LimitExceeded, PlanError, PlanInterpreter
 
 NOT_ALLOWED = {"%-format width"}  # refused as outside the subset, not as too large
@@ -56,4 +57,17 @@ def test_sizes_within_the_bounds_work():
 ])
 def test_format_and_nesting_are_closed(plan, message):
     with pytest.raises(PlanError, match=message):
+        run(plan)
+
+
+def test_deep_keys_are_refused_before_hashing():
+    with pytest.raises(LimitExceeded, match="line 5: values may nest at most 64 containers deep"):
+        run('t = (1,)\nfor i in range(900):\n    t = (t,)\nd = {}\nd[t] = 1\n')
+
+
+def test_work_over_the_whole_plan_is_bounded(monkeypatch):
+    # each use of a big value is cheap on its own; a loop of them is bounded over the whole plan
+    monkeypatch.setattr(interpreter, "MAX_WORK", 200_000)
+    plan = 'x = [[0] * 100] * 100\nfor i in range(1000):\n    y = len(str(x))\n'
+    with pytest.raises(LimitExceeded, match="line 3: the plan's values are too large to track"):
         run(plan)

@@ -40,6 +40,7 @@ through an error message.
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
 import re
 import string
@@ -60,7 +61,7 @@ MAX_ROUND_DIGITS = 1_000
 MAX_DEPTH = 64  # the deepest nesting of containers a plan may copy or pass on
 MAX_AST_DEPTH = 200  # the deepest nesting of a plan's syntax tree
 MAX_MEASURE = 4_000_000  # the most a value may weigh (characters + elements) once aliasing is expanded
-MAX_WORK = 20_000_000  # elements the interpreter may visit, over the whole plan, to label and measure values
+MAX_WORK = 5_000_000  # values visited, over the whole plan, to label, measure and copy values
 
 
 class PlanError(Exception):
@@ -191,10 +192,12 @@ def _measure(value: Any) -> int:
     """What `value` weighs once every alias is expanded (characters and elements); LimitExceeded if too much.
 
     A value that contains itself, or shares one list many times over, weighs what copying or
-    printing it would build, so it is refused before anything is built.
+    printing it would build, so it is refused before anything is built. Returns the number of
+    values visited.
     """
-    total, stack = 0, [(value, 0)]
+    total, visited, stack = 0, 0, [(value, 0)]
     while stack:
+        visited += 1
         x, depth = stack.pop()
         while isinstance(x, Labeled):
             x = x.value
@@ -214,13 +217,7 @@ def _measure(value: Any) -> int:
             total += 1
         if total > MAX_MEASURE:
             raise LimitExceeded("a value is too large to copy, print or pass on")
-    return total
-
-
-def _unwrap(v: Any) -> Any:
-    """The plain value inside (containers of) Labeled values; measured first, so it is bounded."""
-    _measure(v)
-    return _plain(v)
+    return visited
 
 
 def _plain(v: Any) -> Any:
@@ -407,9 +404,7 @@ class PlanInterpreter:
         labels, seen, stack = [v.label], set(), [v.value]
         while stack:
             x = stack.pop()
-            self.work += 1
-            if self.work > MAX_WORK:
-                raise LimitExceeded("the plan's values are too large to track")
+            self._charge(1)
             if isinstance(x, Labeled):
                 labels.append(x.label)
                 stack.append(x.value)
@@ -423,6 +418,19 @@ class PlanInterpreter:
     def _deep_all(self, *values: Labeled) -> Label:
         return Label().join(*(self.deep_label(v) for v in values))
 
+    def _charge(self, n: int) -> None:
+        self.work += n
+        if self.work > MAX_WORK:
+            raise LimitExceeded("the plan's values are too large to track")
+
+    def _unwrap(self, v: Any) -> Any:
+        """The plain value inside (containers of) Labeled values; measured first, so it is bounded."""
+        self._charge(_measure(v))
+        return _plain(v)
+
+    def _text(self, v: Labeled) -> str:
+        return _show(self._unwrap(v.value))
+
     def _store(self, v: Labeled) -> Labeled:
         """What a container holds for `v`: the same object, labelled by the control label too."""
         return Labeled(v.value, v.label.join(self.pc))
@@ -435,6 +443,8 @@ class PlanInterpreter:
 
     async def _stmt(self, node: ast.stmt) -> None:
         self._tick(node)
+        if self.steps % 64 == 0:
+            await asyncio.sleep(0)  # the plan runs in the kernel's event loop: let other agents run
         if isinstance(node, ast.Expr):
             await self._expr(node.value)
         elif isinstance(node, ast.Assign):
@@ -579,19 +589,19 @@ class PlanInterpreter:
             parts = [await self._expr(v) for v in node.values]
             if sum(len(p.value) for p in parts if isinstance(p.value, str)) > MAX_VALUE_CHARS:
                 raise LimitExceeded(f"line {node.lineno}: value too large")
-            text = "".join(_text(p) for p in parts)
+            text = "".join(self._text(p) for p in parts)
             return Labeled(text, self._deep_all(*parts))
         if isinstance(node, ast.FormattedValue):
             v = await self._expr(node.value)
             spec = await self._expr(node.format_spec) if node.format_spec else None
             label = self._deep_all(v, *([spec] if spec else []))
             with _at(node, label):
-                spec_text = _unwrap(spec.value) if spec else ""
+                spec_text = self._unwrap(spec.value) if spec else ""
             if not isinstance(spec_text, str):
                 raise PlanError(f"line {node.lineno}: bad format specification", label)
             try:
                 _check_spec(spec_text)
-                value = _unwrap(v.value)
+                value = self._unwrap(v.value)
                 if node.conversion in (ord("r"), ord("a")):
                     value = repr(value)
                 text = format(value, spec_text)
@@ -650,7 +660,7 @@ class PlanInterpreter:
                 label = base.label.join(self._container_label(base.value), *(p.label for p in parts))
                 try:
                     with _at(node, label):
-                        bounds = slice(*(_unwrap(p.value) for p in parts))
+                        bounds = slice(*(self._unwrap(p.value) for p in parts))
                     return Labeled(base.value[bounds], label)
                 except (KeyError, IndexError, TypeError, ValueError):
                     raise PlanError(f"line {node.lineno}: slice failed", label) from None
@@ -689,7 +699,8 @@ class PlanInterpreter:
         if label is None:
             label = self._deep_all(*args, *kwargs.values())
         try:
-            value = fn(*[_unwrap(a.value) for a in args], **{k: _unwrap(v.value) for k, v in kwargs.items()})
+            plain_kwargs = {k: self._unwrap(v.value) for k, v in kwargs.items()}
+            value = fn(*[self._unwrap(a.value) for a in args], **plain_kwargs)
             return Labeled(_check_result(value), label)
         except PlanError as e:
             raise type(e)(f"line {node.lineno}: {e}", label) from None
@@ -717,7 +728,7 @@ class PlanInterpreter:
         if name == "print":
             label = self._deep_all(*args).join(self.pc)
             with _at(node, label):
-                self.output.append(Labeled(" ".join(_text(a) for a in args), label))
+                self.output.append(Labeled(" ".join(self._text(a) for a in args), label))
             return Labeled(None, self.pc)
         if name == "query_ai_assistant":
             return await self._qllm(node, args, kwargs)
@@ -744,7 +755,7 @@ class PlanInterpreter:
             raise PlanError(f"line {node.lineno}: method {name!r} is not allowed on "
                             f"{type(obj.value).__name__}")
         if kind is dict and name == "get" and args and not kwargs and len(args) <= 2:
-            if _is_hashable(_plain(args[0].value)) and _plain(args[0].value) in obj.value:
+            if _hashable(args[0], node) in obj.value:
                 return self._subscript(obj, args[0], node)
             default = args[1] if len(args) > 1 else Labeled(None)
             label = obj.label.join(self._container_label(obj.value), args[0].label)
@@ -796,8 +807,8 @@ class PlanInterpreter:
             return Labeled(None, self.pc)
         if name == "remove":
             with _at(node, fail_label):
-                wanted = _unwrap(args[0].value)
-            index = next((i for i, x in enumerate(c) if _plain(x) == wanted), None)
+                wanted = self._unwrap(args[0].value)
+            index = next((i for i, x in enumerate(c) if self._unwrap(x) == wanted), None)
             if index is None:
                 raise fail("no such element")
             del c[index]
@@ -858,7 +869,7 @@ class PlanInterpreter:
             raise PlanError(f"line {node.lineno}: call tools with keyword arguments only ({name}(arg=...))")
         labels = {k: self.deep_label(v) for k, v in kwargs.items()}  # everything reachable from each
         with _at(node, Label().join(*labels.values())):
-            plain = {k: _unwrap(v.value) for k, v in kwargs.items()}
+            plain = {k: self._unwrap(v.value) for k, v in kwargs.items()}
         labels[CONTROL] = self.pc
         outcome = await self.call_tool(name, plain, labels)
         self.trace.append({"tool": name, "args": plain, "labels": {k: v.to_json() for k, v in labels.items()},
@@ -886,7 +897,7 @@ class PlanInterpreter:
         # the quarantined LLM's answer (or failure) is derived from everything it was shown
         label = self._deep_all(query, schema).join(self.pc, Label.of(Source("qllm", True)))
         with _at(node, label):
-            text, wanted = _text(query), _unwrap(schema.value)
+            text, wanted = self._text(query), self._unwrap(schema.value)
         try:
             value = await self.qllm(text, wanted)
         except PlanError as e:
@@ -914,8 +925,7 @@ def _truth(v: Labeled) -> bool:
     return bool(len(x)) if isinstance(x, _CONTAINERS) else bool(x)
 
 
-def _text(v: Labeled) -> str:
-    x = _unwrap(v.value)
+def _show(x: Any) -> str:
     return x if isinstance(x, str) else repr(x) if not isinstance(x, int | float | bool) else str(x)
 
 
@@ -928,6 +938,8 @@ def _is_hashable(key: Any) -> bool:
 
 
 def _hashable(k: Labeled, node: ast.AST) -> Any:
+    with _at(node, k.label):
+        _measure(k.value)
     key = _plain(k.value)
     if not _is_hashable(key):
         raise PlanError(f"line {node.lineno}: dict keys must be strings or numbers", k.label)
