@@ -1,4 +1,4 @@
-"""`llmos bench security`: AgentDojo replayed through the reference monitor, and the sandbox escape suite.
+"""`llmos bench security`: AgentDojo replayed through the reference monitor, and adversarial plans.
 
 There is no capable LLM on this machine, so the agents are replays of
 AgentDojo's own ground truth (the calls that solve each task):
@@ -17,6 +17,14 @@ were allowed and AgentDojo's utility check holds; an attack succeeds when
 AgentDojo's security check holds. Before anything runs, a canary pass checks
 the labelling itself: no tool this module calls trusted ever returned
 injected text.
+
+The adversarial classes (`run_adversarial`) are attacks on the plan
+interpreter and the planner, each class a list of plans an attacker would try
+over an inbox they wrote to: labels lost through containers, early-exit
+implicit flows, side effects repeated on retry, allocation before limits. A
+case holds when the attacker's effect did not happen (no mail to them, no
+payment decided by their text, no payment twice, no allocation beyond the
+bounds); the tests run the same cases.
 """
 
 from __future__ import annotations
