@@ -499,6 +499,8 @@ ALLOCATION_CASES: dict[str, str] = {
     "split into many parts": 's = "," * 999999\nx = s.split(",")',
     "list of a long string": 'x = list("a" * 999999)',
     "deeply nested expression": 'x = ' + '-' * 1500 + '1',
+    "many big strings kept": 'd = {}\nfor i in range(1000):\n    d[i] = "a" * 999999',
+    "many big strings appended": 'x = []\nfor i in range(1000):\n    x.append(f"{i:>9999}" * 100)',
 }
 
 # (plans the privileged LLM writes in turn, quarantined answers, payments that may happen)

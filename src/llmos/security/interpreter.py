@@ -62,6 +62,7 @@ MAX_DEPTH = 64  # the deepest nesting of containers a plan may copy or pass on
 MAX_AST_DEPTH = 200  # the deepest nesting of a plan's syntax tree
 MAX_MEASURE = 4_000_000  # the most a value may weigh (characters + elements) once aliasing is expanded
 MAX_WORK = 5_000_000  # values visited, over the whole plan, to label, measure and copy values
+MAX_ALLOCATED = 50_000_000  # characters and elements of the values a plan builds, over the whole plan
 
 
 class PlanError(Exception):
@@ -366,7 +367,8 @@ class PlanInterpreter:
     output: list[Labeled] = field(default_factory=list)
     trace: list[dict[str, Any]] = field(default_factory=list)  # each tool call: tool, args, labels, ok
     steps: int = 0
-    work: int = 0  # elements visited to label values
+    work: int = 0  # values visited to label, measure and copy values
+    allocated: int = 0  # characters and elements of the values built
     _heap: dict[int, tuple[Any, Label]] = field(default_factory=dict)  # id(container) -> (it, its label)
 
     @property
@@ -422,6 +424,24 @@ class PlanInterpreter:
         self.work += n
         if self.work > MAX_WORK:
             raise LimitExceeded("the plan's values are too large to track")
+
+    def _built(self, value: Any) -> Any:
+        """A value the plan just built: within the bounds, and charged to the plan's allocation budget.
+
+        Each value is bounded on its own; the budget bounds what a loop of them can keep alive.
+        """
+        _check_result(value)
+        if isinstance(value, str):
+            size = len(value)
+        elif isinstance(value, _CONTAINERS):
+            items = value.values() if isinstance(value, dict) else value
+            size = len(value) + sum(len(x) for x in items if isinstance(x, str))
+        else:
+            size = 1
+        self.allocated += size
+        if self.allocated > MAX_ALLOCATED:
+            raise LimitExceeded(f"the plan built more than {MAX_ALLOCATED} characters and elements")
+        return value
 
     def _unwrap(self, v: Any) -> Any:
         """The plain value inside (containers of) Labeled values; measured first, so it is bounded."""
@@ -589,8 +609,10 @@ class PlanInterpreter:
             parts = [await self._expr(v) for v in node.values]
             if sum(len(p.value) for p in parts if isinstance(p.value, str)) > MAX_VALUE_CHARS:
                 raise LimitExceeded(f"line {node.lineno}: value too large")
-            text = "".join(self._text(p) for p in parts)
-            return Labeled(text, self._deep_all(*parts))
+            label = self._deep_all(*parts)
+            with _at(node, label):
+                text = self._built("".join(self._text(p) for p in parts))
+            return Labeled(text, label)
         if isinstance(node, ast.FormattedValue):
             v = await self._expr(node.value)
             spec = await self._expr(node.format_spec) if node.format_spec else None
@@ -609,7 +631,8 @@ class PlanInterpreter:
                 raise type(e)(f"line {node.lineno}: {e}", label) from None
             except (ValueError, TypeError):
                 raise PlanError(f"line {node.lineno}: bad format specification", label) from None
-            return Labeled(_check_result(text), label)
+            with _at(node, label):
+                return Labeled(self._built(text), label)
         if isinstance(node, ast.BinOp):
             return self._binop(node.op, await self._expr(node.left), await self._expr(node.right), node)
         if isinstance(node, ast.UnaryOp):
@@ -701,7 +724,7 @@ class PlanInterpreter:
         try:
             plain_kwargs = {k: self._unwrap(v.value) for k, v in kwargs.items()}
             value = fn(*[self._unwrap(a.value) for a in args], **plain_kwargs)
-            return Labeled(_check_result(value), label)
+            return Labeled(self._built(value), label)
         except PlanError as e:
             raise type(e)(f"line {node.lineno}: {e}", label) from None
         except Exception as e:  # the type only: its message may quote untrusted data
