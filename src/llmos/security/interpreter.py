@@ -21,9 +21,11 @@ What it guarantees, and how:
   A failure carries the label of what it depended on (`PlanError.label`), so
   a planner that retries after it can start the next plan under that label.
 - Bounds before allocation. Sizes a plan asks for (`range`, `*` on strings and
-  lists, `**`, format widths, `join`, `replace`, `round`) are checked before
-  anything is built; a value is measured (with aliasing expanded) before it is
-  copied, printed or passed to a tool. Breaking a bound raises
+  lists, `**`, format widths, `join`, `replace`, `split`, `round`, the syntax
+  tree's depth) are checked before anything is built; a value is measured
+  (with aliasing expanded, so a cycle or a list shared a million times is
+  refused) before it is copied, printed or passed to a tool; what a whole plan
+  builds and visits is charged to two budgets. Breaking a bound raises
   `LimitExceeded`, a `PlanError`.
 
 The subset: assignments (names, tuple unpacking, items, `+=`), `if`/`elif`/
