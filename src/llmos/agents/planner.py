@@ -96,6 +96,14 @@ class CallJournal:
         return journaled
 
 
+    def report(self) -> str:
+        """For the user: the calls that completed (each ran exactly once), or nothing."""
+        if not self.done:
+            return ""
+        calls = "; ".join(f"{tool}({key[:200]})" for tool, key, _ in self.done)
+        return f". Completed before that, each exactly once: {calls}"
+
+
 def _call_key(args: dict[str, Any]) -> str:
     return json.dumps(args, sort_keys=True, default=repr)
 
@@ -134,7 +142,7 @@ async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 
             control = control.join(e.label)  # the next plan runs because this one failed
             if attempt == retries:
                 sys.print(f"plan failed: {e}")
-                return f"The plan failed: {e}"
+                return f"The plan failed: {e}" + journal.report()
             messages += [{"role": "assistant", "content": reply.text},
                          {"role": "user", "content": f"The plan failed: {e}. Write a corrected plan."}]
             continue
