@@ -125,6 +125,8 @@ def test_replacing_the_database_with_a_fresh_one(tmp_path: Path):
     sqlite3.connect(path).close()  # an empty file where the log was
     _tampered(path, 1, "the log ends at row 0 but the anchor records 6 rows")
     path.unlink()
+    _tampered(path, None, "is gone, but its anchor")
+    (tmp_path / "audit.db.anchor").unlink()
     assert verify_file(path) == (False, None, f"no audit log at {path}", "DAMAGED")
 
 
@@ -263,4 +265,4 @@ def test_llmos_audit_verify_says_tampered_or_damaged_never_a_traceback(tmp_path:
     r = verify(foreign)
     assert r.returncode == 1 and r.stdout.startswith("DAMAGED: ") and "Traceback" not in r.stderr + r.stdout
     r = verify(tmp_path / "missing.db")
-    assert r.returncode == 1 and r.stdout.startswith("DAMAGED: no audit log at")
+    assert r.returncode == 2 and "no audit log at" in r.stderr

@@ -35,9 +35,14 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     def audit_verify(db: DbOpt = None) -> None:
         """Check the keyed hash chain and its anchor; exit 1 if TAMPERED (rows edited, inserted, forged or
         removed, anchor or key changed) or DAMAGED (not a readable audit log)."""
-        from llmos.security.audit import default_audit_path, verify_file
+        from pathlib import Path
 
-        verdict = verify_file(db or default_audit_path())
+        from llmos.security.audit import anchor_path_of, default_audit_path, verify_file
+
+        path = Path(db) if db else default_audit_path()
+        if not path.exists() and not anchor_path_of(path).exists():
+            fail(f"no audit log at {path}")
+        verdict = verify_file(path)
         if verdict.ok:
             console.print(f"[green]ok[/]: {verdict.message}")
             return

@@ -389,6 +389,9 @@ def verify_file(path: str | Path) -> Verdict:
     """Verify the log at `path` without ever raising: a missing, non-SQLite or damaged file is DAMAGED."""
     path = Path(path)
     if not path.is_file():
+        if anchor_path_of(path).exists():
+            return Verdict(False, None, f"the audit database {path} is gone, but its anchor "
+                                        f"{anchor_path_of(path)} remains (the log was deleted)", "TAMPERED")
         return Verdict(False, None, f"no audit log at {path}", "DAMAGED")
     try:
         log = AuditLog(path)
