@@ -1,7 +1,12 @@
+import asyncio
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+
+from llmos.agents.operator import Actuator, host_kernel, operator_process
+from llmos.security.audit import AuditLog
 
 
 @pytest.fixture
@@ -22,3 +27,34 @@ def spawn():
             p.wait(timeout=5)
         except (subprocess.TimeoutExpired, ChildProcessError):
             pass
+
+
+@pytest.fixture
+def host(tmp_path: Path):
+    """`host(grants, body)`: run `await body(kernel, actuator)` on a fresh host kernel (the host tools
+    behind the reference monitor, auditing to tmp_path/audit.db) in an operator process holding `grants`."""
+
+    def run(grants, body, backend=None):
+        async def go():
+            kernel = host_kernel(home=tmp_path / "home", backend=backend, audit_path=tmp_path / "audit.db")
+            try:
+                handle = await operator_process(kernel, grants)
+                return await body(kernel, Actuator(handle, grants))
+            finally:
+                await kernel.shutdown()
+
+        return asyncio.run(go())
+
+    return run
+
+
+@pytest.fixture
+def audited(tmp_path: Path):
+    """The (tool, decision, reason) rows the monitor wrote to tmp_path/audit.db, after checking its chain."""
+
+    def rows() -> list[tuple[str, str, str]]:
+        log = AuditLog(tmp_path / "audit.db")
+        assert log.verify().ok
+        return [(r["tool"], r["decision"], r["reason"]) for r in log.tail(1000) if r["agent"] == "operator"]
+
+    return rows

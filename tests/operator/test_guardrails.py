@@ -1,4 +1,7 @@
+import asyncio
 import os
+import subprocess
+import sys
 import time
 
 import psutil
@@ -17,120 +20,181 @@ from llmos.agents.operator.actions import (
     action_schema,
     parse_action,
 )
-from llmos.agents.operator.guardrails import ApprovalQueue, Grants, Guardrails, Limits
+from llmos.agents.operator.guardrails import ApprovalQueue, Grants, Guardrails, Limits, Verdict
+
+DENIED = "denied: denied by capabilities: "
 
 
-def _rails(tmp_path=None, **grants):
-    return Guardrails(Grants(**grants), Limits())
+def _grants(**kw) -> Grants:
+    return Grants(**kw)
 
 
-def test_pid_0_and_1_are_never_targets():
-    g = _rails(pids=frozenset({0, 1}))
-    for pid in (0, 1):
-        v = g.check(KillProcess(pid=pid), approved=True)
-        assert (v.decision, v.reason) == (
-            "deny", f"pid {pid} is never a target (init and the kernel's idle task)")
-        assert g.check(ReniceProcess(pid=pid, nice=19)).decision == "deny"
+def test_pid_0_and_1_are_never_targets_even_when_granted(host, audited):
+    async def body(kernel, act):
+        return [await act.execute(KillProcess(pid=pid), dry_run=True) for pid in (0, 1)] + \
+            [await act.execute(ReniceProcess(pid=1, nice=19))]
+
+    outcomes = host(_grants(pids=frozenset({0, 1})), body)
+    assert [(o.ok, o.denied, o.detail) for o in outcomes] == [
+        (False, False, "pid 0 is never a target (init and the kernel's idle task)"),
+        (False, False, "pid 1 is never a target (init and the kernel's idle task)"),
+        (False, False, "pid 1 is never a target (init and the kernel's idle task)")]
+    assert [(t, d) for t, d, _ in audited()] == [
+        ("host.kill_process", "allow"), ("host.kill_process", "done"), ("host.kill_process", "allow"),
+        ("host.kill_process", "done"), ("host.renice_process", "allow"), ("host.renice_process", "done")]
+    assert audited()[1][2] == "error"
 
 
-def test_the_operator_and_its_ancestors_are_never_targets():
+def test_the_kernel_and_its_ancestors_are_never_targets_even_when_granted(host):
     me, parent = os.getpid(), os.getppid()
-    g = _rails(pids=frozenset({me, parent}))
-    assert g.check(KillProcess(pid=me), approved=True).reason == f"pid {me} is the operator itself"
-    assert g.check(KillProcess(pid=parent), approved=True).reason == (
-        f"pid {parent} is an ancestor of the operator")
+
+    async def body(kernel, act):
+        return [(await act.execute(KillProcess(pid=p), dry_run=True)).detail for p in (me, parent)]
+
+    assert host(_grants(pids=frozenset({me, parent})), body) == [
+        f"pid {me} is the kernel itself", f"pid {parent} is an ancestor of the kernel"]
 
 
-def test_an_ungranted_process_is_refused_and_a_granted_one_allowed(spawn):
+def test_an_ungranted_process_is_denied_by_the_monitor_and_audited(spawn, host, audited):
     granted, other = spawn(), spawn()
-    g = _rails(pids=frozenset({granted.pid}))
-    v = g.check(ReniceProcess(pid=other.pid, nice=5))
-    assert (v.decision, v.reason) == (
-        "deny", f"pid {other.pid} was not granted to the operator (or has exited)")
-    assert g.check(ReniceProcess(pid=granted.pid, nice=5)).decision == "allow"
+
+    async def body(kernel, act):
+        return (await act.execute(ReniceProcess(pid=other.pid, nice=5)),
+                await act.execute(ReniceProcess(pid=granted.pid, nice=5)))
+
+    refused, done = host(_grants(pids=frozenset({granted.pid})), body)
+    assert (refused.ok, refused.denied) == (False, True)
+    assert refused.detail == f"{DENIED}pid={other.pid} is not in the allowlist ['{granted.pid}']"
+    assert (done.ok, done.detail) == (True, "nice 0 -> 5")
+    assert psutil.Process(granted.pid).nice() == 5 and psutil.Process(other.pid).nice() == 0
+    assert audited() == [
+        ("host.renice_process", "deny", refused.detail.removeprefix("denied: ")),
+        ("host.renice_process", "allow", "granted by 'host.renice_process'"),
+        ("host.renice_process", "done", "ok")]
 
 
-def test_children_of_a_granted_parent_are_granted_but_not_the_parent(spawn):
+def test_children_of_a_granted_parent_are_granted_but_not_the_parent(spawn, host):
     child = spawn()
-    g = _rails(children_of=frozenset({os.getpid()}))
-    assert g.check(ReniceProcess(pid=child.pid, nice=3)).decision == "allow"
-    assert g.check(ReniceProcess(pid=os.getpid(), nice=3)).decision == "deny"
+
+    async def body(kernel, act):
+        return (await act.execute(ReniceProcess(pid=child.pid, nice=3)),
+                await act.execute(ReniceProcess(pid=os.getpid(), nice=3)))
+
+    ok, parent = host(_grants(children_of=frozenset({os.getpid()})), body)
+    assert ok.ok and parent.denied
+    assert parent.detail == f"{DENIED}argument 'within' is required by the grant's allowlist"
 
 
-def test_destructive_actions_wait_for_approval(spawn):
-    p = spawn()
-    g = _rails(pids=frozenset({p.pid}))
-    v = g.check(KillProcess(pid=p.pid))
-    assert (v.decision, v.reason) == (
-        "needs_approval", "kill_process is destructive: waits for a human approval")
-    assert g.check(KillProcess(pid=p.pid), approved=True).decision == "allow"
-    assert g.check(ReniceProcess(pid=p.pid, nice=10)).decision == "allow"  # not destructive
+def test_a_forged_ancestor_does_not_reach_an_unrelated_process(spawn, tmp_path):
+    """An operator that calls the tool itself and names a granted parent it does not descend from."""
+    from llmos.agents.operator import host_kernel, operator_process
+
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    sleeper = spawn()
+
+    async def go():
+        kernel = host_kernel(home=tmp_path / "home", audit_path=tmp_path / "audit.db")
+        try:
+            handle = await operator_process(kernel, _grants(children_of=frozenset({sleeper.pid})))
+            return await handle.tool_call("host.kill_process", {"pid": victim.pid, "within": sleeper.pid,
+                                                                "max_tree": 1})
+        finally:
+            await kernel.shutdown()
+
+    try:
+        result = asyncio.run(go())
+        assert not result.ok and result.error == f"pid {victim.pid} is not a descendant of pid {sleeper.pid}"
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
 
 
-def test_renice_may_not_raise_a_priority(spawn):
+def test_renice_may_not_raise_a_priority(spawn, host):
     p = spawn("import os, time; os.nice(10); time.sleep(60)")
     time.sleep(0.3)
-    g = _rails(pids=frozenset({p.pid}))
-    v = g.check(ReniceProcess(pid=p.pid, nice=0))
-    assert v.decision == "deny"
-    assert v.reason == f"renice may only lower a priority: pid {p.pid} is at nice 10, asked 0"
+
+    async def body(kernel, act):
+        return await act.execute(ReniceProcess(pid=p.pid, nice=0))
+
+    outcome = host(_grants(pids=frozenset({p.pid})), body)
+    assert (outcome.ok, outcome.denied) == (False, False)
+    assert outcome.detail == f"renice may only lower a priority: pid {p.pid} is at nice 10, asked 0"
 
 
-def test_blast_radius_of_a_process_tree(spawn):
+def test_blast_radius_of_a_process_tree(spawn, host):
     code = ("import subprocess, sys, time; ps = [subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)']) for _ in range(3)]; time.sleep(60)")
     p = spawn(code)
-    g = Guardrails(Grants(pids=frozenset({p.pid})), Limits(max_tree=2))
     deadline = time.monotonic() + 10
-    while True:
-        v = g.check(KillProcess(pid=p.pid), approved=True)
-        if v.decision == "deny" or time.monotonic() > deadline:
-            break
+    while len(psutil.Process(p.pid).children(recursive=True)) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    for child in psutil.Process(p.pid).children(recursive=True):
-        child.kill()
-    assert v.reason == f"blast radius: pid {p.pid} heads 4 processes (at most 2)"
+
+    async def body(kernel, act):
+        wide = await act.sys.tool_call("host.kill_process", {"pid": p.pid, "max_tree": 9})
+        return wide, await act.execute(KillProcess(pid=p.pid))
+
+    try:
+        wide, outcome = host(_grants(pids=frozenset({p.pid}), max_tree=2), body)
+        assert wide.error == f"{DENIED}max_tree=9 is outside the granted bounds [1.0, 2.0]"
+        assert outcome.detail == f"blast radius: pid {p.pid} heads 4 processes (at most 2)"
+        assert p.poll() is None
+    finally:
+        for child in psutil.Process(p.pid).children(recursive=True):
+            child.kill()
 
 
-
-def test_paths_outside_the_grant_are_refused(tmp_path):
-    grant, outside = tmp_path / "scratch", tmp_path / "home"
+def test_paths_outside_the_grant_are_refused(tmp_path, host, audited):
+    grant, outside = tmp_path / "scratch", tmp_path / "home2"
     grant.mkdir()
     outside.mkdir()
     (outside / "precious").write_text("x")
+    (outside / "dir").mkdir()
+    (outside / "dir" / "precious").write_text("x")
     (grant / "junk").write_text("y" * 10)
     (grant / "escape").symlink_to(outside / "precious")
-    g = Guardrails(Grants(paths=(grant,)), Limits())
-    for path, reason in [
-        (outside / "precious", f"path {outside / 'precious'} is not inside a granted directory"),
-        (grant / ".." / "home" / "precious", None),
-        (grant / "escape", f"path {grant / 'escape'} is not inside a granted directory"),
-        (grant, f"path {grant} is not inside a granted directory"),
-        ("/etc/passwd", "path /etc/passwd is not inside a granted directory"),
-    ]:
-        v = g.check(RemoveFiles(path=str(path)), approved=True)
-        assert v.decision == "deny"
-        if reason:
-            assert v.reason == reason
-    assert g.check(RemoveFiles(path=str(grant / "junk")), approved=True).decision == "allow"
-    assert g.check(RemoveFiles(path=str(grant / "junk"))).decision == "needs_approval"
-    missing = g.check(RemoveFiles(path=str(grant / "nothing")), approved=True)
-    assert missing.reason == f"path {grant / 'nothing'} does not exist"
+    (grant / "linkdir").symlink_to(outside / "dir")
+    denied = [outside / "precious", grant / ".." / "home2" / "precious", grant, "/etc/passwd"]
+
+    async def body(kernel, act):
+        out = [await act.execute(RemoveFiles(path=str(p))) for p in denied]
+        out.append(await act.execute(RemoveFiles(path=str(grant / "linkdir" / "precious"))))
+        out.append(await act.execute(RemoveFiles(path=str(grant / "escape"))))
+        out.append(await act.execute(RemoveFiles(path=str(grant / "nothing"))))
+        out.append(await act.execute(RemoveFiles(path=str(grant / "junk"))))
+        return out
+
+    *refused, via_link, link, missing, junk = host(_grants(paths=(grant,)), body)
+    assert [o.denied for o in refused] == [True] * 4
+    assert refused[0].detail == (f"{DENIED}path path='{outside / 'precious'}' is outside the granted paths "
+                                 f"['**'] under {grant}")
+    assert via_link.detail == (f"path {grant / 'linkdir' / 'precious'}: 'linkdir' is a symlink or not a "
+                               "directory")
+    link_size = len(str(outside / "precious"))
+    assert link.ok and link.detail == f"removed {grant / 'escape'} (1 files, {link_size} bytes)"
+    assert (outside / "precious").read_text() == "x" and (outside / "dir" / "precious").exists()
+    assert missing.detail == f"path {grant / 'nothing'} does not exist"
+    assert junk.ok and sorted(p.name for p in grant.iterdir()) == ["linkdir"]
+    assert [d for _, d, _ in audited()].count("deny") == 4
 
 
-def test_blast_radius_of_a_removal(tmp_path):
+def test_blast_radius_of_a_removal(tmp_path, host):
     (tmp_path / "d").mkdir()
     for i in range(5):
         (tmp_path / "d" / str(i)).write_bytes(b"x" * 100)
-    g = Guardrails(Grants(paths=(tmp_path,)), Limits(max_files=4))
-    assert g.check(RemoveFiles(path=str(tmp_path / "d")), approved=True).reason == (
-        f"blast radius: {tmp_path / 'd'} holds 5 files, 500 bytes (at most 4 files, {2 * 2**30} bytes)")
+
+    async def body(kernel, act):
+        return await act.execute(RemoveFiles(path=str(tmp_path / "d")))
+
+    outcome = host(_grants(paths=(tmp_path,), max_files=4), body)
+    assert outcome.detail == (f"blast radius: {tmp_path / 'd'} holds 5+ files, 500 bytes "
+                              f"(at most 4 files, {2 * 2**30} bytes)")
+    assert len(list((tmp_path / "d").iterdir())) == 5
 
 
-def test_rate_limit_per_kind(spawn):
-    p = spawn()
-    g = Guardrails(Grants(pids=frozenset({p.pid})), Limits(rate=(2, 60.0)))
-    action = ReniceProcess(pid=p.pid, nice=1)
+def test_rate_limit_per_kind():
+    g = Guardrails(Limits(rate=(2, 60.0)))
+    action = ReniceProcess(pid=1234, nice=1)
     g.executed(action, now=100.0)
     g.executed(action, now=110.0)
     v = g.check(action, now=120.0)
@@ -140,42 +204,68 @@ def test_rate_limit_per_kind(spawn):
     assert g.check(SetSetting(name="policy", value="rr"), now=120.0).decision == "allow"  # other kinds
 
 
-def test_settings_are_checked_against_grants_ranges_and_step():
-    current = {"policy": "fifo", "kv_blocks": 100, "max_running": 8}
-    g = Guardrails(Grants(settings=frozenset({"policy", "kv_blocks"})), Limits(), settings=lambda: current)
-    assert g.check(SetSetting(name="policy", value="rr")).decision == "allow"
-    assert g.check(SetSetting(name="policy", value="lottery")).reason == (
-        "policy must be one of fifo, rr, priority, fair, sjf, got 'lottery'")
-    assert g.check(SetSetting(name="max_running", value=4)).reason == (
-        "setting 'max_running' was not granted to the operator")
-    assert g.check(SetSetting(name="kv_blocks", value="many")).reason == (
-        "kv_blocks must be an integer, got 'many'")
-    assert g.check(SetSetting(name="kv_blocks", value=0)).reason == (
-        "kv_blocks must be in [1, 16777216], got 0")
-    assert g.check(SetSetting(name="kv_blocks", value=400)).decision == "allow"
-    assert g.check(SetSetting(name="kv_blocks", value=10)).reason == (
-        "blast radius: kv_blocks 100 -> 10 moves it 10.0x (at most 4x per action)")
+def test_settings_are_granted_with_allowlists_and_bounds(host, audited):
+    grants = _grants(settings={"policy": ("fifo", "rr"), "quantum": (8, 64)})
+
+    async def body(kernel, act):
+        out = [await act.execute(SetSetting(name="policy", value=v)) for v in ("rr", "fair")]
+        out += [await act.execute(SetSetting(name="quantum", value=v)) for v in (32, 4096)]
+        out.append(await act.execute(SetSetting(name="max_running", value=4)))
+        return out, kernel.settings()
+
+    (rr, fair, q32, q4096, running), settings = host(grants, body)
+    assert rr.ok and rr.undo == {"policy": "fifo"} and q32.ok and q32.undo == {"quantum": 16}
+    assert (settings["policy"], settings["quantum"], settings["max_running"]) == ("rr", 32, 8)
+    assert all(o.denied for o in (fair, q4096, running))
+    assert "policy='fair' is not in the allowlist ['fifo', 'rr']" in fair.detail
+    assert "quantum=4096 is outside the granted bounds [8.0, 64.0]" in q4096.detail
+    assert "argument 'quantum' must be a number" in running.detail  # no grant names max_running
+    assert [d for t, d, _ in audited() if t == "kernel.configure"] == [
+        "allow", "done", "deny", "allow", "done", "deny", "deny"]
 
 
-def test_agents_only_when_granted_and_never_itself():
-    g = Guardrails(Grants(agents=frozenset({3}), self_agent=2), Limits())
-    assert g.check(SuspendAgent(pid=3)).decision == "allow"
-    assert g.check(SuspendAgent(pid=4)).reason == "agent 4 was not granted to the operator"
-    assert g.check(KillAgent(pid=3)).decision == "needs_approval"
-    every = Guardrails(Grants(agents=None, self_agent=2), Limits())
-    assert every.check(SuspendAgent(pid=9)).decision == "allow"
-    assert every.check(SuspendAgent(pid=2)).reason == "agent 2 is the operator itself"
+def test_agents_only_when_granted_and_never_itself(host):
+    async def idle(sys):
+        await sys.sleep(60)
+
+    async def body(kernel, act):
+        granted = await kernel.spawn(idle, name="granted")
+        other = await kernel.spawn(idle, name="other")
+        assert (act.sys.pid, granted, other) == (1, 2, 3)
+        return (await act.execute(SuspendAgent(pid=granted)), await act.execute(SuspendAgent(pid=other)),
+                kernel.process(granted).state.value, kernel.process(other).state.value)
+
+    # a fresh home hands out pids from 1 (the operator process): agent 2 is granted up front
+    ok, refused, state, other_state = host(_grants(agents=frozenset({2})), body)
+    assert ok.ok and state == "suspended" and other_state != "suspended"
+    assert refused.denied and "target=3 is not in the allowlist ['2']" in refused.detail
+
+    async def itself(kernel, act):
+        return await act.execute(KillAgent(pid=act.sys.pid))
+
+    outcome = host(_grants(agents=None), itself)
+    assert not outcome.ok and outcome.detail == "an agent cannot signal itself"
 
 
-def test_kinds_not_allowlisted_and_dry_run(spawn):
+def test_no_grant_no_action_and_dry_run_reports_refusals_first(spawn, host):
     p = spawn()
-    g = Guardrails(Grants(pids=frozenset({p.pid})), Limits(kinds=frozenset({"renice_process", "none"})))
-    assert g.check(KillProcess(pid=p.pid), approved=True).reason == (
-        "action kind 'kill_process' is not allowlisted")
-    dry = Guardrails(Grants(pids=frozenset({p.pid})), Limits(), dry_run=True)
+
+    async def body(kernel, act):
+        return (await act.execute(KillProcess(pid=p.pid), dry_run=True),
+                await act.execute(RemoveFiles(path="/tmp/x"), dry_run=True))
+
+    kill, remove = host(_grants(), body)
+    assert kill.denied and kill.detail == f"{DENIED}no capability for tool 'host.kill_process'"
+    assert remove.denied and remove.detail == f"{DENIED}no capability for tool 'host.remove_files'"
+    assert p.poll() is None
+    dry = Guardrails(Limits(), dry_run=True)
     assert dry.check(ReniceProcess(pid=p.pid, nice=4)).decision == "dry_run"
-    assert dry.check(ReniceProcess(pid=1, nice=4)).decision == "deny"  # refusals still come first
     assert dry.check(NoAction()).decision == "allow"
+    g = Guardrails(Limits())
+    assert g.check(KillProcess(pid=p.pid)) == Verdict(
+        "needs_approval", "kill_process is destructive: waits for a human approval")
+    assert g.check(KillProcess(pid=p.pid), approved=True).decision == "allow"
+    assert g.check(ReniceProcess(pid=p.pid, nice=10)).decision == "allow"  # not destructive
 
 
 def test_approval_queue(tmp_path):

@@ -6,18 +6,18 @@ import time
 import pytest
 
 from llmos.agents.operator import (
+    Actuator,
     Detector,
     FallbackPolicy,
     Grants,
     Guardrails,
     Limits,
-    MemoryAudit,
     Observer,
     Operator,
     default_rules,
+    operator_process,
 )
 from llmos.agents.operator.actions import SetSetting
-from llmos.agents.operator.operator import Actuator
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,13 @@ def llm():
     engine.shutdown()
 
 
-def _operator(kernel, budget: int = 10**9, verify_s: float = 10.0) -> Operator:
-    rails = Guardrails(Grants(agents=None), Limits(approval=frozenset()), settings=kernel.settings)
+async def _operator(kernel, budget: int = 10**9, verify_s: float = 10.0) -> Operator:
+    """An operator process granted every agent and the settings within their bounds."""
+    grants = Grants(agents=None)
+    act = Actuator(await operator_process(kernel, grants), grants)
     observer = Observer(llmos_state=kernel.stats, agent_budget={"llm_tokens": budget})
-    return Operator(observer, FallbackPolicy(kernel.settings), rails, detector=Detector(default_rules()),
-                    actuator=Actuator(kernel), audit=MemoryAudit(), verify_s=verify_s)
+    return Operator(observer, FallbackPolicy(kernel.settings), act, Guardrails(Limits(approval=frozenset())),
+                    detector=Detector(default_rules()), verify_s=verify_s)
 
 
 async def _tick_until(op: Operator, step: str, timeout: float = 40.0) -> None:
@@ -60,7 +62,7 @@ def test_an_agent_past_its_budget_is_suspended(llm, tmp_path):
     async def main():
         kernel = Kernel(EngineBackend(llm), home=tmp_path)
         try:
-            op = _operator(kernel, budget=40)
+            op = await _operator(kernel, budget=40)
             pid = await kernel.spawn(_looper, name="looper")
             await _tick_until(op, "recovered")
             assert [e.step for e in op.events] == ["finding", "proposal", "acted", "recovered"]
@@ -83,16 +85,16 @@ def test_kv_starvation_gets_more_blocks_and_a_useless_change_is_rolled_back(llm,
             workers = [await kernel.spawn(_story, name=f"s{i}", args={"n": i}) for i in range(6)]
             await asyncio.sleep(2)
             assert (await kernel.configure(kv_blocks=40)) == {"kv_blocks": total}
-            op = _operator(kernel)
+            op = await _operator(kernel)
             await _tick_until(op, "recovered")
             acted = next(e for e in op.events if e.step == "acted")
             assert acted.action["kind"] == "set_setting" and acted.action["name"] == "kv_blocks"
             assert kernel.settings()["kv_blocks"] == acted.action["value"] == 160
             assert [e.step for e in op.events][-1] == "recovered"
             # rollback restores a setting through the kernel: a change the signal does not follow
-            previous = await Actuator(kernel).execute(SetSetting(name="policy", value="rr"))
+            previous = await op.actuator.execute(SetSetting(name="policy", value="rr"))
             assert previous.undo == {"policy": "fifo"} and kernel.settings()["policy"] == "rr"
-            await Actuator(kernel).rollback(previous.undo)
+            await op.actuator.rollback(previous.undo)
             assert kernel.settings()["policy"] == "fifo"
             for w in workers:
                 await kernel.kill(w, "test over")
@@ -105,21 +107,28 @@ def test_kv_starvation_gets_more_blocks_and_a_useless_change_is_rolled_back(llm,
 
 def test_the_operator_runs_as_an_agent_on_the_kernel(llm, tmp_path, monkeypatch):
     from llmos.agents import load_program
+    from llmos.agents.operator.agent import CAPABILITIES
     from llmos.kernel import EngineBackend, Kernel
-    from llmos.security.audit import AuditLog
+    from llmos.security import AuditLog, ReferenceMonitor
 
     monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
     _, operator_main = load_program("operator")
+    audit = AuditLog(tmp_path / "audit.db")
+
+    def suspended_by_the_operator() -> bool:
+        rows = [(r["agent"], r["tool"], r["decision"], r["args_preview"]) for r in audit.tail(50)]
+        return any(row[:3] == ("operator", "kernel.signal", "allow") and '"signal":"suspend"' in row[3]
+                   for row in rows)
 
     async def main():
-        kernel = Kernel(EngineBackend(llm), home=tmp_path)
+        kernel = Kernel(EngineBackend(llm), home=tmp_path, monitor=ReferenceMonitor(audit=audit))
         try:
             looper = await kernel.spawn(_looper, name="looper")
-            op = await kernel.spawn(operator_main, name="operator",
+            op = await kernel.spawn(operator_main, name="operator", capabilities=CAPABILITIES,
                                     args={"use_model": False, "duration_s": 20.0, "interval_s": 0.3,
                                           "token_budget": 40})
             end = time.monotonic() + 20
-            while not _executed() and time.monotonic() < end:  # the operator writes it after the suspend
+            while not suspended_by_the_operator() and time.monotonic() < end:
                 await asyncio.sleep(0.2)
             assert kernel.process(looper).state.value == "suspended"
             await kernel.kill(op, "test over")
@@ -127,11 +136,5 @@ def test_the_operator_runs_as_an_agent_on_the_kernel(llm, tmp_path, monkeypatch)
         finally:
             await kernel.shutdown(close_backend=False)
 
-    def _executed() -> bool:
-        if not (tmp_path / "audit.db").exists():
-            return False
-        rows = [(r["agent"], r["tool"], r["decision"]) for r in AuditLog(tmp_path / "audit.db").tail(50)]
-        return ("operator", "operator.suspend_agent", "executed") in rows
-
     asyncio.run(main())
-    assert _executed()
+    assert suspended_by_the_operator() and audit.verify().ok

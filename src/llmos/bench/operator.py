@@ -30,18 +30,19 @@ from rich.console import Console
 from rich.table import Table
 
 from llmos.agents.operator import (
+    Actuator,
     ApprovalQueue,
     Detector,
     FallbackPolicy,
     Grants,
     Guardrails,
     Limits,
-    MemoryAudit,
     Observer,
     Operator,
     default_rules,
+    host_kernel,
+    operator_process,
 )
-from llmos.agents.operator.operator import Actuator
 
 ACTIONS = ("acted", "queued", "dry_run", "failed")
 _HOG = ("import time\nchunks = []\nfor _ in range({steps}):\n    chunks.append(bytearray({chunk}))\n"
@@ -139,20 +140,21 @@ def _host_faults(sb: _Sandbox, cfg: BenchConfig) -> list[tuple[str, Callable[[],
     return [("runaway_cpu", runaway), ("memory_hog", hog), ("scratch_full", fill)]
 
 
-def _new_operator(sb: _Sandbox, cfg: BenchConfig, proposer: Any, control: Any = None,
-                  agents: frozenset[int] | None = frozenset()) -> Operator:
+async def _new_operator(sb: _Sandbox, cfg: BenchConfig, proposer: Any, kernel: Any,
+                        agents: frozenset[int] | None = frozenset(), watch_llmos: bool = False) -> Operator:
+    """An operator process on `kernel` granted the sandbox (and `agents`): every action it takes passes
+    the kernel's reference monitor and lands in the sandbox's audit log."""
     me = frozenset({os.getpid()})
-    state = getattr(control, "stats", None)
-    settings = getattr(control, "settings", None)
-    rails = Guardrails(Grants(children_of=me, paths=(sb.scratch,), agents=agents),
-                       Limits(rate=(5, 60.0)), settings=settings)
+    grants = Grants(children_of=me, paths=(sb.scratch,), agents=agents)
+    sys = await operator_process(kernel, grants)
+    state = kernel.stats if watch_llmos else None
     rules = default_rules(cpu_percent=cfg.cpu_percent, rss_mb=cfg.rss_mb, scratch_mb=cfg.scratch_mb,
                           preemption_rate=cfg.preemption_rate)
     observer = Observer(children_of=me, scratch=[sb.scratch], llmos_state=state,
                         agent_budget={"llm_tokens": cfg.agent_budget})
-    return Operator(observer, proposer, rails,
-                    detector=Detector(rules), actuator=Actuator(control), audit=MemoryAudit(),
-                    approvals=ApprovalQueue(sb.root / "approvals.db"), verify_s=cfg.verify_s)
+    return Operator(observer, proposer, Actuator(sys, grants), Guardrails(Limits(rate=(5, 60.0))),
+                    detector=Detector(rules), approvals=ApprovalQueue(sb.root / "approvals.db"),
+                    verify_s=cfg.verify_s)
 
 
 async def _drive(op: Operator, seconds: float, cfg: BenchConfig,
@@ -203,7 +205,8 @@ async def run_chaos(proposer: Any, cfg: BenchConfig, console: Console | None = N
         try:
             sb.spawn("import time; time.sleep(3600)")  # an idle granted process
             sb.spawn(_BENIGN)  # a granted process with a light duty cycle
-            op = _new_operator(sb, cfg, proposer)
+            kernel = host_kernel(home=sb.root / "host", audit_path=sb.root / "audit.db")
+            op = await _new_operator(sb, cfg, proposer, kernel)
             await _drive(op, cfg.warmup_s, cfg)
             mark = len(op.events)
             t0 = time.monotonic()
@@ -223,6 +226,7 @@ async def run_chaos(proposer: Any, cfg: BenchConfig, console: Console | None = N
                 results.append({"key": key, **_summarise(fault, op.events[mark:])})
                 fault.cleanup()
                 await _drive(op, 2 * cfg.interval_s, cfg)  # settle before the next fault
+            await kernel.shutdown()
             if kernel_model is not None:
                 results += await _kernel_faults(sb, cfg, proposer, kernel_model, console)
         finally:
@@ -252,14 +256,15 @@ def _starved(engine: Any) -> Callable[[], bool]:
 async def _kernel_faults(sb: _Sandbox, cfg: BenchConfig, proposer: Any, model: str,
                          console: Console | None) -> list[dict[str, Any]]:
     """Faults that need the kernel and its engine: a looping agent, and KV thrashing."""
-    from llmos.kernel import EngineBackend, Kernel, Quotas
+    from llmos.kernel import EngineBackend, Quotas
 
-    kernel = Kernel(EngineBackend(model, kv_budget=cfg.kv_budget), home=sb.root / "home")
+    kernel = host_kernel(home=sb.root / "home", backend=EngineBackend(model, kv_budget=cfg.kv_budget),
+                         audit_path=sb.root / "audit.db")
     results = []
     before = getattr(proposer, "settings", None)
     proposer.settings = kernel.settings
     try:
-        op = _new_operator(sb, cfg, proposer, control=kernel, agents=None)
+        op = await _new_operator(sb, cfg, proposer, kernel, agents=None, watch_llmos=True)
         await _drive(op, 2 * cfg.interval_s, cfg)
         # an agent looping past the operator's token budget
         mark = len(op.events)

@@ -55,48 +55,67 @@ def operator(
     """
     if ctx.invoked_subcommand is not None:
         return
+    if not (pid or children_of or scratch):
+        fail("grant the operator something to look after: --pid, --children-of or --scratch")
+    for d in scratch or []:
+        if not d.is_dir():
+            fail(f"--scratch {d} is not a directory")
+    from llmos.agents.operator import Grants
+
+    grants = Grants(pids=frozenset(pid or ()), children_of=frozenset(children_of or ()),
+                    paths=tuple(scratch or ()))
+    observer_args = {"pids": pid or (), "children_of": children_of or (), "scratch": scratch or ()}
+    try:
+        rules = {"cpu_percent": cpu_percent, "rss_mb": rss_mb, "scratch_mb": scratch_mb}
+        asyncio.run(_run_operator(grants, observer_args, rules, dry_run, duration, interval, model, queue))
+    except KeyboardInterrupt:
+        pass
+
+
+async def _run_operator(grants, observer_args: dict, rules: dict, dry_run: bool, duration: float | None,
+                        interval: float, model: str | None, queue: str | None) -> None:
+    """The operator on a kernel of its own: its actions are syscalls of a process holding `grants`."""
     from llmos.agents.operator import (
+        Actuator,
         Detector,
         FallbackPolicy,
-        Grants,
         Guardrails,
         Limits,
         LLMProposer,
         Observer,
         Operator,
         default_rules,
-        engine_chat,
+        host_kernel,
+        operator_process,
+        syscalls_chat,
     )
-    from llmos.security.audit import AuditLog
 
-    if not (pid or children_of or scratch):
-        fail("grant the operator something to look after: --pid, --children-of or --scratch")
-    for d in scratch or []:
-        if not d.is_dir():
-            fail(f"--scratch {d} is not a directory")
-    grants = Grants(pids=frozenset(pid or ()), children_of=frozenset(children_of or ()),
-                    paths=tuple(scratch or ()))
-    proposer = FallbackPolicy()
-    audit = AuditLog()
-    op = Operator(Observer(pid or (), children_of or (), scratch or ()), proposer,
-                  Guardrails(grants, Limits(), dry_run=dry_run),
-                  detector=Detector(default_rules(cpu_percent, rss_mb, scratch_mb)), audit=audit,
-                  approvals=_queue(queue), on_event=_show)
+    backend = None
     if model:
-        from llmos import LLM
+        from llmos.kernel import EngineBackend
 
         with console.status(f"loading {model} ..."):
-            op.proposer = LLMProposer(engine_chat(LLM(model)))
-    paths = [str(p) for p in grants.paths] or "-"
-    console.print(f"operator {'(dry run) ' if dry_run else ''}watching pids {sorted(grants.pids) or '-'}, "
-                  f"children of {sorted(grants.children_of) or '-'}, scratch {paths}; proposals by "
-                  f"{op.proposer.name}; audit log {audit.path}")
+            backend = EngineBackend(model)
+    kernel = host_kernel(backend=backend)
     try:
-        asyncio.run(op.run(duration_s=duration, interval_s=interval))
-    except KeyboardInterrupt:
-        pass
-    acted = sum(e.step == "acted" for e in op.events)
-    console.print(f"[dim]{len(op.events)} events, {acted} actions[/]")
+        sys = await operator_process(kernel, grants)
+        proposer = LLMProposer(syscalls_chat(sys)) if model else FallbackPolicy()
+        op = Operator(Observer(**observer_args), proposer, Actuator(sys, grants),
+                      Guardrails(Limits(), dry_run=dry_run), detector=Detector(default_rules(**rules)),
+                      approvals=_queue(queue), on_event=_show)
+        paths = [str(p) for p in grants.paths] or "-"
+        mode = "(dry run) " if dry_run else ""
+        console.print(f"operator {mode}watching pids {sorted(grants.pids) or '-'}, "
+                      f"children of {sorted(grants.children_of) or '-'}, scratch {paths}; proposals by "
+                      f"{op.proposer.name}; every action passes the reference monitor, audit log "
+                      f"{kernel.monitor.audit.path}")
+        try:
+            await op.run(duration_s=duration, interval_s=interval)
+        finally:
+            acted = sum(e.step == "acted" for e in op.events)
+            console.print(f"[dim]{len(op.events)} events, {acted} actions[/]")
+    finally:
+        await kernel.shutdown()
 
 
 def _show(event) -> None:

@@ -1,14 +1,19 @@
-"""Guardrails: the reference monitor of the operator, enforced outside the model.
+"""Guardrails: what the operator may touch, as capabilities the one reference monitor enforces.
 
-Whatever an LLM (or the fallback policy) proposes, an action runs only if
-these checks pass, in this order: the kind is allowlisted; its target is
-granted (never pid 0 or 1, never the operator itself or its ancestors, only
-granted pids or descendants of a granted parent, only paths strictly inside a
-granted directory after resolving symlinks, only granted agents and
-settings); its blast radius is bounded (process-tree size, files and bytes
-removed, how far a setting may move); its kind is under its rate limit. Then
-dry-run turns the verdict into a report, and a destructive action waits in
-the approval queue until a human approves it (`llmos operator approve ID`).
+The operator acts only through syscalls (tools/host.py for the host, the
+kernel's `configure` and `signal` for llmos), so its guardrails are grants
+(`Grants.capabilities()`), checked by the same monitor as every agent's call
+and recorded in the same audit log: which pids it may signal (listed ones, or
+descendants of a listed parent), which directories it may remove files from,
+which agents it may suspend or kill, which settings it may change and within
+what bounds, and how large a blast radius one call may accept (process-tree
+size, files and bytes removed). Anything else is denied by the monitor and
+audited. The host tools add what no grant can lift: never pid 0 or 1, the
+kernel or its ancestors; the kernel never lets an agent signal itself.
+
+What remains here is the operator's own workflow, which protects nothing by
+itself: a rate limit per kind of action, dry-run, and the approval queue in
+which a destructive action waits for a human (`llmos operator approve ID`).
 """
 
 from __future__ import annotations
@@ -18,30 +23,18 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from llmos.agents.operator.actions import (
-    ACTION_KINDS,
-    POLICIES,
-    SETTINGS,
-    KillAgent,
-    KillProcess,
-    RemoveFiles,
-    ReniceProcess,
-    SetSetting,
-    SuspendAgent,
-    parse_action,
-)
-from llmos.agents.operator.observe import granted_processes
+from llmos.agents.operator.actions import POLICIES, parse_action
 
 ALLOW, DENY, DRY_RUN, NEEDS_APPROVAL = "allow", "deny", "dry_run", "needs_approval"
-_INT_RANGES = {"quantum": (1, 65536), "max_running": (1, 4096), "kv_blocks": (1, 1 << 24)}
+# The settings the operator may change and their bounds (a tuple of values, or an integer range).
+SETTING_BOUNDS: dict[str, tuple] = {"policy": POLICIES, "quantum": (1, 65536), "max_running": (1, 4096),
+                                    "kv_blocks": (1, 1 << 24)}
 
 
 @dataclass(frozen=True)
@@ -56,48 +49,77 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Grants:
-    """What the operator may touch; everything else is refused."""
+    """What the operator may touch, as grants for the reference monitor; everything else is denied."""
 
     pids: frozenset[int] = frozenset()
     children_of: frozenset[int] = frozenset()  # descendants of these (not the parents themselves)
-    paths: tuple[Path, ...] = ()
-    agents: frozenset[int] | None = frozenset()  # None: every agent except the operator's own
-    settings: frozenset[str] = frozenset(SETTINGS)
-    self_pid: int = field(default_factory=os.getpid)  # the host process the operator runs in
-    self_agent: int | None = None  # the operator's own agent pid, when it runs on the kernel
+    paths: tuple[Path, ...] = ()  # files strictly inside these directories
+    agents: frozenset[int] | None = frozenset()  # None: every agent (the kernel refuses its own pid)
+    settings: Mapping[str, tuple] = field(default_factory=lambda: dict(SETTING_BOUNDS))
+    max_tree: int = 8  # a process action may affect this many processes at most (target + descendants)
+    max_files: int = 10_000  # one removal may delete this many files at most ...
+    max_bytes: int = 2 * 2**30  # ... and this many bytes
+
+    def within(self, pid: int) -> int | None:
+        """The granted parent `pid` descends from, when it is not granted by itself (a tool argument)."""
+        if pid in self.pids:
+            return None
+        import psutil
+
+        try:
+            ancestors = {p.pid for p in psutil.Process(pid).parents()}
+        except psutil.Error:
+            return None
+        return next((p for p in sorted(self.children_of) if p in ancestors), None)
+
+    def capabilities(self) -> list[dict[str, Any]]:
+        """The grants (policy-file form) the operator's process holds."""
+        out: list[dict[str, Any]] = [{"tool": "kernel.stats"}]
+        process_bounds = {"host.kill_process": {"max_tree": {"min": 1, "max": self.max_tree}},
+                          "host.renice_process": {"nice": {"min": 0, "max": 19}}}
+        for tool, bounds in process_bounds.items():
+            for arg, pids in (("pid", self.pids), ("within", self.children_of)):
+                if pids:
+                    out.append({"tool": tool, "allow": {arg: [str(p) for p in sorted(pids)]},
+                                "bounds": bounds})
+        blast = {"max_files": {"min": 1, "max": self.max_files},
+                 "max_bytes": {"min": 0, "max": self.max_bytes}}
+        for root in self.paths:
+            out.append({"tool": "host.remove_files", "root": os.path.realpath(root),
+                        "paths": {"path": ["**"]}, "bounds": blast})
+        signals: dict[str, list[str]] = {"signal": ["suspend", "kill"]}
+        if self.agents is None:
+            out.append({"tool": "kernel.signal", "allow": signals})
+        elif self.agents:
+            targets = [str(a) for a in sorted(self.agents)]
+            out.append({"tool": "kernel.signal", "allow": {**signals, "target": targets}})
+        for name, bound in self.settings.items():
+            if name == "policy":
+                out.append({"tool": "kernel.configure", "allow": {"policy": list(bound)}})
+            else:
+                out.append({"tool": "kernel.configure",
+                            "bounds": {name: {"min": bound[0], "max": bound[1]}}})
+        return out
 
 
 @dataclass(frozen=True)
 class Limits:
-    kinds: frozenset[str] = frozenset(ACTION_KINDS)
     rate: tuple[int, float] = (3, 60.0)  # at most n actions of one kind per window seconds
-    max_tree: int = 8  # a process action may affect this many processes at most (target + descendants)
-    max_files: int = 10_000  # one remove_files may delete this many files at most ...
-    max_bytes: int = 2 * 2**30  # ... and this many bytes
-    max_setting_factor: float = 4.0  # an integer setting may move by this factor at most per action
     approval: frozenset[str] = frozenset({"kill_process", "kill_agent", "remove_files"})
 
 
 class Guardrails:
-    """Checks every proposed action; remembers executed ones for the rate limit."""
+    """The operator's workflow gate: rate limit, dry-run, approval. Protection is the monitor's."""
 
-    def __init__(self, grants: Grants, limits: Limits | None = None, dry_run: bool = False,
-                 settings: Callable[[], dict[str, Any]] | None = None) -> None:
-        self.grants = grants
+    def __init__(self, limits: Limits | None = None, dry_run: bool = False) -> None:
         self.limits = limits or Limits()
         self.dry_run = dry_run
-        self.settings = settings  # current llmos settings, to bound how far a change moves
         self._done: dict[str, deque[float]] = {}
 
     def check(self, action: Any, approved: bool = False, now: float | None = None) -> Verdict:
         now = time.monotonic() if now is None else now
-        if action.kind not in self.limits.kinds:
-            return Verdict(DENY, f"action kind {action.kind!r} is not allowlisted")
         if action.kind == "none":
             return Verdict(ALLOW, "no action")
-        refusal = self._target(action)
-        if refusal:
-            return Verdict(DENY, refusal)
         n, window = self.limits.rate
         recent = [t for t in self._done.get(action.kind, ()) if now - t < window]
         if len(recent) >= n:
@@ -107,104 +129,12 @@ class Guardrails:
             return Verdict(DRY_RUN, "dry run: would act")
         if action.destructive and action.kind in self.limits.approval and not approved:
             return Verdict(NEEDS_APPROVAL, f"{action.kind} is destructive: waits for a human approval")
-        return Verdict(ALLOW, "within grants and limits")
+        return Verdict(ALLOW, "to the reference monitor")
 
     def executed(self, action: Any, now: float | None = None) -> None:
         """Count an executed action against its kind's rate limit."""
         self._done.setdefault(action.kind, deque(maxlen=1024)).append(
             time.monotonic() if now is None else now)
-
-    def granted_pids(self) -> set[int]:
-        return set(granted_processes(self.grants.pids, self.grants.children_of))
-
-    # -- targets ---------------------------------------------------------------------------------------
-
-    def _target(self, action: Any) -> str | None:
-        if isinstance(action, (KillProcess, ReniceProcess)):
-            return self._process(action)
-        if isinstance(action, (SuspendAgent, KillAgent)):
-            return self._agent(action.pid)
-        if isinstance(action, SetSetting):
-            return self._setting(action)
-        if isinstance(action, RemoveFiles):
-            return self._path(action.path)
-        return f"unknown action {action!r}"
-
-    def _process(self, action: KillProcess | ReniceProcess) -> str | None:
-        pid = action.pid
-        if pid <= 1:
-            return f"pid {pid} is never a target (init and the kernel's idle task)"
-        if pid == self.grants.self_pid:
-            return f"pid {pid} is the operator itself"
-        try:
-            if pid in {p.pid for p in psutil.Process(self.grants.self_pid).parents()}:
-                return f"pid {pid} is an ancestor of the operator"
-        except psutil.Error:
-            pass
-        if pid not in self.granted_pids():
-            return f"pid {pid} was not granted to the operator (or has exited)"
-        try:
-            proc = psutil.Process(pid)
-            tree = 1 + len(proc.children(recursive=True))
-            nice = proc.nice()
-        except psutil.Error:
-            return f"pid {pid} has exited"
-        if tree > self.limits.max_tree:
-            return f"blast radius: pid {pid} heads {tree} processes (at most {self.limits.max_tree})"
-        if isinstance(action, ReniceProcess) and action.nice < nice:
-            return f"renice may only lower a priority: pid {pid} is at nice {nice}, asked {action.nice}"
-        return None
-
-    def _agent(self, pid: int) -> str | None:
-        if self.grants.self_agent is not None and pid == self.grants.self_agent:
-            return f"agent {pid} is the operator itself"
-        if self.grants.agents is not None and pid not in self.grants.agents:
-            return f"agent {pid} was not granted to the operator"
-        return None
-
-    def _setting(self, action: SetSetting) -> str | None:
-        name, value = action.name, action.value
-        if name not in self.grants.settings:
-            return f"setting {name!r} was not granted to the operator"
-        if name == "policy":
-            if value not in POLICIES:
-                return f"policy must be one of {', '.join(POLICIES)}, got {value!r}"
-            return None
-        if not isinstance(value, int) or isinstance(value, bool):
-            return f"{name} must be an integer, got {value!r}"
-        lo, hi = _INT_RANGES[name]
-        if not lo <= value <= hi:
-            return f"{name} must be in [{lo}, {hi}], got {value}"
-        current = (self.settings() if self.settings else {}).get(name)
-        if isinstance(current, int) and current > 0:
-            factor = max(value / current, current / value)
-            if factor > self.limits.max_setting_factor:
-                return (f"blast radius: {name} {current} -> {value} moves it {factor:.1f}x "
-                        f"(at most {self.limits.max_setting_factor:g}x per action)")
-        return None
-
-    def _path(self, path: str) -> str | None:
-        target = Path(os.path.realpath(path))
-        roots = [Path(os.path.realpath(r)) for r in self.grants.paths]
-        if not any(target != root and target.is_relative_to(root) for root in roots):
-            return f"path {path} is not inside a granted directory"
-        if not target.exists():
-            return f"path {path} does not exist"
-        files = size = 0
-        if target.is_dir():
-            for dirpath, _, names in os.walk(target):
-                for name in names:
-                    files += 1
-                    try:
-                        size += os.lstat(os.path.join(dirpath, name)).st_size
-                    except OSError:
-                        pass
-        else:
-            files, size = 1, target.lstat().st_size
-        if files > self.limits.max_files or size > self.limits.max_bytes:
-            return (f"blast radius: {path} holds {files} files, {size} bytes "
-                    f"(at most {self.limits.max_files} files, {self.limits.max_bytes} bytes)")
-        return None
 
 
 class ApprovalQueue:

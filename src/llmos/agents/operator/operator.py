@@ -1,27 +1,28 @@
 """The operator: a sysadmin agent that observes, detects, proposes, guards, acts, verifies and rolls back.
 
 One `tick` is one pass of the loop. Each subject (a process, a scratch
-directory, an agent, the engine) has at most one action in flight; an action
-runs only with the guardrails' ALLOW; after it runs, its signal must recover
-before the deadline, and a setting change that did not recover it (or made it
-worse) is reverted with the values `configure` returned. Every step (finding,
-proposal, verdict, action, verification, rollback) is appended to the audit
-log with the evidence behind it.
+directory, an agent, the engine) has at most one action in flight. Every
+action is a syscall of the operator's process (`Actuator`): a host tool
+through `sys.tool_call`, a setting or an agent signal through the kernel's
+privileged syscalls, so the reference monitor decides it against the
+operator's grants and the audit log records it, like any agent's call; a
+denial is a "refused" step. Before that, the operator's own workflow
+(guardrails.py) paces it, and a destructive action is first checked with
+the tools' dry run, then waits for a human's approval. After an action runs,
+its signal must recover before the deadline; a setting change that did not
+recover it (or made it worse) is reverted with the values `configure`
+returned. The loop's steps are `events` (what `llmos operator` prints).
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-import psutil
+from typing import Any
 
 from llmos.agents.operator.actions import (
     KillAgent,
@@ -33,36 +34,17 @@ from llmos.agents.operator.actions import (
     SuspendAgent,
 )
 from llmos.agents.operator.detect import Detector, Finding, clears
-from llmos.agents.operator.guardrails import ALLOW, NEEDS_APPROVAL, ApprovalQueue, Guardrails, Verdict
+from llmos.agents.operator.guardrails import (
+    ALLOW,
+    DENY,
+    DRY_RUN,
+    NEEDS_APPROVAL,
+    ApprovalQueue,
+    Grants,
+    Guardrails,
+)
 from llmos.agents.operator.observe import Observation, Observer
 from llmos.agents.operator.policy import Attempt
-
-
-class Audit(Protocol):
-    def append(self, agent: str, tool: str, args: dict, labels: dict | None, decision: str, reason: str,
-               evidence: dict | None = None) -> int: ...
-
-
-class MemoryAudit:
-    """An audit log kept in memory (tests, benchmarks); same signature as the security layer's AuditLog."""
-
-    def __init__(self) -> None:
-        self.entries: list[dict[str, Any]] = []
-
-    def append(self, agent: str, tool: str, args: dict, labels: dict | None, decision: str, reason: str,
-               evidence: dict | None = None) -> int:
-        self.entries.append({"agent": agent, "tool": tool, "args": args, "labels": labels,
-                             "decision": decision, "reason": reason, "evidence": evidence})
-        return len(self.entries)
-
-
-class Control(Protocol):
-    """The kernel side of the operator's actions (a `Kernel` has these)."""
-
-    def settings(self) -> dict[str, Any]: ...
-    def configure(self, **changes: Any) -> dict[str, Any]: ...
-    def kill(self, pid: int, reason: str) -> Any: ...
-    def suspend(self, pid: int) -> Any: ...
 
 
 @dataclass
@@ -70,70 +52,68 @@ class Outcome:
     ok: bool
     detail: str
     undo: dict[str, Any] | None = None  # settings to restore on rollback
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+    denied: bool = False  # the reference monitor refused the call (the action did not run)
 
 
 class Actuator:
-    """Carries out allowed actions on the host (psutil, files) and on llmos (the kernel's Control)."""
+    """Carries out actions as syscalls of the operator's process `sys`; `grants` only picks arguments
+    (which granted parent a pid descends from, the blast radius to accept), the monitor decides."""
 
-    def __init__(self, control: Control | None = None) -> None:
-        self.control = control
+    def __init__(self, sys: Any, grants: Grants | None = None) -> None:
+        self.sys = sys
+        self.grants = grants or Grants()
 
-    async def execute(self, action: Any) -> Outcome:
+    async def execute(self, action: Any, dry_run: bool = False) -> Outcome:
+        """Run `action` (or, with `dry_run`, have the monitor and the host tool check it, doing nothing)."""
+        from llmos.kernel import SyscallError
+
         try:
-            return await self._execute(action)
-        except (psutil.Error, OSError, ValueError, KeyError, RuntimeError) as e:
-            return Outcome(False, f"{type(e).__name__}: {e}")
+            return await self._execute(action, dry_run)
+        except SyscallError as e:
+            return Outcome(False, str(e), denied=str(e).startswith("denied"))
 
-    async def _execute(self, action: Any) -> Outcome:
+    async def _execute(self, action: Any, dry_run: bool) -> Outcome:
         if isinstance(action, NoAction):
             return Outcome(True, "nothing done")
-        if isinstance(action, KillProcess):
-            proc = psutil.Process(action.pid)
-            tree = [*proc.children(recursive=True), proc]
-            for p in tree:
-                try:
-                    p.kill()
-                except psutil.NoSuchProcess:
-                    pass
-            gone, alive = psutil.wait_procs(tree, timeout=3)
-            return Outcome(not alive, f"killed {len(gone)} process(es)" + (f", {len(alive)} survived"
-                                                                             if alive else ""))
-        if isinstance(action, ReniceProcess):
-            proc = psutil.Process(action.pid)
-            before = proc.nice()
-            proc.nice(action.nice)
-            return Outcome(True, f"nice {before} -> {action.nice}")
-        if isinstance(action, RemoveFiles):
-            target = Path(action.path)
-            size = sum(f.lstat().st_size for f in target.rglob("*") if f.is_file()) if target.is_dir() \
-                else target.lstat().st_size
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            else:
-                target.unlink()
-            return Outcome(True, f"removed {action.path} ({size} bytes)")
-        if self.control is None:
-            return Outcome(False, f"{action.kind} needs the kernel, and the operator runs without one")
+        if isinstance(action, KillProcess | ReniceProcess | RemoveFiles):
+            tool, args = self._host_call(action)
+            result = await self.sys.tool_call(tool, {**args, "dry_run": True} if dry_run else args)
+            if result.ok:
+                return Outcome(True, str(result.content))
+            return Outcome(False, str(result.error), denied=str(result.error).startswith("denied"))
+        if dry_run:  # the kernel's syscalls have no dry run: the monitor decides when it runs
+            return Outcome(True, f"would {action.kind.replace('_', ' ')} {action.target()}")
         if isinstance(action, SuspendAgent):
-            await _maybe_await(self.control.suspend(action.pid))
+            await self.sys.suspend(action.pid)
             return Outcome(True, f"agent {action.pid} suspended")
         if isinstance(action, KillAgent):
-            await _maybe_await(self.control.kill(action.pid, action.reason or "killed by the operator"))
+            await self.sys.kill(action.pid, action.reason or "killed by the operator")
             return Outcome(True, f"agent {action.pid} killed")
         if isinstance(action, SetSetting):
-            previous = await _maybe_await(self.control.configure(**{action.name: action.value}))
+            previous = await self.sys.configure(**{action.name: action.value})
             undo = {action.name: previous[action.name]}
             return Outcome(True, f"{action.name} {previous[action.name]} -> {action.value}", undo)
         return Outcome(False, f"cannot execute {action!r}")
 
+    def _host_call(self, action: Any) -> tuple[str, dict[str, Any]]:
+        if isinstance(action, RemoveFiles):
+            return "host.remove_files", {"path": os.path.normpath(os.path.abspath(action.path)),
+                                         "max_files": self.grants.max_files,
+                                         "max_bytes": self.grants.max_bytes, "reason": action.reason}
+        args: dict[str, Any] = {"pid": action.pid, "reason": action.reason}
+        if (within := self.grants.within(action.pid)) is not None:
+            args["within"] = within
+        if isinstance(action, KillProcess):
+            return "host.kill_process", {**args, "max_tree": self.grants.max_tree}
+        return "host.renice_process", {**args, "nice": action.nice}
+
     async def rollback(self, undo: dict[str, Any]) -> Outcome:
-        if self.control is None:
-            return Outcome(False, "no kernel to roll back on")
-        await _maybe_await(self.control.configure(**undo))
+        from llmos.kernel import SyscallError
+
+        try:
+            await self.sys.configure(**undo)
+        except SyscallError as e:
+            return Outcome(False, str(e), denied=str(e).startswith("denied"))
         return Outcome(True, f"restored {undo}")
 
 
@@ -162,16 +142,14 @@ class _InFlight:
 class Operator:
     observer: Observer
     proposer: Any  # FallbackPolicy or LLMProposer: async propose(finding, obs, attempts) -> action
-    guardrails: Guardrails
+    actuator: Actuator
+    guardrails: Guardrails = field(default_factory=Guardrails)
     detector: Detector = field(default_factory=Detector)
-    actuator: Actuator = field(default_factory=Actuator)
-    audit: Audit = field(default_factory=MemoryAudit)
     approvals: ApprovalQueue | None = None
     verify_s: float = 10.0  # a signal must recover this long after its action
     worse_factor: float = 1.5  # a setting change whose signal grows past this factor is rolled back early;
     # one that only shrinks it by this factor (not under its limit) is kept as a partial fix
     cooldown_s: float = 5.0  # a subject left alone (no action, refused, queued) is not re-proposed sooner
-    name: str = "operator"
     on_event: Callable[[Event], None] | None = None
     events: list[Event] = field(default_factory=list)
     _inflight: dict[str, _InFlight] = field(default_factory=dict)
@@ -225,21 +203,28 @@ class Operator:
     async def _handle(self, finding: Finding, obs: Observation) -> None:
         evidence = {"finding": finding.as_dict(), **obs.evidence(finding.subject)}
         self._emit(obs.t, "finding", finding.subject, None, finding.describe())
-        self._audit("detect", {}, "observe", finding.describe(), evidence)
         attempts = self._attempts.get(finding.subject, [])
         action = await self.proposer.propose(finding, obs, attempts)
-        args = action.model_dump()
-        self._emit(obs.t, "proposal", finding.subject, args, f"by {self.proposer.name}")
+        self._emit(obs.t, "proposal", finding.subject, action.model_dump(), f"by {self.proposer.name}")
         verdict = self.guardrails.check(action)
-        self._audit(action.kind, args, verdict.decision, verdict.reason,
-                    {**evidence, "proposer": self.proposer.name})
-        if isinstance(action, NoAction) or not verdict.allowed:
-            self._refused(obs, finding, action, verdict, evidence)
+        if isinstance(action, NoAction) or verdict.decision == DENY:
+            self._refused(obs, finding, action, verdict.reason)
             return
-        await self._act(obs, finding, action, evidence)
+        if verdict.decision in (DRY_RUN, NEEDS_APPROVAL):
+            # the monitor and the tool check it now (no side effect), so a human is never asked to
+            # approve, and a dry run never reports, an action that would be refused
+            check = await self.actuator.execute(action, dry_run=True)
+            if not check.ok:
+                self._refused(obs, finding, action, check.detail)
+            else:
+                self._refused(obs, finding, action, f"{verdict.reason}: {check.detail}", verdict.decision,
+                              evidence)
+            return
+        await self._act(obs, finding, action)
 
-    def _refused(self, obs: Observation, finding: Finding, action: Any, verdict: Verdict,
-                 evidence: dict[str, Any]) -> None:
+    def _refused(self, obs: Observation, finding: Finding, action: Any, detail: str, decision: str = DENY,
+                 evidence: dict[str, Any] | None = None) -> None:
+        """The subject is left alone for a cooldown: no action, refused, a dry run, or queued."""
         self._quiet_until[finding.subject] = obs.t + self.cooldown_s
         if finding.source == "baseline":
             self._quiet_baseline.add(finding.subject)
@@ -247,20 +232,20 @@ class Operator:
             self._quiet_baseline.discard(finding.subject)
         if isinstance(action, NoAction):
             return
-        step = {NEEDS_APPROVAL: "queued", "dry_run": "dry_run"}.get(verdict.decision, "refused")
-        detail = verdict.reason
-        if verdict.decision == NEEDS_APPROVAL and self.approvals is not None:
+        step = {NEEDS_APPROVAL: "queued", DRY_RUN: "dry_run"}.get(decision, "refused")
+        if decision == NEEDS_APPROVAL and self.approvals is not None:
             approval_id = self.approvals.submit(action, evidence)
             self._awaiting[finding.subject] = approval_id  # the subject waits for the human, not re-proposed
             detail += f" (approval id {approval_id})"
         self._emit(obs.t, step, finding.subject, action.model_dump(), detail)
 
-    async def _act(self, obs: Observation, finding: Finding, action: Any, evidence: dict[str, Any],
-                   note: str = "") -> bool:
+    async def _act(self, obs: Observation, finding: Finding, action: Any, note: str = "") -> bool:
         outcome = await self.actuator.execute(action)
-        self.guardrails.executed(action)
         args = action.model_dump()
-        self._audit(action.kind, args, "executed" if outcome.ok else "failed", outcome.detail, evidence)
+        if outcome.denied:
+            self._refused(obs, finding, action, note + outcome.detail)
+            return False
+        self.guardrails.executed(action)
         self._emit(time.monotonic(), "acted" if outcome.ok else "failed", finding.subject, args,
                    note + outcome.detail)
         if not outcome.ok:
@@ -287,23 +272,18 @@ class Operator:
             del self._inflight[subject]
             self._attempt(subject, f.action, None if partial else recovered)
             args = f.action.model_dump()
-            evidence = {"finding": f.finding.as_dict(), "value_now": value, **obs.evidence(subject)}
             if recovered:
                 detail = f"{f.finding.signal} back under {f.finding.limit:g} after {obs.t - f.started:.1f}s"
-                self._audit("verify", args, "recovered", detail, evidence)
                 self._emit(obs.t, "recovered", subject, args, detail)
                 continue
             detail = f"{f.finding.signal} {'grew to' if worse else 'still'} {value}"
             if not worse:
                 detail += f" after {self.verify_s:g}s" + (" (kept: it helped)" if partial else "")
             self._quiet_until[subject] = obs.t + self.cooldown_s
-            self._audit("verify", args, "unrecovered", detail, evidence)
             self._emit(obs.t, "unrecovered", subject, args, detail)
             if f.undo is not None and not partial:
                 outcome = await self.actuator.rollback(f.undo)
-                self._audit("rollback", f.undo, "executed" if outcome.ok else "failed", outcome.detail,
-                            evidence)
-                self._emit(obs.t, "rolled_back", subject, f.undo, outcome.detail)
+                self._emit(obs.t, "rolled_back" if outcome.ok else "failed", subject, f.undo, outcome.detail)
 
     async def _run_approved(self, obs: Observation) -> set[str]:
         """Run what a human approved since the last tick; the subjects acted on."""
@@ -315,14 +295,11 @@ class Operator:
                 "approved", action.target(), "", 0.0, 0.0, "human")
             self._awaiting.pop(finding.subject, None)
             verdict = self.guardrails.check(action, approved=True)
-            evidence = {**evidence, "approval": approval_id}
-            self._audit(action.kind, action.model_dump(), verdict.decision,
-                        f"approved as #{approval_id}: {verdict.reason}", evidence)
             if verdict.decision != ALLOW:
                 self.approvals.finish(approval_id, "refused")
                 self._emit(obs.t, "refused", finding.subject, action.model_dump(), verdict.reason)
                 continue
-            ok = await self._act(obs, finding, action, evidence, f"approved #{approval_id}: ")
+            ok = await self._act(obs, finding, action, f"approved #{approval_id}: ")
             self.approvals.finish(approval_id, "done" if ok else "failed")
             acted.add(finding.subject)
         return acted
@@ -335,10 +312,6 @@ class Operator:
         self.events.append(event)
         if self.on_event:
             self.on_event(event)
-
-    def _audit(self, tool: str, args: dict[str, Any], decision: str, reason: str,
-               evidence: dict[str, Any] | None) -> None:
-        self.audit.append(self.name, f"operator.{tool}", args, None, decision, reason, evidence)
 
 
 def default_approvals_path() -> Path:
