@@ -7,8 +7,6 @@ they lack is the key, so their recomputed hashes are plain SHA-256 or HMACs unde
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import shutil
@@ -19,51 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from llmos.security.audit import _FIELDS, AuditLog, AuditTampered, _canonical, verify_file
+from llmos.security import audit_attacks as attacks
+from llmos.security.audit import AuditLog, AuditTampered, verify_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audit_main_f02445c.db"
 LLMOS = str(Path(sys.executable).with_name("llmos"))
-GUESSED_KEY = b"\0" * 32
 
 
 def _log(tmp_path: Path, n: int = 6) -> Path:
-    """A log of `n` decisions, every third one a deny, closed."""
-    path = tmp_path / "audit.db"
-    log = AuditLog(path)
-    for i in range(n):
-        denied = i % 3 == 2
-        log.append("agent-1", "send_money", {"iban": f"DE{i:02d}", "amount": 10 * i}, None,
-                   "deny" if denied else "allow", "denied by flow policy" if denied else "granted")
-    log.close()
-    return path
+    return attacks.make_log(tmp_path, n)
 
 
 def _attacker(path: Path) -> sqlite3.Connection:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("DROP TRIGGER IF EXISTS audit_no_update")
-    db.execute("DROP TRIGGER IF EXISTS audit_no_delete")
-    return db
-
-
-def _forge_hash(row: dict, how: str) -> str:
-    data = _canonical([row[f] for f in _FIELDS]).encode()
-    if how == "sha256":  # the unkeyed chain main used to write
-        return hashlib.sha256(data).hexdigest()
-    return hmac.new(GUESSED_KEY, b"row:" + data, hashlib.sha256).hexdigest()
-
-
-def _rechain(db: sqlite3.Connection, start: int, how: str) -> None:
-    """Recompute every row's hash and link from `start` on, as an attacker without the key can."""
-    cols = [d[1] for d in db.execute("PRAGMA table_info(audit)")]
-    prev = db.execute("SELECT hash FROM audit WHERE id = ?", (start - 1,)).fetchone()
-    prev_hash = prev[0] if prev else "0" * 64
-    for values in db.execute("SELECT * FROM audit WHERE id >= ? ORDER BY id", (start,)).fetchall():
-        row = dict(zip(cols, values, strict=True))
-        row["prev_hash"] = prev_hash
-        row["hash"] = _forge_hash(row, how)
-        db.execute("UPDATE audit SET prev_hash = ?, hash = ? WHERE id = ?", (row["prev_hash"], row["hash"],
-                                                                             row["id"]))
-        prev_hash = row["hash"]
+    return attacks.attacker(path)
 
 
 def _tampered(path: Path, row: int | None, text: str) -> None:
@@ -76,76 +42,60 @@ def _tampered(path: Path, row: int | None, text: str) -> None:
 
 def test_deleting_the_tail_and_fixing_the_head(tmp_path: Path):
     path = _log(tmp_path)
-    db = _attacker(path)
-    db.execute("DELETE FROM audit WHERE id > 4")
-    # the old head record is gone; an attacker rebuilding one can only write it in the database
-    db.execute("CREATE TABLE IF NOT EXISTS audit_head (one INTEGER PRIMARY KEY, count INTEGER, hash TEXT)")
-    last = db.execute("SELECT hash FROM audit WHERE id = 4").fetchone()[0]
-    db.execute("INSERT OR REPLACE INTO audit_head VALUES (1, 4, ?)", (last,))
-    db.close()
+    attacks.delete_tail_and_fix_head(path)
     _tampered(path, 5, "the log ends at row 4 but the anchor records 6 rows (rows were removed from the end)")
 
 
 @pytest.mark.parametrize("how", ["sha256", "guessed-key"])
 def test_flipping_a_deny_into_an_allow_and_recomputing_the_chain(tmp_path: Path, how: str):
     path = _log(tmp_path)
-    db = _attacker(path)
-    db.execute("UPDATE audit SET decision = 'allow', reason = 'granted' WHERE id = 3")
-    _rechain(db, 3, how)
-    db.close()
+    attacks.flip_deny_and_rechain(path, how)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT decision FROM audit WHERE id = 3").fetchone() == ("allow",)
     _tampered(path, 3, "row 3 was modified (its hash does not match)")
 
 
 @pytest.mark.parametrize("how", ["sha256", "guessed-key"])
 def test_appending_a_forged_row(tmp_path: Path, how: str):
     path = _log(tmp_path)
-    db = _attacker(path)
-    cols = [d[1] for d in db.execute("PRAGMA table_info(audit)")]
-    row = dict(zip(cols, db.execute("SELECT * FROM audit WHERE id = 6").fetchone(), strict=True))
-    row.update(id=7, tool="send_money", decision="allow", reason="granted", prev_hash=row["hash"])
-    row["hash"] = _forge_hash(row, how)
-    db.execute(f"INSERT INTO audit VALUES ({', '.join('?' * len(cols))})", [row[c] for c in cols])
-    db.close()
+    attacks.append_forged_row(path, how)
     _tampered(path, 7, "row 7 was modified (its hash does not match)")
 
 
 def test_emptying_the_log(tmp_path: Path):
     path = _log(tmp_path)
-    db = _attacker(path)
-    db.execute("DELETE FROM audit")
-    db.close()
+    attacks.empty_log(path)
     _tampered(path, 1, "the log ends at row 0 but the anchor records 6 rows")
 
 
-def test_replacing_the_database_with_a_fresh_one(tmp_path: Path):
+def test_replacing_or_deleting_the_database(tmp_path: Path):
     path = _log(tmp_path)
-    for f in tmp_path.glob("audit.db*"):
-        if f.suffix not in (".key", ".anchor"):
-            f.unlink()
-    sqlite3.connect(path).close()  # an empty file where the log was
+    attacks.replace_database(path)
     _tampered(path, 1, "the log ends at row 0 but the anchor records 6 rows")
-    path.unlink()
+    attacks.delete_database(path)
     _tampered(path, None, "is gone, but its anchor")
     (tmp_path / "audit.db.anchor").unlink()
     assert verify_file(path) == (False, None, f"no audit log at {path}", "DAMAGED")
+
+
+def test_every_attack_of_the_bench_suite_is_detected():
+    cases = attacks.audit_attack_cases()
+    assert len(cases) == len(attacks.ATTACKS) == 14
+    assert {name: check()[0] for name, check in cases.items()} == {name: True for name in cases}
 
 
 # -- the anchor and the key ------------------------------------------------------------------------------
 
 def test_rewriting_the_anchor_without_the_key(tmp_path: Path):
     path = _log(tmp_path)
-    db = _attacker(path)
-    db.execute("DELETE FROM audit WHERE id > 4")
-    last = db.execute("SELECT hash FROM audit WHERE id = 4").fetchone()[0]
-    db.close()
     anchor = tmp_path / "audit.db.anchor"
     body = json.loads(anchor.read_text())
-    body.update(count=4, head=last)
+    body.update(count=4)
     anchor.write_text(json.dumps(body))  # the old MAC no longer matches
     _tampered(path, None, "was modified (its MAC does not match)")
-    body["mac"] = hmac.new(GUESSED_KEY, b"anchor:" + _canonical([4, last, 1]).encode(),
-                           hashlib.sha256).hexdigest()
-    anchor.write_text(json.dumps(body))
+    (tmp_path / "b").mkdir()
+    path = _log(tmp_path / "b")
+    attacks.truncate_and_reanchor(path)
     _tampered(path, None, "was modified (its MAC does not match)")
 
 
@@ -192,10 +142,7 @@ def test_rewriting_a_row_from_before_the_key(tmp_path: Path):
     shutil.copyfile(FIXTURE, path)
     log = AuditLog(path)
     log.close()
-    db = _attacker(path)
-    db.execute("UPDATE audit SET decision = 'allow' WHERE id = 3")
-    _rechain(db, 3, "sha256")
-    db.close()
+    attacks.flip_deny_and_rechain(path)  # row 3 is the fixture's deny
     _tampered(path, 4, "row 4 is not the row the anchor recorded as the head")
     shutil.copyfile(FIXTURE, path)  # the same, with a keyed row after the migration point
     for f in (tmp_path / "audit.db.key", tmp_path / "audit.db.anchor"):
@@ -203,39 +150,19 @@ def test_rewriting_a_row_from_before_the_key(tmp_path: Path):
     log = AuditLog(path)
     log.append("agent-1", "read_file", {"path": "x"}, None, "allow", "granted")
     log.close()
-    db = _attacker(path)
-    db.execute("UPDATE audit SET decision = 'allow' WHERE id = 3")
-    _rechain(db, 3, "sha256")
-    db.close()
+    attacks.flip_deny_and_rechain(path)
     _tampered(path, 5, "row 5 was modified")
 
 
 # -- damaged files and the command line ------------------------------------------------------------------
 
-def _checkpointed(tmp_path: Path, n: int = 60) -> Path:
-    path = _log(tmp_path, n)
-    db = sqlite3.connect(path)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    db.close()
-    return path
-
-
 def test_truncated_garbled_and_foreign_files(tmp_path: Path):
-    path = _checkpointed(tmp_path)
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        f.truncate(size // 2)
-    verdict = verify_file(path)
-    assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
-
-    other = tmp_path / "g"
-    other.mkdir()
-    path = _checkpointed(other)
-    with open(path, "r+b") as f:
-        f.seek(path.stat().st_size - 3000)
-        f.write(os.urandom(2000))
-    verdict = verify_file(path)
-    assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
+    for n, attack in enumerate((attacks.truncate_file, attacks.garble_file)):
+        (tmp_path / str(n)).mkdir()
+        path = attacks.make_log(tmp_path / str(n), 60)
+        attack(path)
+        verdict = verify_file(path)
+        assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
 
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not a database, just some text that is long enough to fill a header page " * 20)
