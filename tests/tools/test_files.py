@@ -1,14 +1,31 @@
-"""File tools stay inside the agent's working directory, whatever path they are given."""
+"""File tools stay inside the agent's working directory, whatever path they are given.
+
+Each test runs twice: resolution with openat2 (where the kernel has it) and with
+the per-component O_NOFOLLOW walk that replaces it elsewhere.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import stat
+import time
 from pathlib import Path
 
 import pytest
 
+from llmos.security import fs
+from llmos.security.sandbox import NOBODY
 from llmos.tools.base import ToolContext, ToolError, ToolRegistry
 from llmos.tools.files import file_tools
+
+
+@pytest.fixture(autouse=True, params=["openat2", "walk"])
+def resolution(request, monkeypatch):
+    if request.param == "openat2" and not fs.USE_OPENAT2:
+        pytest.skip("this kernel has no openat2")
+    monkeypatch.setattr(fs, "USE_OPENAT2", request.param == "openat2")
+    return request.param
 
 
 @pytest.fixture
@@ -73,6 +90,9 @@ def test_refuses_paths_outside(tools, ctx, tool, path, message):
     assert not (ctx.workdir.parent / "outside.txt").exists()
 
 
+SYMLINK = "goes through a symlink"
+
+
 def test_refuses_symlinks_leading_outside(tools, ctx, tmp_path):
     secret = tmp_path / "secret.txt"
     secret.write_text("top secret")
@@ -80,25 +100,97 @@ def test_refuses_symlinks_leading_outside(tools, ctx, tmp_path):
     outdir.mkdir()
     os.symlink(secret, ctx.workdir / "link.txt")
     os.symlink(outdir, ctx.workdir / "linkdir")
-    with pytest.raises(ToolError, match="outside the working directory"):
-        call(tools, "read_file", ctx, path="link.txt")
-    with pytest.raises(ToolError, match="outside the working directory"):
-        call(tools, "write_file", ctx, path="link.txt", content="pwned")
-    with pytest.raises(ToolError, match="outside the working directory"):
-        call(tools, "write_file", ctx, path="linkdir/new.txt", content="pwned")
-    with pytest.raises(ToolError, match="outside the working directory"):
-        call(tools, "list_files", ctx, path="linkdir")
+    os.symlink("../outdir", ctx.workdir / "rel")
+    for tool, path in [("read_file", "link.txt"), ("write_file", "link.txt"),
+                       ("write_file", "linkdir/new.txt"), ("list_files", "linkdir"), ("read_file", "rel/x"),
+                       ("write_file", "rel/x/y"), ("list_files", "rel")]:
+        link = path.split("/")[0]  # the message names the path up to the link
+        with pytest.raises(ToolError, match=f"'{link}[^']*' {SYMLINK}: .*outside the working directory"):
+            call(tools, tool, ctx, path=path, content="pwned")
     assert secret.read_text() == "top secret"
     assert list(outdir.iterdir()) == []
     # a recursive listing shows the links but never walks through them
     (outdir / "hidden").write_text("h")
-    assert call(tools, "list_files", ctx, recursive=True) == "link.txt\nlinkdir"
+    assert call(tools, "list_files", ctx, recursive=True) == "link.txt\nlinkdir\nrel"
 
 
-def test_symlink_inside_is_fine(tools, ctx):
+def test_symlinks_inside_are_refused_too(tools, ctx):
+    """A link inside the workdir could still lead around a path grant (docs/x -> ../secret.txt)."""
     (ctx.workdir / "real.txt").write_text("ok")
-    os.symlink("real.txt", ctx.workdir / "alias.txt")
-    assert call(tools, "read_file", ctx, path="alias.txt") == "ok"
+    (ctx.workdir / "docs").mkdir()
+    os.symlink("../real.txt", ctx.workdir / "docs" / "innocent.txt")
+    os.symlink("docs", ctx.workdir / "alias")
+    with pytest.raises(ToolError, match=f"'docs/innocent.txt' {SYMLINK}"):
+        call(tools, "read_file", ctx, path="docs/innocent.txt")
+    with pytest.raises(ToolError, match=f"'docs/innocent.txt' {SYMLINK}"):
+        call(tools, "write_file", ctx, path="docs/innocent.txt", content="x")
+    with pytest.raises(ToolError, match=f"'alias/innocent.txt' {SYMLINK}"):
+        call(tools, "read_file", ctx, path="alias/innocent.txt")
+    assert (ctx.workdir / "real.txt").read_text() == "ok"
+    assert call(tools, "read_file", ctx, path="real.txt") == "ok"
+
+
+def test_hard_links_are_refused(tools, ctx):
+    (ctx.workdir / "secret.txt").write_text("s")
+    (ctx.workdir / "docs").mkdir()
+    os.link(ctx.workdir / "secret.txt", ctx.workdir / "docs" / "innocent.txt")
+    for tool in ("read_file", "write_file"):
+        with pytest.raises(ToolError, match="docs/innocent.txt has 2 hard links: file tools refuse"):
+            call(tools, tool, ctx, path="docs/innocent.txt", content="overwritten")
+    assert (ctx.workdir / "secret.txt").read_text() == "s"
+
+
+def _special_files(workdir: Path) -> dict[str, Path]:
+    """A FIFO, a listening unix socket and a character device (a copy of /dev/zero) in the workdir."""
+    os.mkfifo(workdir / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(workdir / "sock"))
+    sock.listen(1)
+    out = {"fifo": workdir / "fifo", "sock": workdir / "sock"}
+    if os.getuid() == 0:
+        os.mknod(workdir / "zero", 0o666 | stat.S_IFCHR, os.makedev(1, 5))
+        out["zero"] = workdir / "zero"
+    return out
+
+
+def test_fifos_sockets_and_devices_are_refused_at_once(tools, ctx):
+    specials = _special_files(ctx.workdir)
+    reader = os.open(specials["fifo"], os.O_RDONLY | os.O_NONBLOCK)  # a reader present: write could open
+    try:
+        for name in specials:
+            for tool in ("read_file", "write_file"):
+                t0 = time.monotonic()
+                with pytest.raises(ToolError, match=f"{name} is not a regular file"):
+                    call(tools, tool, ctx, path=name, content="x")
+                assert time.monotonic() - t0 < 1
+    finally:
+        os.close(reader)
+    with pytest.raises(ToolError, match="fifo is not a regular file"):  # and with no reader
+        call(tools, "write_file", ctx, path="fifo", content="x")
+    assert stat.S_ISFIFO(os.lstat(specials["fifo"]).st_mode)
+
+
+def test_created_files_belong_to_the_sandbox_uid(tools, ctx):
+    if os.getuid() != 0:
+        pytest.skip("only root hands files to the sandbox's uid")
+    call(tools, "write_file", ctx, path="a/b/c.txt", content="x")
+    for p in ("a", "a/b", "a/b/c.txt"):
+        st = os.lstat(ctx.workdir / p)
+        assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), p
+    assert os.lstat(ctx.workdir).st_uid == 0  # the tools never chown the directory itself
+
+
+def test_write_file_keeps_the_disk_quota(ctx):
+    reg = ToolRegistry()
+    reg.register(*file_tools(disk_mb=1))
+    half = "x" * (600 << 10)
+    assert call(reg, "write_file", ctx, path="a", content=half) == f"wrote {len(half)} bytes to a"
+    with pytest.raises(ToolError, match="disk quota exceeded: .* would pass its quota of 1 MiB"):
+        call(reg, "write_file", ctx, path="b", content=half)
+    with pytest.raises(ToolError, match="disk quota exceeded"):
+        call(reg, "write_file", ctx, path="a", content=half, append=True)
+    assert not (ctx.workdir / "b").exists() and (ctx.workdir / "a").stat().st_size == len(half)
+    call(reg, "write_file", ctx, path="a", content=half)  # overwriting gives its space back first
 
 
 def test_clear_errors(tools, ctx):

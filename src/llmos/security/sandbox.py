@@ -33,6 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llmos.security import fs
+
 _INIT = str(Path(__file__).with_name("_sandbox_init.py"))
 CONFIG_VAR = "LLMOS_SANDBOX_CONFIG"  # the init reads its config here (its environ is root-only inside)
 NOBODY = 65534
@@ -51,6 +53,7 @@ class SandboxLimits:
     nproc: int = 64  # processes of the sandbox's uid
     nofile: int = 256
     fsize_mb: int = 64  # largest file it may write
+    disk_mb: int = 256  # the working directory's quota (all files together)
     tmp_mb: int = 64
     output_bytes: int = 1 << 20  # kept of each of stdout and stderr
 
@@ -92,18 +95,6 @@ def _config(argv: list[str], workdir: Path, limits: SandboxLimits, env: dict[str
     }
 
 
-def _give_to_sandbox_uid(workdir: Path) -> None:
-    """As root, hand the working directory to the sandbox's uid so it can write there (and nowhere else)."""
-    if os.getuid() != 0:
-        return
-    for dirpath, dirnames, filenames in os.walk(workdir):
-        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
-            try:
-                os.lchown(name, NOBODY, NOBODY)
-            except OSError:
-                pass
-
-
 def _reader(stream, limit: int, out: list[bytes], flags: dict) -> None:
     kept = 0
     while chunk := stream.read(65536):
@@ -137,8 +128,10 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
     base_env = {"PATH": SAFE_PATH, "HOME": inside, "TMPDIR": "/tmp" if use_ns else inside,
                 "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
     newroot = tempfile.mkdtemp(prefix="llmos-sandbox-") if use_ns else None
-    if use_ns:
-        _give_to_sandbox_uid(workdir)
+    if use_ns and os.getuid() == 0:
+        # Only the directory itself, by fd: what the kernel creates inside is the sandbox uid's from
+        # birth (security/fs.py), and a walk over a tree the sandbox controls could be led outside.
+        fs.give_root_to(workdir, NOBODY, NOBODY)
     cfg = _config(argv, workdir, limits, {**base_env, **(env or {})}, use_ns, newroot)
     out: list[bytes] = []
     err: list[bytes] = []

@@ -1,11 +1,17 @@
 """File tools: read, write and list files inside the agent's private working directory.
 
 This is the file-system half of an agent's protection domain (chroot-like):
-every path an agent names is relative to `ctx.workdir`, and a path that is
-absolute, climbs out with `..`, or reaches outside through a symlink is
-refused with a `ToolError` before any byte is read or written. The
-capability layer narrows this further (path globs); this layer guarantees
-that no file tool ever touches anything outside the working directory.
+every path an agent names is relative to `ctx.workdir`. A path that is
+absolute, climbs with `..`, or passes through a symlink anywhere along it is
+refused with a `ToolError` before any byte is read or written, and the check
+is the open itself (security/fs.py: resolution beneath a directory fd,
+openat2 or a per-component O_NOFOLLOW walk), so a sandbox running at the same
+time for the same agent cannot swap a directory for a link between a check and
+a use. Because no link is followed, the object opened is the one the path
+names lexically: a path grant such as `docs/**` (matched by the monitor on the
+path) covers exactly what the tool opens. Only regular files are read or
+written (a FIFO, socket or device is refused at once, never waited on), and
+`write_file` keeps the working directory under its disk quota.
 
 What `read_file` and `list_files` return is outside content (anyone could
 have written those files or chosen those names), so both are untrusted
@@ -15,9 +21,13 @@ outputs for information-flow control.
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
+from llmos.security import fs
+from llmos.security.sandbox import NOBODY, SandboxLimits
 from llmos.tools.base import Tool, ToolContext, ToolError
 
 MAX_READ_BYTES = 1 << 20  # a single read returns at most 1 MiB
@@ -25,65 +35,63 @@ MAX_WRITE_BYTES = 8 << 20
 MAX_LIST_ENTRIES = 1000
 
 
-def resolve_in_root(root: Path, path: Any, *, field: str = "path") -> Path:
-    """The real path `path` names under `root`; ToolError if it would leave `root`.
-
-    Checked twice: lexically (no absolute path, no `..`), then on the resolved
-    path (no symlink anywhere along it leads outside).
-    """
-    if not isinstance(path, str) or not path.strip():
-        raise ToolError(f"{field!r} must be a non-empty relative path, got {path!r}")
-    if "\x00" in path:
-        raise ToolError(f"{field!r} contains a NUL byte")
-    pure = PurePosixPath(path)
-    if pure.is_absolute() or path.startswith("~"):
-        raise ToolError(f"{field!r} must be relative to the working directory, got absolute path {path!r}")
-    if ".." in pure.parts:
-        raise ToolError(f"{field!r} may not contain '..' (it would leave the working directory): {path!r}")
-    real_root = root.resolve()
-    target = (real_root / pure).resolve()
-    if target != real_root and real_root not in target.parents:
-        raise ToolError(f"{field!r} {path!r} leads outside the working directory (through a symlink)")
-    return target
+def _owner() -> tuple[int, int] | None:
+    """Who owns what the kernel creates in a workdir: the sandbox's uid when we run as root."""
+    return (NOBODY, NOBODY) if os.getuid() == 0 else None
 
 
-def _root(ctx: ToolContext) -> Path:
-    root = Path(ctx.workdir)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+@contextmanager
+def _root(ctx: ToolContext) -> Iterator[int]:
+    try:
+        fd = fs.open_root(ctx.workdir)
+    except fs.UnsafePath as e:
+        raise ToolError(str(e)) from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
-def _shown(root: Path, target: Path) -> str:
-    rel = target.relative_to(root.resolve())
-    return str(rel) if str(rel) != "." else "."
+def _parts(path: Any) -> tuple[str, ...]:
+    try:
+        return fs.parts_of(path)
+    except fs.UnsafePath as e:
+        raise ToolError(str(e)) from None
 
 
 def _read_file(args: dict[str, Any], ctx: ToolContext) -> str:
-    root = _root(ctx)
-    target = resolve_in_root(root, args.get("path"))
+    parts = _parts(args.get("path"))
     limit = args.get("max_bytes", MAX_READ_BYTES)
     if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_READ_BYTES:
         raise ToolError(f"'max_bytes' must be an integer in 1..{MAX_READ_BYTES}, got {limit!r}")
-    if not target.exists():
-        raise ToolError(f"no such file: {_shown(root, target)}")
-    if target.is_dir():
-        raise ToolError(f"{_shown(root, target)} is a directory (use list_files)")
-    # O_NOFOLLOW: the resolved path holds no symlink; refuse one swapped in since.
-    try:
-        fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as e:
-        raise ToolError(f"cannot read {_shown(root, target)}: {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(limit + 1)
+    with _root(ctx) as root:
+        try:
+            fd = fs.open_file(root, parts)
+        except fs.UnsafePath as e:
+            hint = " (use list_files)" if str(e).endswith(" is a directory") else ""
+            raise ToolError(f"{e}{hint}") from None
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
     text = data[:limit].decode("utf-8", errors="replace")
     if len(data) > limit:
         text += f"\n[truncated at {limit} bytes]"
     return text
 
 
-def _write_file(args: dict[str, Any], ctx: ToolContext) -> str:
-    root = _root(ctx)
-    target = resolve_in_root(root, args.get("path"))
+def _blocks_of(root: int, parts: tuple[str, ...]) -> int:
+    """The disk space the regular file `parts` holds now (0 if there is none)."""
+    try:
+        fd = fs.open_file(root, parts)
+    except fs.UnsafePath:
+        return 0
+    try:
+        return os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
+
+
+def _write_file(args: dict[str, Any], ctx: ToolContext, disk_bytes: int) -> str:
+    parts = _parts(args.get("path"))
     content = args.get("content")
     if not isinstance(content, str):
         raise ToolError(f"'content' must be a string, got {type(content).__name__}")
@@ -93,51 +101,51 @@ def _write_file(args: dict[str, Any], ctx: ToolContext) -> str:
     data = content.encode("utf-8")
     if len(data) > MAX_WRITE_BYTES:
         raise ToolError(f"'content' is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
-    if target == root.resolve() or target.is_dir():
-        raise ToolError(f"{_shown(root, target)} is a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
-    try:
-        fd = os.open(target, flags, 0o644)
-    except OSError as e:
-        raise ToolError(f"cannot write {_shown(root, target)}: {e.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    used = fs.usage(ctx.workdir)
+    if not used.complete:
+        raise ToolError(f"the working directory holds more than {fs.MAX_WALK_ENTRIES} entries; "
+                        f"remove some first")
+    with _root(ctx) as root:
+        if used.bytes + len(data) > disk_bytes:
+            freed = 0 if append else _blocks_of(root, parts)  # what overwriting it gives back
+            if used.bytes - freed + len(data) > disk_bytes:
+                raise ToolError(f"disk quota exceeded: the working directory uses {used.bytes >> 20} MiB; "
+                                f"writing {len(data)} bytes would pass its quota of {disk_bytes >> 20} MiB")
+        try:
+            fd, _ = fs.create_file(root, parts, append=append, owner=_owner())
+        except fs.UnsafePath as e:
+            raise ToolError(str(e)) from None
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
     verb = "appended" if append else "wrote"
-    return f"{verb} {len(data)} bytes to {_shown(root, target)}"
-
-
-def _walk(top: Path) -> list[Path]:
-    """Every entry under `top`, never descending through a symlink (it may lead outside)."""
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=False):
-        out.extend(Path(dirpath) / n for n in dirnames + filenames)
-    return out
+    return f"{verb} {len(data)} bytes to {fs.shown(parts)}"
 
 
 def _list_files(args: dict[str, Any], ctx: ToolContext) -> str:
-    root = _root(ctx)
-    target = resolve_in_root(root, args.get("path", ".") or ".")
+    path = args.get("path", ".")
+    parts = () if path in (".", "") else _parts(path)
     recursive = args.get("recursive", False)
     if not isinstance(recursive, bool):
         raise ToolError(f"'recursive' must be true or false, got {recursive!r}")
-    if not target.exists():
-        raise ToolError(f"no such directory: {_shown(root, target)}")
-    if not target.is_dir():
-        raise ToolError(f"{_shown(root, target)} is a file (use read_file)")
-    entries = sorted(_walk(target) if recursive else target.iterdir())
-    lines = []
-    real_root = root.resolve()
-    for entry in entries[:MAX_LIST_ENTRIES]:
-        rel = entry.relative_to(real_root)
-        lines.append(f"{rel}/" if entry.is_dir() and not entry.is_symlink() else str(rel))
-    if len(entries) > MAX_LIST_ENTRIES:
-        lines.append(f"[{len(entries) - MAX_LIST_ENTRIES} more entries not shown]")
+    with _root(ctx) as root:
+        try:
+            fd = fs.open_dir(root, parts)
+        except fs.UnsafePath as e:
+            message = str(e).replace("is not a directory", "is a file (use read_file)")
+            raise ToolError(message) from None
+        try:
+            found = list(fs.entries(fd, parts, recursive=recursive, limit=MAX_LIST_ENTRIES + 1))
+        finally:
+            os.close(fd)
+    lines = [fs.shown(e.parts) + ("/" if e.is_dir else "") for e in found[:MAX_LIST_ENTRIES]]
+    if len(found) > MAX_LIST_ENTRIES:
+        lines.append(f"[more than {MAX_LIST_ENTRIES} entries; only the first are shown]")
     return "\n".join(lines) if lines else "(empty)"
 
 
-def file_tools() -> list[Tool]:
-    """read_file, write_file and list_files, confined to each agent's working directory."""
+def file_tools(disk_mb: int = SandboxLimits.disk_mb) -> list[Tool]:
+    """read_file, write_file and list_files, confined to each agent's working directory
+    (which `write_file` keeps under `disk_mb`, the quota sandboxed calls keep too)."""
     path = {"type": "string", "description": "Path relative to your working directory."}
     return [
         Tool("read_file", "Read a text file from your working directory.",
@@ -151,7 +159,7 @@ def file_tools() -> list[Tool]:
                  "path": path, "content": {"type": "string"},
                  "append": {"type": "boolean", "default": False}},
               "required": ["path", "content"], "additionalProperties": False},
-             _write_file, destructive=True),
+             partial(_write_file, disk_bytes=disk_mb << 20), destructive=True),
         Tool("list_files", "List the files in a directory of your working directory.",
              {"type": "object", "properties": {
                  "path": {**path, "default": "."},
