@@ -629,6 +629,8 @@ def _allocation_held(plan: str) -> tuple[bool, str]:
 
 def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
     """Each adversarial class: its cases, each a check returning (held, detail)."""
+    from llmos.agents.operator.attacks import host_attack_cases
+    from llmos.security.audit_attacks import audit_attack_cases
 
     def container(plan: str) -> Callable[[], tuple[bool, str]]:
         def check() -> tuple[bool, str]:
@@ -653,6 +655,8 @@ def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
         "early-exit implicit flows": {n: implicit(p) for n, p in IMPLICIT_CASES.items()},
         "side effects repeated on retry": {n: retry(*c) for n, c in RETRY_CASES.items()},
         "allocation before limits": {n: partial(_allocation_held, p) for n, p in ALLOCATION_CASES.items()},
+        "audit log rewrites": audit_attack_cases(),
+        "operator host actions outside the grants": host_attack_cases(),
     }
 
 
