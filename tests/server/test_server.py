@@ -9,6 +9,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import llmos
 from tests.server.conftest import MODEL, start_server
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -31,8 +32,13 @@ def wait_for_no_used_blocks(server, timeout: float = 10) -> int:
     return used_blocks(server)
 
 
-def test_models(client):
-    assert [m.id for m in client.models.list().data] == [MODEL]
+def test_models(client, server):
+    assert [m.id for m in client.models.list().data] == [MODEL, "all-MiniLM-L6-v2"]
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL and card.model_extra["max_model_len"] == server.llm.engine.max_model_len
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+    assert httpx.get(f"{server.url}/version").json() == {"version": llmos.__version__}
 
 
 def test_chat_answer_and_usage(client, server):
@@ -117,7 +123,7 @@ def test_api_key_is_enforced(llm):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         ok = openai.OpenAI(base_url=f"{url}/v1", api_key="sekret", max_retries=0)
-        assert [m.id for m in ok.models.list().data] == [MODEL]
+        assert ok.models.list().data[0].id == MODEL
         assert httpx.get(f"{url}/health").status_code == 200
     finally:
         srv.should_exit = True

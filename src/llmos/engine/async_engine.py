@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from llmos.engine.config import EngineConfig
-from llmos.engine.engine import LLMEngine
+from llmos.engine.engine import LLMEngine, RequestFailedError
 from llmos.engine.outputs import RequestOutput
 from llmos.engine.sampling_params import SamplingParams
 from llmos.models.loader import LoadedModel
@@ -70,7 +70,11 @@ class AsyncLLM:
                 on_added(rid)
             return rid
 
-        await self.call(add)
+        try:
+            await self.call(add)
+        except asyncio.CancelledError:  # the caller left while the request was being queued:
+            self._abort_soon(request_id)  # it is (or will be) queued, so abort it right after
+            raise
         finished = False
         try:
             while True:
@@ -89,12 +93,17 @@ class AsyncLLM:
         """Abort a request; returns once its KV blocks are free."""
         if self._stopped:
             return
+        await self.call(lambda: self._drop(request_id))
 
-        def do() -> None:
-            self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+    def _abort_soon(self, request_id: str) -> None:
+        """Queue an abort without waiting for it (for callers being cancelled)."""
+        with self._wake:
+            self._commands.append(lambda: self._drop(request_id))
+            self._wake.notify()
 
-        await self.call(do)
+    def _drop(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+        self.engine.abort_request(request_id)
 
     async def stats(self) -> dict[str, float]:
         return await self.call(self.engine.stats)
@@ -155,7 +164,11 @@ class AsyncLLM:
                 self._fail_all(e)
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out, out.finished)
+                failed = next((c.stop_reason for c in out.outputs if c.finish_reason == "error"), None)
+                if failed is not None:  # this request alone failed in the step
+                    self._deliver(out.request_id, RequestFailedError(f"the request failed: {failed}"), True)
+                else:
+                    self._deliver(out.request_id, out, out.finished)
         self._fail_all(EngineDeadError("the engine shut down"))
 
     def _deliver(self, request_id: str, item: Any, last: bool) -> None:

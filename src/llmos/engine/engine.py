@@ -3,20 +3,29 @@
 One `step()` is one iteration of continuous batching: schedule, move KV blocks
 (swap, copy-on-write), run the model once over every scheduled token, sample,
 detokenize, and finish requests that hit a stop condition.
+
+Isolation: a failure inside a step that belongs to one sequence (its model
+inputs, its grammar, its sampling, its detokenization) finishes that
+request with finish_reason "error" and the error in stop_reason; the other
+sequences of the step go on and produce exactly the tokens they would alone.
+A constrained sequence closes its JSON within max_tokens (guided.BudgetGuard).
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import EngineConfig
-from llmos.engine.guided import GrammarCompiler
+from llmos.engine.guided import BudgetGuard, GrammarCompiler
+from llmos.engine.histograms import LatencyHistograms
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
 from llmos.engine.model_runner import ModelRunner
@@ -28,6 +37,12 @@ from llmos.engine.sequence import Sequence, SequenceStatus
 from llmos.models.loader import LoadedModel, load_model
 from llmos.models.tokenizer import Tokenizer
 
+logger = logging.getLogger("llmos.engine")
+
+
+class RequestFailedError(RuntimeError):
+    """A request failed inside the engine; other requests were not affected."""
+
 
 @dataclass(eq=False)
 class _Request:
@@ -37,6 +52,7 @@ class _Request:
     params: SamplingParams
     seqs: list[Sequence] = field(default_factory=list)
     arrival: float = 0.0
+    scheduled: bool = False  # has had its first step (its queue time is recorded)
 
     @property
     def finished(self) -> bool:
@@ -71,9 +87,14 @@ class LLMEngine:
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, cfg.block_size)
         self.requests: dict[str, _Request] = {}
         self.metrics = EngineMetrics(kv_blocks_total=num_blocks)
+        self.histograms = LatencyHistograms()
         self._ids = itertools.count()
         self._stop_token_ids = set(self.model_config.eos_token_ids)
         self._grammar_compiler: GrammarCompiler | None = None
+        self._budget_guard: BudgetGuard | None = None
+        # Constrained sequences near the end of their budget: (closing tokens to emit, step to re-plan at).
+        self._closing: weakref.WeakKeyDictionary[Sequence, tuple[list[int] | None, int]] = \
+            weakref.WeakKeyDictionary()
 
     # -- requests -----------------------------------------------------------
 
@@ -121,6 +142,9 @@ class LLMEngine:
         bad = next((t for t in ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise InvalidRequestError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"logit_bias token id {bad} is outside the vocabulary [0, {vocab})")
         total = len(ids) + (params.max_tokens or 1)
         if total > self.max_model_len:
             raise InvalidRequestError(
@@ -138,6 +162,7 @@ class LLMEngine:
                 raise InvalidRequestError("grammars need a model with a tokenizer")
             self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
                                                      self.model_config.eos_token_ids)
+            self._budget_guard = BudgetGuard(self.tokenizer, self.model_config.eos_token_ids)
         return self._grammar_compiler
 
     def _new_sequence(self, req: _Request, index: int, ids: list[int], priority: int) -> Sequence:
@@ -196,20 +221,91 @@ class LLMEngine:
         self.kv_cache.copy(out.copies)
         if out.is_empty:
             return []
-        logits, sampled = self.runner.execute(out.scheduled)
-        for seq, n in out.scheduled.items():
-            seq.num_computed_tokens += n
         touched: dict[str, _Request] = {}
+        self._record_queue_time(out.scheduled)
+        logits, sampled = self._execute(out.scheduled, touched)
+        for seq, n in out.scheduled.items():
+            if not seq.is_finished:
+                seq.num_computed_tokens += n
         if sampled:
             logits, sampled = self._fork_for_n(logits, sampled)
-            tokens, logprobs = sample(logits, sampled)
+            tokens, logprobs, errors = sample(logits, sampled, self._closing_tokens(sampled))
             now = time.perf_counter()
-            for seq, token, lp in zip(sampled, tokens, logprobs, strict=True):
-                self._append_token(seq, token, lp, now)
+            for i, (seq, token, lp) in enumerate(zip(sampled, tokens, logprobs, strict=True)):
+                if seq.is_finished:  # its request failed on another of its sequences
+                    continue
+                try:
+                    if i in errors:
+                        raise errors[i]
+                    self._append_token(seq, token, lp, now)
+                except Exception as e:  # noqa: BLE001 - fails this request only
+                    self._fail(seq, e)
                 touched[seq.request_id] = self.requests[seq.request_id]
         self.metrics.steps += 1
         self._account_kv()
         return [self._output(req) for req in touched.values()]
+
+    def _record_queue_time(self, scheduled: dict[Sequence, int]) -> None:
+        now = time.perf_counter()
+        for seq in scheduled:
+            req = self.requests[seq.request_id]
+            if not req.scheduled:
+                req.scheduled = True
+                self.histograms.queue.observe(now - req.arrival)
+
+    def _execute(self, scheduled: dict[Sequence, int], touched: dict[str, _Request]):
+        """Run the model over the step; if that fails, run each sequence alone and fail only those
+        that fail alone (their model inputs are what broke it)."""
+        try:
+            return self.runner.execute(scheduled)
+        except Exception as batch_error:  # noqa: BLE001 - isolated below
+            logger.warning("engine step failed (%s); running its %d sequences one by one",
+                           batch_error, len(scheduled))
+        rows, seqs = [], []
+        for seq, n in scheduled.items():
+            if seq.is_finished:
+                continue
+            try:
+                logits, sampled = self.runner.execute({seq: n})
+            except Exception as e:  # noqa: BLE001 - this sequence's own failure
+                self._fail(seq, e)
+                touched[seq.request_id] = self.requests[seq.request_id]
+                continue
+            if sampled:
+                rows.append(logits)
+                seqs += sampled
+        return (torch.cat(rows) if rows else None), seqs
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        """Finish the request of `seq` (all its sequences) as failed, freeing its KV blocks now."""
+        logger.error("request %s failed: %r", seq.request_id, error, exc_info=error)
+        for s in self.requests[seq.request_id].seqs:
+            if not s.is_finished:
+                self.scheduler.finish(s)
+                s.finish_reason, s.stop_reason = "error", f"{type(error).__name__}: {error}"
+
+    def _closing_tokens(self, seqs: list[Sequence]) -> dict[int, int]:
+        """For constrained sequences whose budget is nearly spent: the token that closes their JSON."""
+        forced: dict[int, int] = {}
+        guard, step = self._budget_guard, self.metrics.steps
+        for i, seq in enumerate(seqs):
+            if seq.matcher is None or guard is None:
+                continue
+            left = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+            if left > guard.HORIZON:
+                continue
+            plan, check_at = self._closing.get(seq, (None, 0))
+            if plan is None and step >= check_at:
+                text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False)
+                found = guard.plan(seq.matcher, text, left)
+                if found is not None and len(found) + guard.MARGIN >= left:
+                    plan = found  # the plan needs what is left: follow it from now on
+                slack = left - len(found) - guard.MARGIN if found is not None else 0
+                check_at = step + max(1, slack // 4)
+                self._closing[seq] = (plan, check_at)
+            if plan:
+                forced[i] = plan.pop(0)
+        return forced
 
     def _fork_for_n(self, logits: torch.Tensor, seqs: list[Sequence]):
         """A request with n > 1 forks after its prompt: children share the prompt's blocks."""
@@ -242,8 +338,10 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
             m.ttft.append(now - self.requests[seq.request_id].arrival)
+            self.histograms.ttft.observe(m.ttft[-1])
         else:
             m.itl.append(now - seq.last_token_time)
+            self.histograms.itl.observe(m.itl[-1])
         seq.last_token_time = now
         p = seq.params
         if p.detokenize and self.tokenizer is not None:
@@ -266,6 +364,7 @@ class LLMEngine:
             if req.finished:
                 m.requests_finished += 1
                 m.e2e.append(now - req.arrival)
+                self.histograms.e2e.observe(m.e2e[-1])
 
     def _detokenize(self, seq: Sequence) -> None:
         """Incremental detokenization; waits while the last token ends mid-character."""

@@ -56,3 +56,90 @@ def mask_logits(row: torch.Tensor, matcher: Any) -> None:
     bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
     allowed = torch.from_numpy(bits[: row.shape[-1]].astype(bool))
     row.masked_fill_(~allowed, float("-inf"))
+
+
+def _allowed(mask: bytes, token: int) -> bool:
+    return bool(mask[token >> 3] >> (token & 7) & 1)
+
+
+_CHEAP = ["0", "1", "false", "true", "null", '""', "[]", "{}", "[", "{", '"', "a", ",", ":", " "]
+
+
+def _scan(text: str, state: tuple[bool, bool, str] = (False, False, "")) -> tuple[bool, bool, str]:
+    """JSON lexical state after `text` follows `state`: (inside a string, after a backslash,
+    the last character outside strings that was not a space)."""
+    inside, escaped, last = state
+    for ch in text:
+        if escaped:
+            escaped = False
+        elif inside:
+            escaped = ch == "\\"
+            if ch == '"':
+                inside, last = False, '"'
+        elif ch == '"':
+            inside = True
+        elif not ch.isspace():
+            last = ch
+    return inside, escaped, last
+
+
+class BudgetGuard:
+    """Makes a constrained reply finish within its token budget.
+
+    `plan` is a short way the grammar can be completed from a matcher's state:
+    forced tokens; at each choice, inside a string its closing quote (with
+    closing brackets), outside one closing brackets, else the cheapest value
+    (0, false, "", ...); then the end of text. The engine re-plans as the
+    budget runs down and, once the plan needs all the tokens left (less a
+    margin), emits the plan instead of sampling, so the JSON closes and parses
+    before `max_tokens`.
+    """
+
+    MARGIN = 2  # tokens kept in hand: the plan may grow by this much between two checks
+    HORIZON = 64  # budgets further than this from their end are not checked
+
+    def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]) -> None:
+        self._text = [tokenizer.decode([t], skip_special_tokens=False) for t in range(tokenizer.vocab_size)]
+        vocab = {text: t for t, text in enumerate(self._text)}
+        by_length = sorted(vocab, key=len, reverse=True)
+        self._close_string = [vocab[t] for t in by_length if t[:1] == '"' and set(t[1:]) <= set("}]")]
+        self._close = [vocab[t] for t in by_length if t and set(t) <= set("}]")]
+        self._after_value = [*self._close, vocab[","]]
+        self._close += [vocab[t] for t in _CHEAP if t in vocab]
+        self._eos = list(eos_token_ids)
+
+    def plan(self, matcher: Any, text: str, limit: int) -> list[int] | None:
+        """Tokens that complete the grammar from `matcher`'s state (left untouched), given the `text`
+        generated so far; None when none is found within `limit` tokens."""
+        m = matcher.deep_copy()
+        state = _scan(text)
+        path: list[int] = []
+        while len(path) <= limit:
+            if m.is_stopped():
+                return path
+            forced = m.compute_ff_tokens()
+            if not forced:
+                mask = m.compute_bitmask()
+                eos = next((t for t in self._eos if _allowed(mask, t)), None)
+                if eos is not None:
+                    return path + [eos]
+                if state[0]:
+                    prefs = self._close_string
+                elif state[2].isalnum() or state[2] in '"}]':
+                    prefs = self._after_value
+                else:
+                    prefs = self._close
+                token = next((t for t in prefs if _allowed(mask, t)), None)
+                if token is None:
+                    bits = np.flatnonzero(np.unpackbits(np.frombuffer(mask, dtype=np.uint8),
+                                                        bitorder="little"))
+                    if not len(bits):
+                        return None
+                    token = int(bits[0])
+                forced = [token]
+            if not m.consume_tokens(forced):
+                return None
+            path += forced
+            for t in forced:
+                state = _scan(self._text[t], state)
+        return None

@@ -73,6 +73,13 @@ class MiniLMEmbedder:
         tok.enable_padding(pad_id=0, pad_token="[PAD]")
         self._tokenizer = tok
 
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model reads for `texts` (after truncation to max_length), summed."""
+        with self._lock:
+            if self._model is None:
+                self._load()
+            return sum(sum(e.attention_mask) for e in self._tokenizer.encode_batch(texts)) if texts else 0
+
     def encode(self, texts: list[str]) -> np.ndarray:
         import torch
 

@@ -2,9 +2,13 @@
 
 `response_format` (json_object, json_schema) and `tools` with `tool_choice`
 required or naming a function become a JSON schema; the engine decodes under
-its grammar, so even a small model returns JSON that parses and validates.
-With `tool_choice` auto the model writes freely and a reply that is exactly a
-tool call in this JSON form is returned as one.
+its grammar, so even a small model returns JSON that parses and validates,
+and the engine closes it before `max_tokens` runs out (engine/guided.py).
+Tool parameters follow the strict convention of structured-output engines:
+an object takes no property beyond those declared unless its schema says
+`additionalProperties`. With `tool_choice` auto the model writes freely and
+a reply that is exactly a tool call in this JSON form (or, with
+`parallel_tool_calls`, a list of them) is returned as tool calls.
 """
 
 from __future__ import annotations
@@ -13,19 +17,37 @@ import json
 import uuid
 from typing import Any
 
-from llmos.server.protocol import ChatCompletionRequest
+from llmos.server.protocol import ChatCompletionRequest, NamedToolChoice, Tool
 
 
 class GuidanceError(ValueError):
     """A tools or response_format field that cannot be served; the message names it."""
 
 
-def _tool_schema(tool: dict[str, Any]) -> dict[str, Any]:
-    fn = tool.get("function") or {}
-    if tool.get("type", "function") != "function" or not fn.get("name"):
-        raise GuidanceError("each tool must be {'type': 'function', 'function': {'name': ...}}")
-    params = fn.get("parameters") or {"type": "object"}
-    return {"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+def strict_schema(schema: Any) -> Any:
+    """A copy of `schema` where every object that does not say otherwise takes no extra properties."""
+    if isinstance(schema, list):
+        return [strict_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in ("properties", "patternProperties", "$defs", "definitions") and isinstance(value, dict):
+            out[key] = {name: strict_schema(sub) for name, sub in value.items()}
+        elif key in ("const", "enum", "default", "examples", "required"):
+            out[key] = value
+        else:
+            out[key] = strict_schema(value)
+    is_object = out.get("type") == "object" or "properties" in out
+    if is_object and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def _call_schema(tool: Tool) -> dict[str, Any]:
+    fn = tool.function
+    params = strict_schema(fn.parameters or {"type": "object", "properties": {}})
+    return {"type": "object", "properties": {"name": {"const": fn.name}, "arguments": params},
             "required": ["name", "arguments"], "additionalProperties": False}
 
 
@@ -34,50 +56,48 @@ def constraint(req: ChatCompletionRequest) -> tuple[dict[str, Any] | None, bool]
     choice = req.tool_choice
     if req.tools and choice != "none":
         tools = req.tools
-        if isinstance(choice, dict):
-            name = (choice.get("function") or {}).get("name")
-            tools = [t for t in tools if (t.get("function") or {}).get("name") == name]
+        if isinstance(choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == choice.function.name]
             if not tools:
-                raise GuidanceError(f"tool_choice names {name!r}, which is not among the tools")
-        elif choice not in (None, "auto", "required"):
-            raise GuidanceError(f"tool_choice must be none, auto, required or a function, got {choice!r}")
+                raise GuidanceError(f"tool_choice names {choice.function.name!r}, "
+                                    "which is not among the tools")
         if choice in (None, "auto"):
             return None, True
-        schemas = [_tool_schema(t) for t in tools]
+        schemas = [_call_schema(t) for t in tools]
         return (schemas[0] if len(schemas) == 1 else {"anyOf": schemas}), True
-    fmt = req.response_format or {"type": "text"}
-    kind = fmt.get("type")
-    if kind == "text":
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
         return None, False
-    if kind == "json_object":
+    if fmt.type == "json_object":
         return {"type": "object"}, False
-    if kind == "json_schema":
-        schema = (fmt.get("json_schema") or {}).get("schema")
-        if not isinstance(schema, dict):
-            raise GuidanceError("response_format json_schema needs json_schema.schema, an object")
-        return schema, False
-    raise GuidanceError(f"response_format type must be text, json_object or json_schema, got {kind!r}")
+    if fmt.json_schema is None:
+        raise GuidanceError("response_format json_schema needs json_schema.schema, an object")
+    return fmt.json_schema.schema_, False
 
 
-def tools_prompt(tools: list[dict[str, Any]]) -> dict[str, str]:
-    """A system message that shows the model its tools, for templates that have no tools section."""
+def tools_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
+    """System text that shows the model its tools, for templates that have no tools section."""
     lines = ["You can call these functions. To call one, answer with only a JSON object "
-             '{"name": <function name>, "arguments": <arguments object>}.']
+             '{"name": <function name>, "arguments": <arguments object>}'
+             + (", or a JSON list of such objects to call several at once." if parallel else ".")]
     for tool in tools:
-        fn = tool.get("function") or {}
-        lines.append(json.dumps({"name": fn.get("name"), "description": fn.get("description", ""),
-                                 "parameters": fn.get("parameters", {})}))
-    return {"role": "system", "content": "\n".join(lines)}
+        fn = tool["function"]
+        lines.append(json.dumps({"name": fn["name"], "description": fn.get("description", ""),
+                                 "parameters": fn.get("parameters", {})}, ensure_ascii=False))
+    return "\n".join(lines)
 
 
-def tool_calls(text: str, tools: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
-    """The reply as OpenAI tool_calls, or None when it is not a call of one of the tools."""
+def tool_calls(text: str, tools: list[dict[str, Any]], parallel: bool = True) -> list[dict[str, Any]] | None:
+    """The reply as OpenAI tool_calls, or None when it is not a call (or list of calls) of the tools."""
     try:
-        call = json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError:
         return None
-    names = {(t.get("function") or {}).get("name") for t in tools}
-    if not isinstance(call, dict) or call.get("name") not in names or "arguments" not in call:
+    calls = value if isinstance(value, list) and parallel else [value]
+    names = {t["function"]["name"] for t in tools}
+    if not calls or not all(isinstance(c, dict) and c.get("name") in names
+                            and isinstance(c.get("arguments"), dict) for c in calls):
         return None
     return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": call["name"], "arguments": json.dumps(call["arguments"])}}]
+             "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+            for c in calls]
