@@ -358,8 +358,25 @@ def bench_sched(
     run_sched_bench(console, quick=quick, model=model, json_path=output, policies=tuple(policy or POLICIES))
 
 
+def bench_service(
+    quick: Annotated[bool, typer.Option(help="Fewer turns per agent (the demo's form).")] = False,
+    model: Annotated[str, typer.Option("--model", "-m")] = "smollm2-135m-instruct",
+    embedded: Annotated[bool, typer.Option(help="Run the embedded-model phase (8 clients).")] = True,
+    output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+) -> None:
+    """The OS as a service under load: 8 clients on the embedded model, then 100 agents on a scripted
+    model; messages/s, latency p50/p99, the API's own overhead, and no message lost or duplicated.
+
+    Example: llmos bench service --quick
+    """
+    from llmos.bench.service import run_service_bench
+
+    run_service_bench(console, quick=quick, model=model, json_path=output, embedded=embedded)
+
+
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     bench_app.command("sched")(bench_sched)
+    bench_app.command("service")(bench_service)
     app.command()(run)
     app.command()(ps)
     app.command()(top)

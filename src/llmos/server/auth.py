@@ -16,7 +16,7 @@ hashed keys of `llmos users add`. Guarantees:
 from __future__ import annotations
 
 import hmac
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -46,9 +46,13 @@ class Authenticator:
     def __init__(self, users: UserStore | None = None, api_key: str | None = None,
                  local_key: str | None = None) -> None:
         self.users, self.api_key, self.local_key = users, api_key, local_key
+        self._required = bool(api_key)
 
     def required(self) -> bool:
-        return bool(self.api_key) or (self.users is not None and self.users.keys_required())
+        """Whether requests need a key; once true it stays true (users.keys_required never goes back)."""
+        if not self._required and self.users is not None:
+            self._required = self.users.keys_required()
+        return self._required
 
     def user(self, key: str | None) -> User | None:
         """The user for `key`, or None when the request must be refused."""
@@ -63,20 +67,31 @@ class Authenticator:
         return self.users.authenticate(key)
 
 
-def install(app: FastAPI, auth: Authenticator) -> None:
-    """Authenticate every request of `app` (a middleware) and set `request.state.user`."""
+class _AuthMiddleware:
+    """Plain ASGI (no per-request task, unlike an `@app.middleware`): authenticate, then pass on."""
 
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        if request.url.path in OPEN_PATHS:
-            request.state.user = LOCAL_USER if not auth.required() else None
-            return await call_next(request)
-        key = request_key(request)
-        user = auth.user(key)
+    def __init__(self, app: Any, auth: Authenticator) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        if scope["path"] in OPEN_PATHS:
+            state["user"] = LOCAL_USER if not self.auth.required() else None
+            return await self.app(scope, receive, send)
+        key = request_key(Request(scope))
+        user = self.auth.user(key)
         if user is None:
-            return unauthorized("missing API key" if key is None else "invalid API key")
-        request.state.user = user
-        return await call_next(request)
+            response = unauthorized("missing API key" if key is None else "invalid API key")
+            return await response(scope, receive, send)
+        state["user"] = user
+        await self.app(scope, receive, send)
+
+
+def install(app: FastAPI, auth: Authenticator) -> None:
+    """Authenticate every request of `app` and set `request.state.user`."""
+    app.add_middleware(_AuthMiddleware, auth=auth)
 
 
 def current_user(request: Request) -> User:
