@@ -120,6 +120,8 @@ def test_parse_answer():
     assert parse_answer('noise {"value": ["a"]} tail', {"type": "array"}) == ["a"]
     with pytest.raises(QuarantineError, match="answered a str, not a integer"):
         parse_answer('{"value": "3"}', {"type": "integer"})
+    with pytest.raises(QuarantineError, match="answered a bool, not a integer"):
+        parse_answer('{"value": true}', {"type": "integer"})
     with pytest.raises(QuarantineError, match="did not answer with the requested JSON"):
         parse_answer("nope", {"type": "string"})
 

@@ -37,7 +37,8 @@ def parse_answer(text: str, schema: Mapping[str, Any]) -> Any:
     kinds = {"string": str, "integer": int, "number": int | float, "boolean": bool, "array": list,
              "object": dict, "null": type(None)}
     expected = kinds.get(schema.get("type", ""))
-    if expected is not None and not isinstance(value, expected):
+    wrong_bool = isinstance(value, bool) and schema.get("type") in ("integer", "number")
+    if expected is not None and (not isinstance(value, expected) or wrong_bool):
         raise QuarantineError(f"the quarantined LLM answered a {type(value).__name__}, "
                               f"not a {schema['type']}")
     return value
