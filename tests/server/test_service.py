@@ -170,6 +170,25 @@ def test_the_cli_finds_the_running_server(served):
     assert r.returncode == 0 and "policy fair" in r.stdout
 
 
+def test_the_operator_runs_on_the_servers_kernel(tmp_path):
+    from tests.server.scripted_server import ScriptedBackend
+
+    served = Served(boot(tmp_path, backend=ScriptedBackend()))
+    try:
+        pid = served.run(served.system.start_operator(interval_s=0.1))
+        deadline = time.monotonic() + 30
+        while served.system.kernel.process(pid).syscalls < 3:  # it observes through kernel_stats
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc = served.system.kernel.process(pid)
+        assert proc.alive and proc.owner == "local" and proc.syscall_errors == 0, proc.info()
+        with served.client() as http:
+            assert [p["name"] for p in http.get("/v1/kernel/processes").json()["data"]] == ["operator"]
+    finally:
+        served.close()
+    assert served.system.kernel.process(pid).exit_reason == "kernel shut down"
+
+
 def test_a_stale_server_file_is_ignored(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

@@ -109,14 +109,15 @@ class System:
             self.server_file.unlink(missing_ok=True)
 
     async def start_operator(self, interval_s: float = 1.0) -> int:
-        """Run the operator agent on this kernel (privileged syscalls granted, like `llmos run operator`)."""
+        """Run the operator agent on this kernel (privileged syscalls granted, like `llmos run operator`),
+        with the deterministic policy proposing its actions."""
         from llmos.agents.operator import agent as operator_agent
         from llmos.security import Capabilities
 
         caps = Capabilities.of([*self.kernel.default_capabilities(None).grants, *operator_agent.CAPABILITIES])
         self.operator_pid = await self.kernel.spawn(
             operator_agent.main, "operator", capabilities=caps,
-            args={"duration_s": None, "interval_s": interval_s, "use_model": self.llm is not None})
+            args={"duration_s": None, "interval_s": interval_s, "use_model": False})
         return self.operator_pid
 
     async def aclose(self) -> None:
