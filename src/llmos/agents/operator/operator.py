@@ -318,8 +318,3 @@ def default_approvals_path() -> Path:
     from llmos.home import llmos_home
 
     return llmos_home() / "operator" / "approvals.db"
-
-
-def this_process_tree() -> frozenset[int]:
-    """The pid the operator runs in: granting its children lets it manage what it started."""
-    return frozenset({os.getpid()})
