@@ -164,6 +164,16 @@ def test_truncated_garbled_and_foreign_files(tmp_path: Path):
         verdict = verify_file(path)
         assert not verdict.ok and verdict.status in ("TAMPERED", "DAMAGED"), verdict
 
+    other = tmp_path / "kernel.db"  # another database of the llmos home
+    with sqlite3.connect(other) as db:
+        db.execute("CREATE TABLE processes (pid INTEGER PRIMARY KEY, name TEXT)")
+    verdict = verify_file(other)
+    assert verdict == (False, None, f"{other} is an SQLite database but not an audit log (its tables: "
+                                    "processes)", "DAMAGED")
+    with sqlite3.connect(other) as db:  # left as it was
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["processes"]
+    assert not (tmp_path / "kernel.db.key").exists()
+
     foreign = tmp_path / "notes.txt"
     foreign.write_text("not a database, just some text that is long enough to fill a header page " * 20)
     verdict = verify_file(foreign)

@@ -385,6 +385,18 @@ class AuditLog:
         return self._rows("SELECT COUNT(*) AS n FROM audit")[0]["n"]
 
 
+def _not_an_audit_log(path: Path) -> str | None:
+    """Why the SQLite file at `path` is some other database (read-only: it is never turned into a log)."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    finally:
+        db.close()
+    if tables and "audit" not in tables:
+        return f"{path} is an SQLite database but not an audit log (its tables: {', '.join(sorted(tables))})"
+    return None
+
+
 def verify_file(path: str | Path) -> Verdict:
     """Verify the log at `path` without ever raising: a missing, non-SQLite or damaged file is DAMAGED."""
     path = Path(path)
@@ -394,6 +406,8 @@ def verify_file(path: str | Path) -> Verdict:
                                         f"{anchor_path_of(path)} remains (the log was deleted)", "TAMPERED")
         return Verdict(False, None, f"no audit log at {path}", "DAMAGED")
     try:
+        if (why := _not_an_audit_log(path)) is not None:
+            return Verdict(False, None, why, "DAMAGED")
         log = AuditLog(path)
     except sqlite3.DatabaseError as e:
         return Verdict(False, None, f"{path} is not a readable SQLite database: {e}", "DAMAGED")
