@@ -65,7 +65,7 @@ def served(llm, tmp_path) -> Iterator[Served]:
     s.close()
 
 
-async def _worker(sys, tool_expr: str, hold: float = 60.0):
+async def _worker(sys, tool_expr: str, hold: float = 3600.0):
     """A process that leaves one audit row (a calculator call), then stays alive."""
     await sys.tool_call("calculator", {"expression": tool_expr})
     await sys.sleep(hold)
@@ -163,6 +163,14 @@ def test_the_cli_finds_the_running_server(served):
     assert r.returncode == 0 and "no agents running" in r.stdout
     r = _cli(home, "kill", str(pid), "--url", served.url, "--api-key", key)
     assert r.returncode == 2 and f"no process with pid {pid}" in r.stderr
+    r = _cli(home, "audit", "tail", "--url", served.url, "--api-key", key)
+    assert r.returncode == 0 and "w-3+3" not in r.stdout  # alice's rows: none
+    r = _cli(home, "audit", "tail")
+    assert r.returncode == 0 and "w-3+3" in r.stdout and "calculator" in r.stdout
+    r = _cli(home, "audit", "verify", "--url", served.url)
+    assert r.returncode == 0 and r.stdout.startswith("ok: ")
+    r = _cli(home, "audit", "verify", "--url", served.url, "--api-key", key)
+    assert r.returncode == 2 and "needs an admin key" in r.stderr
     r = _cli(home, "kill", str(pid))  # the home's local key: the admin
     assert r.returncode == 0 and f"{pid} (w-3+3): kill: done" in r.stdout
     assert not served.system.kernel.process(pid).alive

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from llmos.commands._common import console, fail
+from llmos.commands.kernel import KeyOpt, UrlOpt, server_client
 
 DbOpt = Annotated[str | None, typer.Option("--db", help="Audit database (default: LLMOS_HOME/audit.db).")]
 
@@ -32,10 +33,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
     @audit_app.command("verify")
-    def audit_verify(db: DbOpt = None) -> None:
+    def audit_verify(db: DbOpt = None, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
         """Check the keyed hash chain and its anchor; exit 1 if TAMPERED (rows edited, inserted, forged or
-        removed, anchor or key changed) or DAMAGED (not a readable audit log)."""
+        removed, anchor or key changed) or DAMAGED (not a readable audit log). With --url: the server
+        at that URL checks its own log (an admin key)."""
         from pathlib import Path
+
+        if url is not None and db is None:
+            out = server_client(url, api_key).call("GET", "/v1/kernel/audit/verify")
+            if out["ok"]:
+                console.print(f"[green]ok[/]: {out['message']}")
+                return
+            console.print(f"[bold red]TAMPERED[/] at row {out['row']}: {out['message']}", highlight=False)
+            raise typer.Exit(1)
 
         from llmos.security.audit import anchor_path_of, default_audit_path, verify_file
 
@@ -52,15 +62,18 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
 
     @audit_app.command("tail")
     def audit_tail(n: Annotated[int, typer.Option("-n", min=1, help="How many rows.")] = 20,
-                   db: DbOpt = None) -> None:
-        """The last decisions: time, agent, tool, decision, reason."""
+                   db: DbOpt = None, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+        """The last decisions: time, agent, tool, decision, reason (from the running server when there
+        is one: a user's key shows that user's rows)."""
         import datetime
 
         from rich.table import Table
 
         table = Table("id", "time", "agent", "tool", "decision", "reason", "args")
+        client = server_client(url, api_key) if db is None else None
         try:
-            rows = _audit(db).tail(n)
+            rows = (client.call("GET", "/v1/kernel/audit", params={"limit": n})["data"] if client
+                    else _audit(db).tail(n))
         except sqlite3.DatabaseError as e:
             fail(f"the audit log is damaged: {e} (llmos audit verify says more)")
         for r in rows:
