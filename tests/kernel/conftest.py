@@ -17,9 +17,11 @@ def llm() -> Iterator[AsyncLLM]:
 
 @pytest.fixture
 def make_kernel(llm, tmp_path):
-    """Kernels on the shared engine, each with its own home (process table, scratch)."""
+    """Kernels on the shared engine, each with its own home (process table, scratch); these tests are
+    about processes and scheduling, not protection, so the monitor is allow-all unless a test names one."""
 
     def make(tools: ToolRegistry | None = None, **kwargs) -> Kernel:
+        kwargs.setdefault("monitor", "allow-all")
         return Kernel(EngineBackend(llm), home=tmp_path, tools=tools, **kwargs)
 
     return make

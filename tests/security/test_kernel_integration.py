@@ -36,8 +36,10 @@ async def parent(sys):
     out["escape"] = (await sys.tool_call("read_file", {"path": "/etc/passwd"})).error
     # the file's content is now in this agent's context, so the flow rule on run_shell applies
     out["shell_after_read"] = (await sys.tool_call("run_shell", {"command": "ls"})).error
+    # labels the agent passes only rise: claiming the user wrote the command launders nothing
     out["shell_user_labelled"] = (await sys.tool_call("run_shell", {"command": "ls"},
-                                                      labels={"command": ["user"]})).ok
+                                                      labels={"command": ["user"]})).status
+    out["shell_no_labels"] = (await sys.tool_call("run_shell", {"command": "ls"}, labels={})).status
     return out
 
 
@@ -73,10 +75,11 @@ def test_monitor_in_kernel(tmp_path: Path):
     assert out["shell_after_read"] == ("denied: denied by flow policy: argument 'command' depends on "
                                        "untrusted data from tool:read_file (no commands steered by file "
                                        "contents)")
-    assert out["shell_user_labelled"] and out["child"] == [True, True]
+    assert out["shell_user_labelled"] == out["shell_no_labels"] == "denied"
+    assert out["child"] == [True, True]
     assert out["greedy"] == "cannot grant 'send_money': the parent holds no capability for it"
     assert sorted(p.name for p in (tmp_path / "scratch").glob("*/*.txt")) == ["a.txt", "c.txt"]
     rows = audit.tail(100)
     assert ("kid", "write_file", "allow") in [(r["agent"], r["tool"], r["decision"]) for r in rows]
     assert [r["decision"] for r in rows if r["tool"] == "spawn"] == ["allow", "deny"]
-    assert audit.verify() == (True, None, f"{len(rows)} rows, chain intact")
+    assert audit.verify()[:3] == (True, None, f"{len(rows)} rows, chain intact")

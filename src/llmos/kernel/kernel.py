@@ -1,9 +1,13 @@
 """The kernel: agents are processes, their requests are system calls.
 
 Each agent runs as an asyncio task with a process control block; it reaches
-the model, tools and other agents only through `syscall`, which logs every
-call (pid, name, truncated arguments, status, timing). LLM calls go through
-the agent scheduler to one backend; tool calls pass the reference monitor.
+the model, tools and other agents only through its syscall handle and
+`syscall`, which logs every call (pid, name, truncated arguments, status,
+timing); the handlers and the one tool path live in kernel/syscall.py. LLM
+calls go through the agent scheduler to one backend; tool calls pass the
+reference monitor, which a kernel has by default (allow-all only by name).
+A child's quotas are at most its parent's remaining, and its use counts
+against its ancestors' quotas too.
 Killing an agent cancels its task, which aborts its in-flight LLM request
 and frees its KV blocks before `kill` returns. Quotas end an agent with a
 reason that says which one it exceeded. The process table is saved to SQLite
@@ -18,32 +22,52 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmos.home import llmos_home
-from llmos.kernel.api import Syscalls, ToolResult
-from llmos.kernel.backend import Backend, GenerationParams, new_call_id
+from llmos.kernel.api import ToolResult
+from llmos.kernel.backend import Backend
 from llmos.kernel.process import Process, ProcessState, Quotas
 from llmos.kernel.sched import AgentScheduler, LLMCall, SchedulerSettings
+from llmos.kernel.syscall import (
+    DEFAULT_TOOL_TIMEOUT_S,
+    HANDLERS,
+    SyscallError,
+    Terminated,
+    ToolExecutor,
+    start_agent,
+)
 from llmos.kernel.table import ProcessTable
-from llmos.security.monitor import AllowAllMonitor, Decision, Monitor
-from llmos.tools.base import ToolContext, ToolError, ToolRegistry
+from llmos.security.monitor import AllowAllMonitor, Monitor, ReferenceMonitor
+from llmos.tools.base import ToolRegistry
 
 Program = Callable[..., Awaitable[Any]]
 HOUSEKEEPING_S = 0.25  # how often the process table and signals are looked at
 
 
-class SyscallError(Exception):
-    """A syscall the kernel refused (bad arguments, unknown agent); the agent may catch it."""
+__all__ = ["Kernel", "Program", "SyscallError", "Terminated"]
 
 
-class Terminated(BaseException):
-    """Ends an agent from inside its own task (a quota); BaseException so `except Exception`
-    in agent code cannot swallow it."""
+def _child_quotas(parent: Process, requested: Quotas | None) -> Quotas:
+    """A child's quotas: each at most what its parent has left of it (by default all of that).
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+    PermissionError when the child asks for more than is left, or nothing is left."""
+    q, asked = parent.quotas, requested or Quotas()
+    left = {"llm_tokens": None if q.llm_tokens is None else q.llm_tokens - parent.tokens_used,
+            "tool_calls": None if q.tool_calls is None else q.tool_calls - parent.tool_calls,
+            "wall_time_s": None if q.wall_time_s is None else q.wall_time_s - (time.time() - parent.created)}
+    out: dict[str, Any] = {}
+    for name, remaining in left.items():
+        want = getattr(asked, name)
+        if remaining is None:
+            out[name] = want
+        elif remaining <= 0:
+            raise PermissionError(f"cannot give a child any {name}: its parent has none left")
+        elif want is not None and want > remaining:
+            raise PermissionError(f"quota {name}={want:g} exceeds the parent's remaining {remaining:g}")
+        else:
+            out[name] = want if want is not None else remaining
+    return Quotas(**out)
 
 
 class Kernel:
@@ -53,18 +77,29 @@ class Kernel:
         *,
         home: Path | str | None = None,
         tools: ToolRegistry | None = None,
-        monitor: Monitor | None = None,
+        monitor: Monitor | Literal["allow-all"] | None = None,
         policy: str = "fifo",
         max_running: int = 8,
         quantum: int = 16,
         aging: int = 64,
         default_capabilities: Callable[[Path], Any] | None = None,
+        tool_timeout_s: float = DEFAULT_TOOL_TIMEOUT_S,
+        executor: ToolExecutor | None = None,
     ) -> None:
+        """`monitor`: None gives the ReferenceMonitor with default grants (no audit log); the
+        permissive AllowAllMonitor only when asked for by name, `monitor="allow-all"`."""
         self.backend = backend
         self.home = Path(home) if home is not None else llmos_home()
         self.tools = tools or ToolRegistry()
-        self.monitor: Monitor = monitor or AllowAllMonitor()
+        if monitor == "allow-all":
+            monitor = AllowAllMonitor()
+        elif isinstance(monitor, str):
+            raise ValueError(f"monitor must be a Monitor, None (the reference monitor) or 'allow-all', "
+                             f"got {monitor!r}")
+        self.monitor: Monitor = monitor if monitor is not None else ReferenceMonitor(tools=self.tools)
         self.default_capabilities = default_capabilities
+        self.tool_timeout_s = tool_timeout_s
+        self.executor = executor or ToolExecutor()
         self.sched = AgentScheduler(SchedulerSettings(policy, max_running, quantum, aging))
         backend.attach(self.sched, self._on_switch)
         self.table = ProcessTable(self.home / "kernel.db")
@@ -72,19 +107,14 @@ class Kernel:
         self.procs: dict[int, Process] = {}
         self.on_output: Callable[[Process, str], None] | None = None
         self._housekeeper: asyncio.Task | None = None
-        self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
-            "llm_chat": self._sys_llm_chat, "llm_generate": self._sys_llm_generate,
-            "tool_call": self._sys_tool_call, "spawn": self._sys_spawn, "wait": self._sys_wait,
-            "sleep": self._sys_sleep, "kernel_stats": self._sys_kernel_stats,
-            "configure": self._sys_configure, "signal": self._sys_signal,
-        }
 
     # -- process management ----------------------------------------------------------
 
     async def spawn(self, program: Program, name: str | None = None, *, args: dict[str, Any] | None = None,
                     priority: int = 0, weight: float = 1.0, quotas: Quotas | None = None,
-                    capabilities: Any = None, parent: int | None = None) -> int:
-        """Start an agent program as a new process; returns its pid."""
+                    capabilities: Any = None, parent: int | None = None, owner: str | None = None) -> int:
+        """Start an agent program as a new process for user `owner` (default: the parent's, else the
+        local user); returns its pid."""
         run = getattr(program, "run", program)
         if not callable(run) or not inspect.iscoroutinefunction(run):
             raise SyscallError(f"an agent program must be an async function, got {program!r}")
@@ -92,39 +122,82 @@ class Kernel:
             raise SyscallError(f"weight must be positive, got {weight}")
         name = name or getattr(program, "__name__", None) or type(program).__name__
         if parent is not None:
-            parent_caps = self.process(parent).capabilities
-            capabilities = self.monitor.attenuate(parent_caps, capabilities if capabilities is not None
-                                                  else parent_caps)
+            parent_proc = self.process(parent)
+            capabilities = self.monitor.attenuate(parent_proc, capabilities)
+            quotas = _child_quotas(parent_proc, quotas)
+        if parent is not None:  # a child runs for its parent's user, never for another one
+            if owner not in (None, self.process(parent).owner):
+                raise SyscallError("a child process runs for its parent's user")
+            owner = self.process(parent).owner
+        owner = owner or "local"
         self._ensure_housekeeper()
-        pid = self.table.new_pid(name, parent)
+        pid = self.table.new_pid(name, parent, owner)
         workdir = self.home / "scratch" / str(pid)
         workdir.mkdir(parents=True, exist_ok=True)
         if capabilities is None and self.default_capabilities is not None:
             capabilities = self.default_capabilities(workdir)
         proc = Process(pid, name, parent, priority, weight, quotas or Quotas(), capabilities,
-                       workdir=workdir)
+                       workdir=workdir, owner=owner)
         self.procs[pid] = proc
-        proc.task = asyncio.create_task(self._run(proc, run, args or {}), name=f"agent-{pid}")
+        proc.set_state(ProcessState.RUNNING)
+        proc.task = start_agent(self, proc, run, args or {})
         if proc.quotas.wall_time_s is not None:
             asyncio.get_running_loop().call_later(
                 proc.quotas.wall_time_s, lambda: asyncio.ensure_future(
                     self.kill(pid, f"quota exceeded: wall_time_s {proc.quotas.wall_time_s}", prefix=False)))
         return pid
 
-    async def _run(self, proc: Process, run: Program, args: dict[str, Any]) -> None:
-        proc.set_state(ProcessState.RUNNING)
-        try:
-            proc.result = await run(Syscalls(self, proc.pid), **args)
-            reason = "exited"
-        except Terminated as t:
-            reason = t.reason
-        except asyncio.CancelledError:
+    def ended(self, proc: Process, task: asyncio.Task) -> None:
+        """The agent's task ended (its done callback): record why, drop what the monitor tracked."""
+        reason = "exited"
+        if task.cancelled():
             reason = proc.exit_reason or "killed"
-        except Exception as e:  # the agent's own bug ends the agent, not the kernel
+        elif isinstance(e := task.exception(), Terminated):
+            reason = e.reason
+        elif isinstance(e, asyncio.CancelledError):
+            reason = proc.exit_reason or "killed"
+        elif e is not None:  # the agent's own bug ends the agent, not the kernel
             reason = f"error: {type(e).__name__}: {e}"
+        else:
+            proc.result = task.result()
         proc.state, proc.exit_reason, proc.ended = ProcessState.TERMINATED, reason, time.time()
         self.monitor.forget(proc)
         self.table.save([self._row(proc)])
+
+    def tree_of(self, proc: Process) -> int:
+        """The pid of the top ancestor of `proc` (its process tree shares tool threads and quotas)."""
+        while proc.parent is not None and proc.parent in self.procs:
+            proc = self.procs[proc.parent]
+        return proc.pid
+
+    def lineage(self, proc: Process) -> list[Process]:
+        """`proc` and its ancestors in this kernel, nearest first."""
+        out = [proc]
+        while out[-1].parent is not None and out[-1].parent in self.procs:
+            out.append(self.procs[out[-1].parent])
+        return out
+
+    def charge(self, proc: Process, *, tokens: int = 0, tool_calls: int = 0) -> None:
+        """Count use against `proc` and every ancestor (a parent's quota covers its children's use)."""
+        for p in self.lineage(proc):
+            p.tokens_used += tokens
+            p.tool_calls += tool_calls
+            p.dirty = True
+
+    def over_quota(self, proc: Process, *, before: str | None = None) -> str | None:
+        """Why `proc` must end for a quota of its own or an ancestor's, or None. `before="llm_tokens"`
+        (or "tool_calls") asks whether one more call of that kind is still allowed."""
+        for p in self.lineage(proc):
+            if before is not None:
+                quota = getattr(p.quotas, before)
+                used = p.tokens_used if before == "llm_tokens" else p.tool_calls
+                why = None if quota is None or used < quota else \
+                    f"quota exceeded: {before} used {used} of {quota}"
+            else:
+                why = p.over_quota()
+            if why is not None:
+                return why if p is proc else f"{why} by agent {p.pid} ({p.name}), whose quota it shares"
+        return None
 
     def process(self, pid: int) -> Process:
         try:
@@ -228,16 +301,16 @@ class Kernel:
         if not proc.alive:
             raise Terminated(proc.exit_reason or "terminated")
         await proc.resumed.wait()  # a suspended agent stops here
-        handler = self._handlers.get(name)
+        handler = HANDLERS.get(name)
         if handler is None:
             raise SyscallError(f"no syscall named {name!r}")
         proc.syscalls += 1
         proc.current_syscall, proc.dirty = name, True
         started, status = time.time(), "ok"
         try:
-            result = await handler(proc, **args)
+            result = await handler(self, proc, **args)
             if isinstance(result, ToolResult) and not result.ok:
-                status = "denied" if (result.error or "").startswith("denied") else "error"
+                status = result.status
                 proc.syscall_errors += 1
         except (Terminated, asyncio.CancelledError):
             status = "killed"
@@ -252,121 +325,6 @@ class Kernel:
                                    started, time.time() - started)
         await proc.resumed.wait()  # suspended during the call: the result waits for resume
         return result
-
-    async def _sys_llm_chat(self, proc: Process, messages: list[dict[str, Any]], **params: Any) -> Any:
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
-            raise SyscallError("messages must be a list of {'role': ..., 'content': ...} objects")
-        return await self._llm(proc, messages, GenerationParams(**params))
-
-    async def _sys_llm_generate(self, proc: Process, prompt: str, **params: Any) -> Any:
-        if not isinstance(prompt, str) or not prompt:
-            raise SyscallError("prompt must be a non-empty string")
-        return await self._llm(proc, prompt, GenerationParams(**params))
-
-    async def _llm(self, proc: Process, prompt: Any, params: GenerationParams) -> Any:
-        from llmos.engine import InvalidRequestError
-
-        quota = proc.quotas.llm_tokens
-        if quota is not None and proc.tokens_used >= quota:
-            raise Terminated(f"quota exceeded: llm_tokens used {proc.tokens_used} of {quota}")
-        call = LLMCall(new_call_id(), proc.pid, proc.priority, proc.weight, params.max_tokens)
-        base = proc.tokens_used
-
-        def on_tokens(generated: int) -> None:
-            proc.tokens_used, proc.dirty = base + generated, True
-            if quota is not None and proc.tokens_used > quota:
-                raise Terminated(f"quota exceeded: llm_tokens used {proc.tokens_used} of {quota}")
-
-        proc.set_state(ProcessState.READY)
-        try:
-            result = await self.backend.complete(call, prompt, params, on_tokens)
-        except (InvalidRequestError, ValueError) as e:
-            raise SyscallError(str(e)) from None
-        finally:
-            proc.set_state(ProcessState.RUNNING)
-        proc.tokens_used = base + result.prompt_tokens + result.completion_tokens
-        if (reason := proc.over_quota()) is not None:
-            raise Terminated(reason)
-        return result
-
-    async def _sys_tool_call(self, proc: Process, tool: str, args: dict[str, Any],
-                             labels: Any = None) -> ToolResult:
-        quota = proc.quotas.tool_calls
-        if quota is not None and proc.tool_calls >= quota:
-            raise Terminated(f"quota exceeded: tool_calls used {proc.tool_calls} of {quota}")
-        proc.tool_calls += 1
-        try:
-            spec = self.tools.get(tool)
-        except ToolError as e:
-            return ToolResult(tool, False, error=str(e))
-        decision: Decision = self.monitor.check(proc, tool, args, labels)
-        if not decision.allowed:
-            self.monitor.record(proc, tool, args, decision, "denied")
-            return ToolResult(tool, False, error=f"denied: {decision.reason}")
-        ctx = ToolContext(proc.pid, proc.name, proc.workdir, self.home, proc)
-        trusted, status = not spec.untrusted_output, "ok"
-        proc.set_state(ProcessState.WAITING)
-        try:
-            if inspect.iscoroutinefunction(spec.fn):
-                result = ToolResult(tool, True, await spec.fn(args, ctx), trusted=trusted)
-            else:
-                result = ToolResult(tool, True, await asyncio.to_thread(spec.fn, args, ctx), trusted=trusted)
-        except asyncio.CancelledError:
-            self.monitor.record(proc, tool, args, decision, "killed")
-            raise
-        except ToolError as e:
-            status, result = "error", ToolResult(tool, False, error=str(e), trusted=trusted)
-        except Exception as e:  # a tool's bug is its caller's error result, never a crash
-            status = "error"
-            result = ToolResult(tool, False, error=f"{tool} failed: {type(e).__name__}: {e}", trusted=trusted)
-        finally:
-            proc.set_state(ProcessState.RUNNING)
-        self.monitor.record(proc, tool, args, decision, status)
-        return result
-
-    async def _sys_spawn(self, proc: Process, program: Program, name: str | None = None,
-                         **kwargs: Any) -> int:
-        try:
-            return await self.spawn(program, name, parent=proc.pid, **kwargs)
-        except PermissionError as e:  # asked for more than the parent holds
-            raise SyscallError(f"denied: {e}") from None
-
-    async def _sys_wait(self, proc: Process, target: int) -> Any:
-        proc.set_state(ProcessState.BLOCKED)
-        try:
-            return await self.wait(target)
-        finally:
-            proc.set_state(ProcessState.RUNNING)
-
-    async def _sys_sleep(self, proc: Process, seconds: float) -> None:
-        proc.set_state(ProcessState.BLOCKED)
-        try:
-            await asyncio.sleep(max(0.0, float(seconds)))
-        finally:
-            proc.set_state(ProcessState.RUNNING)
-
-    # Privileged syscalls (/proc, sysctl, kill): each needs a capability for `kernel.<name>`.
-
-    async def _privileged(self, proc: Process, name: str, args: dict[str, Any]) -> None:
-        decision = self.monitor.check(proc, f"kernel.{name}", args, None)
-        self.monitor.record(proc, f"kernel.{name}", args, decision, "ok" if decision.allowed else "denied")
-        if not decision.allowed:
-            raise SyscallError(f"denied: {decision.reason}")
-
-    async def _sys_kernel_stats(self, proc: Process) -> dict[str, Any]:
-        await self._privileged(proc, "stats", {})
-        return await self.stats()
-
-    async def _sys_configure(self, proc: Process, changes: dict[str, Any]) -> dict[str, Any]:
-        await self._privileged(proc, "configure", changes)
-        return await self.configure(**changes)
-
-    async def _sys_signal(self, proc: Process, target: int, signal: str, reason: str = "") -> str:
-        await self._privileged(proc, "signal", {"target": target, "signal": signal})
-        if target == proc.pid:
-            raise SyscallError("an agent cannot signal itself")
-        self.process(target)
-        return await self._signal(target, signal, reason or f"signal from agent {proc.pid}")
 
     def emit(self, pid: int, text: str) -> None:
         proc = self.process(pid)

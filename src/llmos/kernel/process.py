@@ -57,6 +57,7 @@ class Process:
     capabilities: Any = None  # the security layer's grants
     context: Any = None  # the memory layer's per-agent state
     workdir: Path | None = None
+    owner: str = "local"  # the id of the user it runs for (kernel/users.py)
     state: ProcessState = ProcessState.NEW
     before_suspend: ProcessState | None = None
     created: float = field(default_factory=time.time)
@@ -99,7 +100,8 @@ class Process:
     def info(self) -> dict[str, Any]:
         """The row `llmos ps` shows."""
         return {
-            "pid": self.pid, "name": self.name, "parent": self.parent, "state": self.state.value,
+            "pid": self.pid, "name": self.name, "owner": self.owner, "parent": self.parent,
+            "state": self.state.value,
             "priority": self.priority, "weight": self.weight, "tokens_used": self.tokens_used,
             "tool_calls": self.tool_calls, "syscalls": self.syscalls, "syscall_errors": self.syscall_errors,
             "current_syscall": self.current_syscall, "created": self.created, "ended": self.ended,

@@ -985,28 +985,14 @@ def syscall_tool_caller(sys: Any) -> ToolCaller:
 
 
 def monitored_tool_caller(monitor: Any, agent: Any, registry: Any, ctx: Any) -> ToolCaller:
-    """Tool calls through `monitor` without a kernel (benchmarks, tests): check, run, record."""
-    import inspect
+    """Tool calls through `monitor` without a kernel (benchmarks, tests), on the kernel's one tool
+    path (kernel/syscall.py: check, run bounded, record)."""
+    from llmos.kernel.syscall import ToolExecutor, call_tool
 
-    from llmos.tools.base import ToolError
+    executor = ToolExecutor()
 
     async def call(name: str, args: dict[str, Any], labels: dict[str, Label]) -> ToolOutcome:
-        try:
-            tool = registry.get(name)
-        except ToolError as e:
-            return ToolOutcome(False, error=str(e))
-        decision = monitor.check(agent, name, args, labels)
-        if not decision.allowed:
-            monitor.record(agent, name, args, decision, "denied")
-            return ToolOutcome(False, error=decision.reason, denied=True)
-        try:
-            content = tool.fn(args, ctx)
-            if inspect.isawaitable(content):
-                content = await content
-        except ToolError as e:
-            monitor.record(agent, name, args, decision, "error")
-            return ToolOutcome(False, error=str(e), trusted=not tool.untrusted_output)
-        monitor.record(agent, name, args, decision, "ok")
-        return ToolOutcome(True, content, trusted=not tool.untrusted_output)
+        r = await call_tool(monitor, registry, agent, name, args, labels, ctx, executor=executor)
+        return ToolOutcome(r.ok, r.content, r.error, r.trusted, r.status == "denied")
 
     return call

@@ -37,6 +37,7 @@ class Tool:
     fn: Callable[[dict[str, Any], ToolContext], Any]
     untrusted_output: bool = False  # its result carries outside content (files, web, mail)
     destructive: bool = False
+    timeout_s: float | None = None  # the kernel's bound on one call (None: the kernel's default)
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry for this tool."""
