@@ -17,7 +17,7 @@ from llmos.agents.messages import (
     UserMessage,
     from_recall,
 )
-from llmos.agents.tool_rules import ToolRuleError, ToolRules
+from llmos.agents.tool_rules import Call, ToolRuleError, ToolRules
 from llmos.engine.guided import json_schema_grammar
 from llmos.kernel import Kernel
 from llmos.memory import RecallStorage, open_store
@@ -80,6 +80,51 @@ def test_the_grammar_offers_only_the_allowed_tools(tmp_path, count_tokens, token
         assert not accepts(tokenizer, last, call("send_message", message=empty))
 
 
+SAMPLE_ARGS = {
+    "send_message": {"message": "hi"},
+    "core_memory_append": {"label": "human", "content": "x"},
+    "core_memory_replace": {"label": "human", "old_content": "a", "new_content": "b"},
+    "conversation_search": {"query": "q"},
+    "conversation_search_date": {"start_date": "2026-01-01", "end_date": "2026-01-02"},
+    "archival_memory_insert": {"content": "x"},
+    "archival_memory_search": {"query": "q"},
+}
+
+
+def test_each_rule_shapes_the_grammar(tmp_path, count_tokens, tokenizer, registry):
+    rules = ToolRules.from_letta([
+        {"type": "constrain_child_tools", "tool_name": "conversation_search",
+         "children": ["archival_memory_search"]},
+        {"type": "max_count_per_step", "tool_name": "core_memory_append", "max_count_limit": 1},
+        {"type": "required_before_exit", "tool_name": "archival_memory_insert"},
+        {"type": "parent_last_tool", "tool_name": "archival_memory_search",
+         "children": ["conversation_search_date"]},
+    ])
+    cases = [  # (calls so far, steps left) -> the functions the grammar accepts
+        ([], 4, {"core_memory_append", "core_memory_replace", "conversation_search", "archival_memory_insert",
+                 "archival_memory_search"}),  # no reply before the required insert; no parent's child
+        (["conversation_search"], 4, {"archival_memory_search"}),  # the child rule
+        (["core_memory_append"], 4, {"core_memory_replace", "conversation_search", "archival_memory_insert",
+                                     "archival_memory_search"}),  # the max count
+        (["archival_memory_search"], 4, {"conversation_search_date"}),  # the parent rule
+        (["archival_memory_insert"], 4, {"send_message", "core_memory_append", "core_memory_replace",
+                                         "conversation_search", "archival_memory_insert",
+                                         "archival_memory_search"}),
+        (["core_memory_replace"], 2, {"archival_memory_insert"}),  # the required call must fit
+        (["core_memory_replace"], 1, {"send_message"}),  # the reply guarantee
+    ]
+
+    async def schemas(sys):
+        agent = memgpt.open_agent(sys, tool_rules=rules)
+        return [agent.schema(agent.rules.plan(agent.tools, [Call(n) for n in done], left))
+                for done, left, _ in cases]
+
+    for schema, (done, left, expect) in zip(in_agent(tmp_path, ScriptedBackend(count_tokens, []), registry,
+                                                     schemas), cases, strict=True):
+        got = {n for n, args in SAMPLE_ARGS.items() if accepts(tokenizer, schema, call(n, **args))}
+        assert got == expect, (done, left)
+
+
 def test_a_turn_returns_letta_messages_as_they_happen(tmp_path, count_tokens, registry):
     backend = ScriptedBackend(count_tokens, [
         {"function": "core_memory_append",
@@ -129,6 +174,19 @@ def test_a_reply_cut_by_the_token_budget_is_delivered_as_far_as_it_got(tmp_path,
     assert memgpt.salvage_reply(cut + '", "request_he') == "Hello Ana, nice to me"
     assert memgpt.salvage_reply('{"function": "send_message", "arguments": {"message": "  ') is None
     assert memgpt.salvage_reply('{"function": "core_memory_append", "arguments": {"label": "hu') is None
+
+
+def test_text_on_a_reply_only_step_is_the_reply(tmp_path, count_tokens, registry):
+    """A backend that ignores the grammar (a remote server without schema support) still replies."""
+    note = {"function": "archival_memory_insert", "arguments": {"content": "x", "request_heartbeat": False}}
+    backend = ScriptedBackend(count_tokens, ["Thinking about it...", note, "  Hello, Ana!  "])
+
+    async def body(sys):
+        return await memgpt.open_agent(sys, max_steps=5).turn("Hi, I'm Ana")
+
+    turn = in_agent(tmp_path, backend, registry, body)
+    # plain text on a free step is an invalid call; after the model yields, text is the reply
+    assert turn.replies == ["Hello, Ana!"] and turn.steps == 3 and turn.stop_reason == "end_turn"
 
 
 def test_settings_that_cannot_keep_the_guarantee_are_refused(tmp_path, count_tokens, registry):

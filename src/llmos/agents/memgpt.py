@@ -17,7 +17,9 @@ with a terminal tool call (`send_message` unless the rules name others) within
 step left, or once the model yields without replying, the grammar offers only
 the terminal tools (see `llmos.agents.tool_rules`). A `send_message` call cut
 short by the reply budget is delivered as far as it got (`reply_tokens` is at
-least the length of the call's opening, so some of the message always fits).
+least the length of the call's opening, so some of the message always fits);
+on a step that may only reply, text that is not a call (from a backend that
+ignored the grammar) is taken as the message.
 
 Entry point for other programs (the agents API): inside a kernel process,
 
@@ -229,6 +231,8 @@ class MemGPTAgent:
             name, args = parse_call(result.text, set(self.tools))
         except ValueError as e:
             cut = salvage_reply(result.text) if REPLY_TOOL in plan.allowed else None
+            if cut is None and plan.forced == "reply" and REPLY_TOOL in plan.allowed:
+                cut = result.text.strip() or None  # a model that ignored the grammar answered in text
             if cut is None:
                 return self._refuse(result.text,
                                     f"Your reply was not a valid function call: {e}. {_CALL_FORMAT}")
