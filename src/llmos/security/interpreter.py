@@ -976,10 +976,7 @@ def syscall_tool_caller(sys: Any) -> ToolCaller:
 
     async def call(name: str, args: dict[str, Any], labels: dict[str, Label]) -> ToolOutcome:
         r = await sys.tool_call(name, args, labels={k: v.to_json() for k, v in labels.items()})
-        status = getattr(r, "status", None)
-        denied = status == "denied" if status is not None else \
-            not r.ok and (r.error or "").startswith("denied:")
-        return ToolOutcome(r.ok, r.content, r.error, r.trusted, denied)
+        return ToolOutcome(r.ok, r.content, r.error, r.trusted, r.status == "denied")
 
     return call
 
