@@ -566,37 +566,36 @@ def run_plan_case(plan: str) -> tuple[list[dict], list[dict], BaseException | No
 
 
 class _ScriptedSys:
-    """The syscalls the planner agent uses, over scripted model replies and the attack world's tools."""
+    """The syscalls the planner agent uses: scripted model replies, and the attack world's tools on the
+    kernel's one tool path (check, run, record)."""
 
     def __init__(self, plans: list[str], answers: list[Any]):
         from pathlib import Path
 
-        from llmos.security.interpreter import monitored_tool_caller
+        from llmos.kernel.syscall import ToolExecutor
         from llmos.tools.base import ToolContext
 
         self.plans, self.answers, self.printed = list(plans), list(answers), []
-        self.registry, monitor, agent, self.sent, self.paid = _attack_world()
-        self._call = monitored_tool_caller(monitor, agent, self.registry, ToolContext(1, "planner", Path("."),
-                                                                                       Path(".")))
+        self.registry, self._monitor, self._agent, self.sent, self.paid = _attack_world()
+        self._ctx, self._executor = ToolContext(1, "planner", Path("."), Path(".")), ToolExecutor()
 
     def tools(self) -> list[dict[str, Any]]:
         return self.registry.specs()
 
     async def llm_chat(self, messages: list[dict[str, Any]], json_schema: Any = None, **_: Any) -> Any:
         import json
-        from types import SimpleNamespace
+
+        from llmos.kernel import ChatResult
 
         if json_schema is not None:
-            return SimpleNamespace(text=json.dumps({"value": self.answers.pop(0)}))
-        return SimpleNamespace(text=f"```python\n{self.plans.pop(0)}\n```")
+            return ChatResult(json.dumps({"value": self.answers.pop(0)}), "stop", 1, 1)
+        return ChatResult(f"```python\n{self.plans.pop(0)}\n```", "stop", 1, 1)
 
     async def tool_call(self, name: str, args: dict[str, Any], labels: dict[str, Any]) -> Any:
-        from types import SimpleNamespace
+        from llmos.kernel.syscall import call_tool
 
-        outcome = await self._call(name, args, {k: Label.coerce(v) for k, v in labels.items()})
-        return SimpleNamespace(ok=outcome.ok, content=outcome.content, error=outcome.error,
-                               trusted=outcome.trusted, status="denied" if outcome.denied
-                               else "allowed" if outcome.ok else "error")
+        return await call_tool(self._monitor, self.registry, self._agent, name, args, labels, self._ctx,
+                               executor=self._executor)
 
     def print(self, text: str) -> None:
         self.printed.append(text)
@@ -660,14 +659,16 @@ def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
     }
 
 
-def run_adversarial(escapes: list[Any] | None = None) -> list[dict[str, Any]]:
+def run_adversarial(escapes: list[Any] | None = None, only: set[str] | None = None) -> list[dict[str, Any]]:
     """The adversarial classes: cases tried and held per class, with the cases that did not hold.
 
     `escapes`: the sandbox escape suite's outcomes (`EscapeOutcome.__dict__`), already run, each
-    reported as its own class.
+    reported as its own class. `only`: run just these classes.
     """
     rows = []
     for cls, cases in adversarial_cases().items():
+        if only is not None and cls not in only:
+            continue
         failed = []
         for name, check in cases.items():
             try:
