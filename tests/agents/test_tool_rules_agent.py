@@ -176,6 +176,22 @@ def test_a_reply_cut_by_the_token_budget_is_delivered_as_far_as_it_got(tmp_path,
     assert memgpt.salvage_reply('{"function": "core_memory_append", "arguments": {"label": "hu') is None
 
 
+def test_prefilled_arguments_win_over_an_unconstrained_model(tmp_path, count_tokens, registry):
+    rules = ToolRules.from_letta([{"type": "run_first", "tool_name": "archival_memory_search",
+                                   "args": {"query": "today"}}])
+    search = {"function": "archival_memory_search",
+              "arguments": {"query": "secrets", "request_heartbeat": True}}
+    backend = ScriptedBackend(count_tokens, [search, say("Nothing today.")])
+
+    async def body(sys):
+        return await memgpt.open_agent(sys, tool_rules=rules, constrained=False).turn("What's on?")
+
+    turn = in_agent(tmp_path, backend, registry, body)
+    assert turn.messages[0].name == "archival_memory_search"
+    assert turn.messages[0].arguments == {"query": "today", "request_heartbeat": True}
+    assert turn.replies == ["Nothing today."]
+
+
 def test_text_on_a_reply_only_step_is_the_reply(tmp_path, count_tokens, registry):
     """A backend that ignores the grammar (a remote server without schema support) still replies."""
     note = {"function": "archival_memory_insert", "arguments": {"content": "x", "request_heartbeat": False}}

@@ -148,7 +148,8 @@ def parse_rule(rule: Any) -> ToolRule:
     if kind in ("constrain_child_tools", "parent_last_tool"):
         children = _names(rule, "children", what)
         child_args: dict[str, dict[str, Any]] = {}
-        for node in rule.get("child_arg_nodes") or [] if kind == "constrain_child_tools" else []:
+        nodes = (rule.get("child_arg_nodes") or []) if kind == "constrain_child_tools" else []
+        for node in nodes:
             child = node.get("name") if isinstance(node, dict) else None
             if child not in children:
                 raise ToolRuleError(f"{what}: child_arg_nodes entry {node!r} names no child of the rule")
