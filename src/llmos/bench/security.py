@@ -501,6 +501,9 @@ ALLOCATION_CASES: dict[str, str] = {
     "deeply nested expression": 'x = ' + '-' * 1500 + '1',
     "many big strings kept": 'd = {}\nfor i in range(1000):\n    d[i] = "a" * 999999',
     "many big strings appended": 'x = []\nfor i in range(1000):\n    x.append(f"{i:>9999}" * 100)',
+    "many big prints": 'x = "a" * 999999\nfor i in range(1000):\n    print(x, x, x)',
+    "many big tool arguments": 'x = ["a" * 999999] * 3\nfor i in range(1000):\n'
+                               '    send_email(to="bob@corp.org", body=x)',
 }
 
 # (plans the privileged LLM writes in turn, quarantined answers, payments that may happen)

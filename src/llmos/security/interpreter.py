@@ -191,12 +191,12 @@ def parse_plan(code: str) -> ast.Module:
     return module
 
 
-def _measure(value: Any) -> int:
+def _measure(value: Any) -> tuple[int, int]:
     """What `value` weighs once every alias is expanded (characters and elements); LimitExceeded if too much.
 
     A value that contains itself, or shares one list many times over, weighs what copying or
     printing it would build, so it is refused before anything is built. Returns the number of
-    values visited.
+    values visited and the weight.
     """
     total, visited, stack = 0, 0, [(value, 0)]
     while stack:
@@ -220,7 +220,7 @@ def _measure(value: Any) -> int:
             total += 1
         if total > MAX_MEASURE:
             raise LimitExceeded("a value is too large to copy, print or pass on")
-    return visited
+    return visited, total
 
 
 def _plain(v: Any) -> Any:
@@ -440,18 +440,28 @@ class PlanInterpreter:
             size = len(value) + sum(len(x) for x in items if isinstance(x, str))
         else:
             size = 1
+        self._spend(size)
+        return value
+
+    def _spend(self, size: int) -> None:
         self.allocated += size
         if self.allocated > MAX_ALLOCATED:
             raise LimitExceeded(f"the plan built more than {MAX_ALLOCATED} characters and elements")
-        return value
 
-    def _unwrap(self, v: Any) -> Any:
-        """The plain value inside (containers of) Labeled values; measured first, so it is bounded."""
-        self._charge(_measure(v))
+    def _unwrap(self, v: Any, kept: bool = False) -> Any:
+        """The plain value inside (containers of) Labeled values; measured first, so it is bounded.
+
+        `kept`: the copy outlives the operation (printed, sent, traced), so its weight is spent from
+        the plan's allocation budget.
+        """
+        visited, weight = _measure(v)
+        self._charge(visited)
+        if kept:
+            self._spend(weight)
         return _plain(v)
 
-    def _text(self, v: Labeled) -> str:
-        return _show(self._unwrap(v.value))
+    def _text(self, v: Labeled, kept: bool = False) -> str:
+        return _show(self._unwrap(v.value, kept))
 
     def _store(self, v: Labeled) -> Labeled:
         """What a container holds for `v`: the same object, labelled by the control label too."""
@@ -753,7 +763,7 @@ class PlanInterpreter:
         if name == "print":
             label = self._deep_all(*args).join(self.pc)
             with _at(node, label):
-                self.output.append(Labeled(" ".join(self._text(a) for a in args), label))
+                self.output.append(Labeled(" ".join(self._text(a, kept=True) for a in args), label))
             return Labeled(None, self.pc)
         if name == "query_ai_assistant":
             return await self._qllm(node, args, kwargs)
@@ -894,7 +904,7 @@ class PlanInterpreter:
             raise PlanError(f"line {node.lineno}: call tools with keyword arguments only ({name}(arg=...))")
         labels = {k: self.deep_label(v) for k, v in kwargs.items()}  # everything reachable from each
         with _at(node, Label().join(*labels.values())):
-            plain = {k: self._unwrap(v.value) for k, v in kwargs.items()}
+            plain = {k: self._unwrap(v.value, kept=True) for k, v in kwargs.items()}
         labels[CONTROL] = self.pc
         outcome = await self.call_tool(name, plain, labels)
         self.trace.append({"tool": name, "args": plain, "labels": {k: v.to_json() for k, v in labels.items()},
@@ -922,7 +932,7 @@ class PlanInterpreter:
         # the quarantined LLM's answer (or failure) is derived from everything it was shown
         label = self._deep_all(query, schema).join(self.pc, Label.of(Source("qllm", True)))
         with _at(node, label):
-            text, wanted = self._text(query), self._unwrap(schema.value)
+            text, wanted = self._text(query, kept=True), self._unwrap(schema.value, kept=True)
         try:
             value = await self.qllm(text, wanted)
         except PlanError as e:
