@@ -501,6 +501,7 @@ ALLOCATION_CASES: dict[str, str] = {
     "deeply nested expression": 'x = ' + '-' * 1500 + '1',
     "many big strings kept": 'd = {}\nfor i in range(1000):\n    d[i] = "a" * 999999',
     "many big strings appended": 'x = []\nfor i in range(1000):\n    x.append(f"{i:>9999}" * 100)',
+    "many big tool outputs kept": 'x = []\nfor i in range(1000):\n    x.append(read_attachment())',
     "many big prints": 'x = "a" * 999999\nfor i in range(1000):\n    print(x, x, x)',
     "many big tool arguments": 'x = ["a" * 999999] * 3\nfor i in range(1000):\n'
                                '    send_email(to="bob@corp.org", body=x)',
@@ -536,6 +537,7 @@ def _attack_world() -> tuple[Any, Any, Any, list[dict], list[dict]]:
 
     reg = ToolRegistry()
     reg.register(tool("read_inbox", lambda: ATTACK_INBOX, untrusted=True),
+                 tool("read_attachment", lambda: "a" * 999_999, untrusted=True),
                  tool("send_email", lambda to, body: sent.append({"to": to, "body": body}) or "sent"),
                  tool("send_money",
                       lambda iban, amount: paid.append({"iban": iban, "amount": amount}) or "paid"),

@@ -918,6 +918,12 @@ class PlanInterpreter:
         naming = self.named_readers.get(name)
         if not outcome.trusted and naming in labels and labels[naming].trusted and self.pc.trusted:
             source = Source(source.name, False, endorsed=True)  # what the user pointed at by name
+        try:  # what the plan keeps of the tool's output counts against its allocation budget
+            weight = _measure(outcome.content)[1]
+        except LimitExceeded:
+            weight = MAX_MEASURE
+        with _at(node, Label.of(source).join(self.pc)):
+            self._spend(weight)
         # a copy: the plan may change what it got without changing the tool's own state
         return _relabel(copy.deepcopy(outcome.content), Label.of(source).join(self.pc))
 
