@@ -203,3 +203,39 @@ def test_llmos_audit_verify_says_tampered_or_damaged_never_a_traceback(tmp_path:
     assert r.returncode == 1 and r.stdout.startswith("DAMAGED: ") and "Traceback" not in r.stderr + r.stdout
     r = verify(tmp_path / "missing.db")
     assert r.returncode == 2 and "no audit log at" in r.stderr
+
+
+def test_the_kernel_fails_closed_on_a_tampered_log(tmp_path: Path):
+    """After a truncation, a tool call is denied (never run unaudited) and the log is not extended."""
+    import asyncio
+
+    from llmos.kernel import Kernel
+    from llmos.security import ReferenceMonitor
+    from llmos.tools import ToolRegistry, calculator_tool
+    from tests.stub_backend import StubBackend
+
+    path = tmp_path / "audit.db"
+    tools = ToolRegistry()
+    tools.register(calculator_tool())
+
+    async def agent(sys):
+        first = await sys.tool_call("calculator", {"expression": "1+1"})
+        attacks.empty_log(path)  # an attacker with write access to the database, mid-run
+        return first, await sys.tool_call("calculator", {"expression": "2+2"})
+
+    async def go():
+        audit = AuditLog(path)
+        kernel = Kernel(StubBackend(), home=tmp_path / "home", tools=tools,
+                        monitor=ReferenceMonitor(audit=audit, tools=tools))
+        try:
+            pid = await kernel.spawn(agent, "agent", capabilities=[{"tool": "calculator"}])
+            return await kernel.wait(pid)
+        finally:
+            await kernel.shutdown()
+            audit.close()
+
+    first, second = asyncio.run(go())
+    assert first.ok and first.content == "2"
+    assert second.status == "denied" and second.content is None
+    assert "AuditTampered: refusing to extend a tampered audit log: the log ends at row 0" in second.reason
+    _tampered(path, 1, "the log ends at row 0 but the anchor records 2 rows")
