@@ -119,6 +119,11 @@ def test_requires_approval_tools_are_never_offered():
     assert "save" not in allowed(r, calls("search"))
     with pytest.raises(ToolRuleError, match="no terminal tool can be called"):
         rules({"type": "requires_approval", "tool_name": "send_message"}).check(TOOLS)
+    # a required tool that needs approval cannot hold the turn open
+    held = rules({"type": "requires_approval", "tool_name": "save"},
+                 {"type": "required_before_exit", "tool_name": "save"})
+    assert "send_message" in allowed(held, [])
+    assert held.after("send_message", calls("send_message"), heartbeat=False) == "end"
 
 
 def test_reply_guarantee_forces_the_terminal_tool():

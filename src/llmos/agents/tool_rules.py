@@ -303,7 +303,7 @@ class ToolRules:
         """What follows a successful call of `name` (already in `history`): "end" the turn, "continue"
         with a free step, or "reply" (the model yielded: the next step must end the turn)."""
         called = {c.name for c in history}
-        uncalled = self._named("required_before_exit") - called
+        uncalled = self._named("required_before_exit") - called - self._named("requires_approval")
         if name in self.terminal([name]) and not uncalled:
             return "end"
         has_children = any(r.tool_name == name for r in self.rules if r.type in _CHILD_RULES)
