@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from llmos.security.capabilities import Capabilities
-from llmos.security.sandbox import isolation
+from llmos.security.sandbox import SandboxLimits, isolation
 from llmos.tools.base import ToolContext, ToolError, ToolRegistry
 from llmos.tools.files import file_tools
 from llmos.tools.python import python_tool
 from llmos.tools.shell import shell_tool
 
 SECRET = "ROOT-ONLY-SECRET-4711"
-SWAPS = 6_000  # the swapping loop's fixed number of iterations
+SWAPS = 4_000  # the swapping loop's fixed number of iterations
 
 # Runs in the sandbox as nobody: swap d for a link to the host directory and back, again and again.
 SWAPPER = """
@@ -61,7 +61,7 @@ root_sandbox = pytest.mark.skipif(os.getuid() != 0 or not isolation()["namespace
 @pytest.fixture
 def tools() -> ToolRegistry:
     reg = ToolRegistry()
-    reg.register(*file_tools(), shell_tool(), python_tool())
+    reg.register(*file_tools(), shell_tool(), python_tool(SandboxLimits(cpu_s=60, wall_s=120)))
     return reg
 
 

@@ -10,6 +10,7 @@ drops to an unprivileged uid with no_new_privs and the resource limits before
 it execs. When the command ends, the namespace's init exits, and the kernel
 kills every process left in the namespace: nothing survives the command.
 Without namespaces it only applies the uid drop (when root) and the limits.
+Where the kernel made a cgroup for the call, this process joins it first.
 """
 
 import ctypes
@@ -112,6 +113,13 @@ def _status_code(status: int) -> int:
 
 def main() -> None:
     cfg = json.loads(os.environ.pop("LLMOS_SANDBOX_CONFIG"))
+    if cfg.get("cgroup_procs"):  # first, so that every process the call starts is counted
+        try:
+            with open(cfg["cgroup_procs"], "w") as f:
+                f.write(str(os.getpid()))
+        except OSError as e:
+            sys.stderr.write(f"sandbox: cannot join the call's cgroup: {e}\n")
+            os._exit(SETUP_FAILED)
     if not cfg["namespaces"]:
         _drop_and_exec(cfg, cfg["workdir"])
     try:

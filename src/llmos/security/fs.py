@@ -268,12 +268,13 @@ class Entry:
 
 
 def entries(dir_fd: int, base: tuple[str, ...] = (), *, recursive: bool = False,
-            limit: int = MAX_WALK_ENTRIES) -> Iterator[Entry]:
+            limit: int | None = None) -> Iterator[Entry]:
     """The entries under `dir_fd` (lstat, sorted by name), descending only into real directories.
 
-    At most `limit` entries; a directory swapped for a link while walking is skipped.
+    At most `limit` entries (MAX_WALK_ENTRIES by default); a directory swapped for a link while
+    walking is skipped.
     """
-    budget = [limit]
+    budget = [MAX_WALK_ENTRIES if limit is None else limit]
 
     def walk(fd: int, base: tuple[str, ...]) -> Iterator[Entry]:
         with os.scandir(fd) as it:  # never more names in memory than the budget allows
@@ -308,8 +309,9 @@ class Usage:
     complete: bool  # False when the walk stopped at its bound
 
 
-def usage(root: str | Path, limit: int = MAX_WALK_ENTRIES) -> Usage:
+def usage(root: str | Path, limit: int | None = None) -> Usage:
     """The disk space and entries under the working directory (hard links counted once)."""
+    limit = MAX_WALK_ENTRIES if limit is None else limit
     fd = open_root(root)
     try:
         seen: set[tuple[int, int]] = set()
@@ -327,7 +329,16 @@ def usage(root: str | Path, limit: int = MAX_WALK_ENTRIES) -> Usage:
 
 def remove_changed_since(root: str | Path, since: float) -> tuple[int, int]:
     """Unlink every regular file under the root whose inode changed at or after `since` (ctime,
-    which no process can set back). Returns (files removed, bytes freed)."""
+    which no process can set back), in passes of the walk's bound. Returns (files removed, bytes freed)."""
+    removed = freed = 0
+    while True:
+        n, b = _remove_pass(root, since)
+        removed, freed = removed + n, freed + b
+        if n == 0:
+            return removed, freed
+
+
+def _remove_pass(root: str | Path, since: float) -> tuple[int, int]:
     fd = open_root(root)
     removed = freed = 0
     try:

@@ -14,6 +14,20 @@ allows namespaces (root, or unprivileged user namespaces):
 - an unprivileged uid (nobody) with no_new_privs;
 - a pid namespace, so no process outlives the command.
 
+Totals per call, beyond the per-process rlimits:
+
+- disk: the working directory's quota (`disk_mb`, all files together). A file
+  may grow only to what is left of it (RLIMIT_FSIZE), the kernel polls the
+  directory's usage while the call runs and kills the call when it passes the
+  quota, and afterwards removes the files the call changed (by ctime, which no
+  process can set back) while the directory is still over it;
+- memory and processes: where the machine delegates cgroup v2 memory and pids
+  controllers (security/cgroups.py), each call runs in its own cgroup with
+  `memory.max` = `total_memory_mb` (no swap) and `pids.max` = `nproc`;
+  elsewhere the kernel polls the resident memory of the call's process tree and
+  kills it above `total_memory_mb`, and RLIMIT_NPROC bounds the processes of
+  the sandbox uid (shared by all calls running at once).
+
 Without namespaces only the limits, the timeout, the process-group kill and the
 environment are enforced; `isolation()` says which mode this machine gets.
 """
@@ -33,7 +47,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from llmos.security import fs
+from llmos.security import cgroups, fs
 
 _INIT = str(Path(__file__).with_name("_sandbox_init.py"))
 CONFIG_VAR = "LLMOS_SANDBOX_CONFIG"  # the init reads its config here (its environ is root-only inside)
@@ -50,7 +64,8 @@ class SandboxLimits:
     cpu_s: int = 10
     wall_s: float = 30.0
     memory_mb: int = 1024  # address space per process
-    nproc: int = 64  # processes of the sandbox's uid
+    total_memory_mb: int = 1024  # resident memory of all the call's processes together
+    nproc: int = 64  # processes of the sandbox's uid (and of the call, with cgroups)
     nofile: int = 256
     fsize_mb: int = 64  # largest file it may write
     disk_mb: int = 256  # the working directory's quota (all files together)
@@ -80,7 +95,7 @@ def sandbox_python() -> str:
 
 
 def _config(argv: list[str], workdir: Path, limits: SandboxLimits, env: dict[str, str],
-            namespaces: bool, newroot: str | None) -> dict:
+            namespaces: bool, newroot: str | None, fsize_bytes: int, cgroup_procs: str | None) -> dict:
     prefix = os.path.realpath(sys.base_prefix)
     ro = list(SYSTEM_BINDS)
     if not prefix.startswith("/usr"):
@@ -88,10 +103,10 @@ def _config(argv: list[str], workdir: Path, limits: SandboxLimits, env: dict[str
     drop = os.getuid() == 0 and namespaces  # without a private root, nobody might not even reach workdir
     return {
         "argv": argv, "env": env, "workdir": str(workdir), "namespaces": namespaces, "newroot": newroot,
-        "ro_binds": ro, "tmp_mb": limits.tmp_mb,
+        "ro_binds": ro, "tmp_mb": limits.tmp_mb, "cgroup_procs": cgroup_procs,
         "uid": NOBODY if drop else None, "gid": NOBODY if drop else None,
         "limits": {"cpu_s": limits.cpu_s, "memory_bytes": limits.memory_mb << 20, "nproc": limits.nproc,
-                   "nofile": limits.nofile, "fsize_bytes": limits.fsize_mb << 20},
+                   "nofile": limits.nofile, "fsize_bytes": fsize_bytes},
     }
 
 
@@ -113,6 +128,87 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
+POLL_S = 0.05  # the watchdog's period (longer while walking a large workdir takes longer)
+
+
+def _process_tree(root: int) -> list[int]:
+    """`root` and every process descended from it (in a pid namespace: all of the sandbox's)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def _resident_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+@dataclass
+class _Watch:
+    """What the watchdog enforces while a call runs, and what it found."""
+
+    proc: subprocess.Popen
+    workdir: Path
+    disk_cap: int  # bytes the workdir may hold
+    memory_cap: int | None  # resident bytes of the tree (None: a cgroup enforces it)
+    cgroup: cgroups.CallCgroup | None
+    stop: threading.Event = field(default_factory=threading.Event)
+    violation: str = ""
+
+    def run(self) -> None:
+        period = POLL_S
+        while not self.stop.wait(period) and self.proc.poll() is None:
+            t = time.monotonic()
+            if self.memory_cap is not None:
+                rss = _resident_bytes(_process_tree(self.proc.pid))
+                if rss > self.memory_cap:
+                    self._kill(f"its processes held {rss >> 20} MiB, above the limit of "
+                               f"{self.memory_cap >> 20} MiB for all of them together")
+                    return
+            used = fs.usage(self.workdir)
+            if used.bytes > self.disk_cap or not used.complete:
+                what = (f"{used.bytes >> 20} MiB" if used.complete else f"more than {used.entries} entries")
+                self._kill(f"the working directory reached {what}, past its quota of "
+                           f"{self.disk_cap >> 20} MiB / {fs.MAX_WALK_ENTRIES} entries")
+                return
+            period = max(POLL_S, 2 * (time.monotonic() - t))
+
+    def _kill(self, why: str) -> None:
+        self.violation = why
+        if self.cgroup:
+            self.cgroup.kill()
+        _kill_group(self.proc)
+
+
+def _over_quota(workdir: Path, cap: int, since: float) -> str | None:
+    """After a call: if the workdir is over its quota, remove what the call changed; a note, or None."""
+    used = fs.usage(workdir)
+    if used.bytes <= cap and used.complete:
+        return None
+    removed, freed = fs.remove_changed_since(workdir, since)
+    return (f"disk quota of {cap >> 20} MiB exceeded: removed the {removed} files this call wrote "
+            f"({freed >> 20} MiB)")
+
+
 def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | None = None,
                   env: dict[str, str] | None = None, stdin: str | None = None,
                   namespaces: bool | None = None) -> SandboxResult:
@@ -127,24 +223,32 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
     inside = "/work" if use_ns else str(workdir)
     base_env = {"PATH": SAFE_PATH, "HOME": inside, "TMPDIR": "/tmp" if use_ns else inside,
                 "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-    newroot = tempfile.mkdtemp(prefix="llmos-sandbox-") if use_ns else None
     if use_ns and os.getuid() == 0:
         # Only the directory itself, by fd: what the kernel creates inside is the sandbox uid's from
         # birth (security/fs.py), and a walk over a tree the sandbox controls could be led outside.
         fs.give_root_to(workdir, NOBODY, NOBODY)
-    cfg = _config(argv, workdir, limits, {**base_env, **(env or {})}, use_ns, newroot)
+    start_usage = fs.usage(workdir).bytes
+    disk_cap = max(limits.disk_mb << 20, start_usage)  # over quota already: it may not grow
+    fsize = min(limits.fsize_mb << 20, disk_cap - start_usage)
+    cgroup = cgroups.CallCgroup.create(limits.total_memory_mb << 20, limits.nproc)
+    newroot = tempfile.mkdtemp(prefix="llmos-sandbox-") if use_ns else None
+    cfg = _config(argv, workdir, limits, {**base_env, **(env or {})}, use_ns, newroot, fsize,
+                  cgroup.procs if cgroup else None)
     out: list[bytes] = []
     err: list[bytes] = []
     flags: dict = {}
+    since = time.time() - 0.02  # ctime comes from the kernel's coarse clock (a tick behind)
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-I", "-S", _INIT],
                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             cwd=str(workdir), env={"PATH": SAFE_PATH, CONFIG_VAR: json.dumps(cfg)})
-    readers = [threading.Thread(target=_reader, args=(s, limits.output_bytes, buf, flags), daemon=True)
+    watch = _Watch(proc, workdir, disk_cap, None if cgroup else limits.total_memory_mb << 20, cgroup)
+    threads = [threading.Thread(target=_reader, args=(s, limits.output_bytes, buf, flags), daemon=True)
                for s, buf in ((proc.stdout, out), (proc.stderr, err))]
-    for r in readers:
-        r.start()
+    threads.append(threading.Thread(target=watch.run, daemon=True))
+    for t in threads:
+        t.start()
     if stdin is not None:
         try:
             proc.stdin.write(stdin.encode())
@@ -156,18 +260,32 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
         proc.wait(timeout=limits.wall_s)
     except subprocess.TimeoutExpired:
         timed_out = True
+    watch.stop.set()
     _kill_group(proc)  # whatever is left of its process group goes too
     proc.wait()
-    for r in readers:
-        r.join(timeout=5)
+    for t in threads:
+        t.join(timeout=5)
+    events = {}
+    if cgroup:
+        events = cgroup.events()
+        cgroup.remove()
     if newroot:
         shutil.rmtree(newroot, ignore_errors=True)
     code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
     notes = []
     if timed_out:
         notes.append(f"killed after the wall-clock limit of {limits.wall_s:g} s")
+    elif watch.violation:
+        notes.append(f"killed: {watch.violation}")
     elif code == 128 + signal.SIGKILL or code == 128 + signal.SIGXCPU:
         notes.append(f"killed by signal {code - 128} (CPU limit {limits.cpu_s} s or memory)")
+    if events.get("memory.oom_kill"):
+        notes.append(f"the memory limit of {limits.total_memory_mb} MiB for the whole call was hit "
+                     f"({events['memory.oom_kill']} processes killed)")
+    if events.get("pids.max"):
+        notes.append(f"the limit of {limits.nproc} processes for the call refused {events['pids.max']} forks")
+    if quota_note := _over_quota(workdir, disk_cap, since):
+        notes.append(quota_note)
     if flags.get("truncated"):
         notes.append(f"output truncated to {limits.output_bytes} bytes")
     text = [b"".join(buf).decode("utf-8", "replace") for buf in (out, err)]
@@ -181,8 +299,14 @@ def isolation() -> dict:
 
     LLMOS_SANDBOX=rlimits forces the fallback (to see what it does and does not contain).
     """
+    cg = cgroups.support()
     info = {"namespaces": False, "network": False, "filesystem": False, "uid_drop": False,
-            "pid_namespace": False, "rlimits": True, "timeout_kills_group": True, "reason": ""}
+            "pid_namespace": False, "rlimits": True, "timeout_kills_group": True, "reason": "",
+            "cgroup": cg.available, "cgroup_reason": cg.reason,
+            "totals": ("memory.max and pids.max per call (cgroup v2)" if cg.available else
+                       "memory: polled resident size of the call's processes; processes: RLIMIT_NPROC "
+                       "of the sandbox uid")
+                      + "; disk: polled workdir quota, RLIMIT_FSIZE up to what is left of it"}
     if os.environ.get("LLMOS_SANDBOX") == "rlimits":
         info["reason"] = "LLMOS_SANDBOX=rlimits"
         return info
