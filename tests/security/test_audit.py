@@ -23,10 +23,10 @@ def fill(log: AuditLog, n: int = 5) -> None:
 
 def test_append_tail_verify(tmp_path: Path):
     log = AuditLog(tmp_path / "audit.db")
-    assert log.verify() == Verdict(True, None, "0 rows, chain intact", "ok")
+    assert log.verify() == Verdict(True, None, "0 rows, chain intact", "ok", 0)
     assert log.append("a", "read_file", {"path": "x"}, None, "deny", "no capability") == 1
     fill(log, 4)
-    assert len(log) == 5 and log.verify() == (True, None, "5 rows, chain intact", "ok")
+    assert len(log) == 5 and log.verify() == (True, None, "5 rows, chain intact", "ok", 5)
     rows = log.tail(2)
     assert [r["id"] for r in rows] == [4, 5]
     assert rows[0]["evidence"] is None and rows[1]["evidence"] == {"i": 3}
@@ -37,7 +37,7 @@ def test_append_tail_verify(tmp_path: Path):
     log.close()
     log2 = AuditLog(tmp_path / "audit.db")
     assert log2.append("b", "t", {}, None, "allow", "ok") == 6
-    assert log2.verify() == (True, None, "6 rows, chain intact", "ok")
+    assert log2.verify() == (True, None, "6 rows, chain intact", "ok", 6)
 
 
 def test_the_key_lives_outside_the_database_readable_only_by_its_user(tmp_path: Path):
@@ -88,7 +88,7 @@ def test_verify_finds_tampering(tmp_path: Path, sql, bad_row, message):
     fill(log, 5)
     log.close()
     _tamper(path, *sql)
-    ok, row, msg, status = AuditLog(path).verify()
+    ok, row, msg, status, _ = AuditLog(path).verify()
     assert (ok, row, status) == (False, bad_row, "TAMPERED") and message in msg
 
 
@@ -107,9 +107,9 @@ def test_a_crash_between_commit_and_anchor_leaves_a_consistent_log(tmp_path: Pat
     monkeypatch.undo()
     assert len(log) == 4
     assert log.verify() == (True, None, "4 rows, chain intact; 1 row(s) past the anchor (an append was "
-                                        "interrupted)", "ok")
+                                        "interrupted)", "ok", 4)
     assert log.append("a", "t", {}, None, "allow", "ok") == 5
-    assert log.verify() == (True, None, "5 rows, chain intact", "ok")
+    assert log.verify() == (True, None, "5 rows, chain intact", "ok", 5)
 
 
 def test_a_log_from_before_keys_opens_and_continues_keyed(tmp_path: Path):
@@ -118,10 +118,10 @@ def test_a_log_from_before_keys_opens_and_continues_keyed(tmp_path: Path):
     log = AuditLog(path)
     assert (tmp_path / "audit.db.key").exists() and (tmp_path / "audit.db.anchor").exists()
     legacy = " (rows 1-4 predate the key: unkeyed chain)"
-    assert log.verify() == (True, None, "4 rows, chain intact" + legacy, "ok")
+    assert log.verify() == (True, None, "4 rows, chain intact" + legacy, "ok", 4)
     assert [r["decision"] for r in log.tail(4)] == ["allow", "done", "deny", "allow"]
     assert log.append("agent-3", "read_file", {"path": "a"}, None, "allow", "granted") == 5
-    assert log.verify() == (True, None, "5 rows, chain intact" + legacy, "ok")
+    assert log.verify() == (True, None, "5 rows, chain intact" + legacy, "ok", 5)
     log.close()
     # a second opener neither re-keys nor moves the migration point
     key = (tmp_path / "audit.db.key").read_bytes()
@@ -139,5 +139,5 @@ def test_concurrent_appenders_in_two_processes(tmp_path: Path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"w{n}"]) for n in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     log = AuditLog(path)
-    assert log.verify() == (True, None, "80 rows, chain intact", "ok")
+    assert log.verify() == (True, None, "80 rows, chain intact", "ok", 80)
     assert sorted({r["agent"] for r in log.tail(80)}) == ["w0", "w1"]

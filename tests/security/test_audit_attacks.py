@@ -75,7 +75,7 @@ def test_replacing_or_deleting_the_database(tmp_path: Path):
     attacks.delete_database(path)
     _tampered(path, None, "is gone, but its anchor")
     (tmp_path / "audit.db.anchor").unlink()
-    assert verify_file(path) == (False, None, f"no audit log at {path}", "DAMAGED")
+    assert verify_file(path) == (False, None, f"no audit log at {path}", "DAMAGED", None)
 
 
 def test_every_attack_of_the_bench_suite_is_detected():
@@ -169,7 +169,7 @@ def test_truncated_garbled_and_foreign_files(tmp_path: Path):
         db.execute("CREATE TABLE processes (pid INTEGER PRIMARY KEY, name TEXT)")
     verdict = verify_file(other)
     assert verdict == (False, None, f"{other} is an SQLite database but not an audit log (its tables: "
-                                    "processes)", "DAMAGED")
+                                    "processes)", "DAMAGED", None)
     with sqlite3.connect(other) as db:  # left as it was
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["processes"]
     assert not (tmp_path / "kernel.db.key").exists()
@@ -239,3 +239,21 @@ def test_the_kernel_fails_closed_on_a_tampered_log(tmp_path: Path):
     assert second.status == "denied" and second.content is None
     assert "AuditTampered: refusing to extend a tampered audit log: the log ends at row 0" in second.reason
     _tampered(path, 1, "the log ends at row 0 but the anchor records 2 rows")
+
+
+def test_a_replay_of_database_and_anchor_needs_a_count_kept_elsewhere(tmp_path: Path):
+    """The documented limit: an attacker who can write the anchor too can put back an older copy of both
+    (they still cannot forge a row); only a row count kept elsewhere (`--min-rows`) catches that."""
+    path = _log(tmp_path)
+    saved = {f: f.read_bytes() for f in (path, tmp_path / "audit.db.anchor")}
+    log = AuditLog(path)
+    log.append("agent-1", "send_money", {"iban": "DE99", "amount": 1000}, None, "allow", "granted")
+    log.close()
+    assert verify_file(path).rows == 7
+    for f, data in saved.items():
+        f.write_bytes(data)
+    assert verify_file(path)[:4] == (True, None, "6 rows, chain intact", "ok")
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path)}
+    r = subprocess.run([LLMOS, "audit", "verify", "--db", str(path), "--min-rows", "7"], capture_output=True,
+                       text=True, timeout=60, env=env)
+    assert r.returncode == 1 and "TAMPERED at row 7: the log holds 6 rows, fewer than the 7" in r.stdout

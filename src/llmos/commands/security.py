@@ -33,7 +33,11 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
 
     @audit_app.command("verify")
-    def audit_verify(db: DbOpt = None, url: UrlOpt = None, api_key: KeyOpt = None) -> None:
+    def audit_verify(db: DbOpt = None, url: UrlOpt = None, api_key: KeyOpt = None,
+                     min_rows: Annotated[int | None, typer.Option(
+                         "--min-rows", min=0, help="Fail unless the log holds at least this many rows: a "
+                         "count recorded earlier where the log's writers cannot write (catches a rollback "
+                         "of the database together with its anchor).")] = None) -> None:
         """Check the keyed hash chain and its anchor; exit 1 if TAMPERED (rows edited, inserted, forged or
         removed, anchor or key changed) or DAMAGED (not a readable audit log). With --url: the server
         at that URL checks its own log (an admin key)."""
@@ -53,6 +57,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         if not path.exists() and not anchor_path_of(path).exists():
             fail(f"no audit log at {path}")
         verdict = verify_file(path)
+        if verdict.ok and min_rows is not None and verdict.rows < min_rows:
+            verdict = verdict._replace(ok=False, status="TAMPERED", row=verdict.rows + 1, message=(
+                f"the log holds {verdict.rows} rows, fewer than the {min_rows} recorded earlier "
+                "(the database and its anchor were rolled back together)"))
         if verdict.ok:
             console.print(f"[green]ok[/]: {verdict.message}")
             return

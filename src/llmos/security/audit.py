@@ -92,12 +92,14 @@ class AuditTampered(AuditError):
 
 
 class Verdict(NamedTuple):
-    """What `verify` found: `status` is "ok", "TAMPERED" or "DAMAGED"; `row` the first bad row, if any."""
+    """What `verify` found: `status` is "ok", "TAMPERED" or "DAMAGED"; `row` the first bad row, if any;
+    `rows` how many rows were verified (when ok)."""
 
     ok: bool
     row: int | None
     message: str
     status: str = "ok"
+    rows: int | None = None
 
 
 class _Anchor(NamedTuple):
@@ -363,7 +365,7 @@ class AuditLog:
             message += f" (rows 1-{anchor.keyed_from - 1} predate the key: unkeyed chain)"
         if len(rows) > anchor.count:
             message += f"; {len(rows) - anchor.count} row(s) past the anchor (an append was interrupted)"
-        return Verdict(True, None, message)
+        return Verdict(True, None, message, "ok", len(rows))
 
     def tail(self, n: int = 20, agents: Collection[str] | None = None) -> list[dict[str, Any]]:
         """The last `n` rows (of the agents named in `agents`, if given), oldest first, with labels
