@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llmos.security.audit import AuditError, AuditLog, Verdict, args_digest
+from llmos.security.audit import AuditError, AuditLog, Verdict, args_digest, verify_file
 
 FIXTURE = Path(__file__).parent / "fixtures" / "audit_main_f02445c.db"  # written by the unkeyed main code
 
@@ -54,6 +54,12 @@ def test_the_key_lives_outside_the_database_readable_only_by_its_user(tmp_path: 
     os.chmod(tmp_path / "audit.db.key", 0o644)
     with pytest.raises(AuditError, match="readable only by it .* mode 644"):
         AuditLog(tmp_path / "audit.db")
+    # a symlink in the key's place (to a key the attacker made) is not followed
+    os.rename(tmp_path / "audit.db.key", tmp_path / "other.key")
+    os.chmod(tmp_path / "other.key", 0o600)
+    (tmp_path / "audit.db.key").symlink_to(tmp_path / "other.key")
+    verdict = verify_file(tmp_path / "audit.db")
+    assert (verdict.ok, verdict.status) == (False, "TAMPERED") and "cannot be opened" in verdict.message
 
 
 def test_triggers_refuse_update_and_delete(tmp_path: Path):

@@ -171,6 +171,8 @@ def _open_key(path: Path) -> tuple[int, bytes]:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except PermissionError:
         raise AuditError(f"the audit key {path} is not readable by this user (uid {os.geteuid()})") from None
+    except OSError as e:  # a symlink (ELOOP), or gone since the caller looked
+        raise AuditTampered(f"the audit key {path} cannot be opened: {e.strerror}") from None
     st = os.fstat(fd)
     if st.st_uid != os.geteuid() or st.st_mode & 0o077:
         os.close(fd)
