@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from llmos.agents.operator.actions import POLICIES, parse_action
 
 ALLOW, DENY, DRY_RUN, NEEDS_APPROVAL = "allow", "deny", "dry_run", "needs_approval"
@@ -64,8 +66,6 @@ class Grants:
         """The granted parent `pid` descends from, when it is not granted by itself (a tool argument)."""
         if pid in self.pids:
             return None
-        import psutil
-
         try:
             ancestors = {p.pid for p in psutil.Process(pid).parents()}
         except psutil.Error:
