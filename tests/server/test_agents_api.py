@@ -138,6 +138,29 @@ def test_cancel_a_running_and_a_queued_run(scripted):
     assert users[-1] == "three" and "two" not in users
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # letta-client marks .stream() deprecated
+def test_replies_in_letta_shapes_sync_and_streamed(scripted):
+    c = client(scripted, "alice")
+    agent = c.agents.create(name="shapes")
+    reply = c.agents.messages.create(agent.id, input="hello")
+    (said,) = reply.messages
+    assert (said.message_type, said.content.startswith("ok ")) == ("assistant_message", True)
+    assert (reply.stop_reason.stop_reason, reply.usage.step_count) == ("end_turn", 1)
+    events = list(c.agents.messages.stream(agent.id, messages=[{"role": "user", "content": "again"}]))
+    assert [e.message_type for e in events] == ["assistant_message", "stop_reason", "usage_statistics"]
+    # the wire format, as curl sees it: one JSON object per SSE event, then [DONE]
+    body = httpx.post(f"{scripted['url']}/v1/agents/{agent.id}/messages/stream",
+                      headers={"Authorization": f"Bearer {scripted['keys']['alice']}"},
+                      json={"messages": [{"role": "user", "content": "once more"}]}, timeout=30).text
+    lines = [line for line in body.split("\n") if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: {") for line in lines[:-1])
+    kinds = [json.loads(line[6:])["message_type"] for line in lines[:-1]]
+    assert kinds == ["assistant_message", "stop_reason", "usage_statistics"]
+    history = list(c.agents.messages.list(agent.id, order="asc"))
+    assert [m.content for m in history if m.message_type == "user_message"] == ["hello", "again", "once more"]
+    assert history[1].id == said.id and history[3].id == events[0].id  # the reply's ids are the history's
+
+
 def test_bad_requests_say_what_is_wrong(scripted):
     c = client(scripted, "alice")
     with pytest.raises(BadRequestError, match="over its limit"):
@@ -215,6 +238,7 @@ def test_kill_9_in_the_middle_of_a_step_and_restart(tmp_path):
                                 memory_blocks=[{"label": "human", "value": "Name: Ann", "limit": 200}])
         run = c.agents.messages.create_async(agent.id, messages=[{"role": "user", "content": "remember"}],
                                              max_steps=4)
+        queued = c.agents.messages.create_async(agent.id, messages=[{"role": "user", "content": "next"}])
         deadline = time.monotonic() + 30
         while "SHOULD VANISH" not in c.agents.blocks.retrieve("human", agent_id=agent.id).value:
             assert time.monotonic() < deadline, "the slow step never started"
@@ -226,19 +250,24 @@ def test_kill_9_in_the_middle_of_a_step_and_restart(tmp_path):
         assert [a.id for a in c.agents.list(name="durable")] == [agent.id]
         # step 1 (core_memory_append) is all there; step 2 (slow_tool) is not there at all
         assert c.agents.blocks.retrieve("human", agent_id=agent.id).value == "Name: Ann\nlikes tea"
-        history = list(c.agents.messages.list(agent.id, order="asc"))
+        interrupted = c.runs.retrieve(run.id)
+        assert (interrupted.status, interrupted.stop_reason) == ("failed", "error")
+        assert interrupted.metadata["error"] == INTERRUPTED
+        # the message that was queued behind it was kept, and runs now
+        assert wait_run(c, queued.id).status == "completed"
+        history = list(c.agents.messages.list(agent.id, order="asc"))[:3]
         def name(m) -> str | None:
             return m.tool_call.name if m.message_type == "tool_call_message" else getattr(m, "name", None)
 
         assert [(m.message_type, name(m)) for m in history] == [
             ("user_message", None), ("tool_call_message", "core_memory_append"),
             ("tool_return_message", "core_memory_append")]
-        interrupted = c.runs.retrieve(run.id)
-        assert (interrupted.status, interrupted.stop_reason) == ("failed", "error")
-        assert interrupted.metadata["error"] == INTERRUPTED
         reply = c.agents.messages.create(agent.id, messages=[{"role": "user", "content": "still there?"}])
         assert [m.message_type for m in reply.messages] == ["assistant_message"]
         assert reply.stop_reason.stop_reason == "end_turn"
+        history = c.agents.messages.list(agent.id, order="asc")
+        assert [m.content for m in history if m.message_type == "user_message"] == [
+            "remember", "next", "still there?"]
     finally:
         server.kill()
         server.wait(timeout=10)

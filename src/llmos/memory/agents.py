@@ -300,14 +300,18 @@ class AgentStore:
         blocks = self.memory.query("SELECT label, value, char_limit FROM core_blocks WHERE agent = ?",
                                    (agent_id,))
         summary = self.memory.query("SELECT summary FROM agents WHERE name = ?", (agent_id,))
-        last_message = self.memory.query("SELECT coalesce(max(id), 0) FROM messages WHERE agent = ?",
-                                         (agent_id,))[0][0]
+        last_message = self.last_message(agent_id)
         last_passage = self.memory.query("SELECT coalesce(max(id), 0) FROM passages WHERE agent = ?",
                                          (agent_id,))[0][0]
         self._write("INSERT OR REPLACE INTO step_journal(agent_id, run_id, blocks, summary, last_message, "
                     "last_passage, started_at) VALUES (?,?,?,?,?,?,?)",
                     (agent_id, run_id, json.dumps([tuple(b) for b in blocks]),
                      summary[0][0] if summary else "", last_message, last_passage, time.time()))
+
+    def last_message(self, agent_id: str) -> int:
+        """The id of the agent's newest stored message (0 for none)."""
+        rows = self.memory.query("SELECT coalesce(max(id), 0) FROM messages WHERE agent = ?", (agent_id,))
+        return rows[0][0]
 
     def end_step(self, agent_id: str) -> None:
         """Commit the open step of the agent (deleting its undo record is the commit point)."""

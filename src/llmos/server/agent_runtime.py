@@ -121,9 +121,6 @@ class AgentRuntime:
         task.add_done_callback(self._tasks.discard)
         return active
 
-    def queued(self, agent_id: str) -> int:
-        return self.system.turns.queued(agent_id)
-
     def refresh(self, active: ActiveRun) -> Run:
         active.run = self.store.get_run(active.run.id) or active.run
         return active.run
@@ -169,6 +166,7 @@ class AgentRuntime:
             outcome["turn"] = await loop.turn(run.input, on_message=active.add)
             context.end_step()
 
+        first = self.store.last_message(agent.id) + 1
         active.pid = await kernel.spawn(program, name=agent.id, owner=run.owner)
         await kernel.wait(active.pid)
         proc = kernel.process(active.pid)
@@ -187,10 +185,10 @@ class AgentRuntime:
         else:
             status, stop, error = "failed", "error", reason
         now = time.time()
-        ids = [m.id for m in active.messages] + ([turn.user_message_id] if turn else [])
+        last = self.store.last_message(agent.id)  # the agent's rows from `first` on are this run's (its turn)
         self.store.set_run(run.id, status=status, stop_reason=stop, error=error, usage=usage,
-                           completed_at=now, first_message=min(ids) if ids else None,
-                           last_message=max(ids) if ids else None)
+                           completed_at=now, first_message=first if last >= first else None,
+                           last_message=last if last >= first else None)
         with contextlib.suppress(Exception):  # the agent may have been deleted meanwhile
             self.store.update(agent.id, last_stop_reason=stop, last_run_completion=now)
 

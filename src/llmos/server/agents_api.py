@@ -577,10 +577,7 @@ async def list_runs(request: Request, agent_id: str | None = None, after: str | 
                     limit: int | None = None) -> list[dict[str, Any]]:
     user, runtime = _user(request), _runtime(request)
     runs = runtime.store.runs(None if user.admin else user.id, agent_id)
-    if after is not None:
-        ids = [r.id for r in runs]
-        runs = runs[ids.index(after) + 1:] if after in ids else []
-    return [_run_json(runtime, r) for r in runs[:limit]]
+    return _page([_run_json(runtime, r) for r in runs], after, limit)
 
 
 @router.get("/v1/runs/{run_id}/messages")
@@ -597,10 +594,20 @@ async def run_messages(run_id: str, request: Request, after: str | None = None, 
 
 
 @router.get("/v1/agents/{agent_id}/core-memory/blocks")
-async def list_blocks(agent_id: str, request: Request) -> list[dict[str, Any]]:
+async def list_blocks(agent_id: str, request: Request, after: str | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
     agent = _agent(request, agent_id)
-    return [_block_json(agent.id, b.label, b.value, b.limit)
-            for b in CoreMemory(_runtime(request).memory, agent.id).blocks()]
+    blocks = [_block_json(agent.id, b.label, b.value, b.limit)
+              for b in CoreMemory(_runtime(request).memory, agent.id).blocks()]
+    return _page(blocks, after, limit)
+
+
+def _page(items: list[dict[str, Any]], after: str | None, limit: int | None) -> list[dict[str, Any]]:
+    """The items after the one with id `after` (letta-client pages on until a page is empty)."""
+    if after is not None:
+        ids = [i["id"] for i in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    return items[:limit] if limit else items
 
 
 def _block(request: Request, agent: AgentDef, label: str):
@@ -711,9 +718,7 @@ async def list_tools(request: Request, after: str | None = None, limit: int | No
     tools = sorted(request.app.state.system.kernel.tools.tools.values(), key=lambda t: t.name)
     if name is not None:
         tools = [t for t in tools if t.name == name]
-    if after is not None:
-        tools = [t for t in tools if f"tool-{t.name}" > after]
-    return [_tool_json(t, set(DEFAULT_TOOLS)) for t in tools[:limit]]
+    return _page([_tool_json(t, set(DEFAULT_TOOLS)) for t in tools], after, limit)
 
 
 @router.get("/v1/tools/{tool_id}")
@@ -726,14 +731,12 @@ async def retrieve_tool(tool_id: str, request: Request) -> dict[str, Any]:
 
 
 @router.get("/v1/agents/{agent_id}/tools")
-async def agent_tools(agent_id: str, request: Request, after: str | None = None) -> list[dict[str, Any]]:
+async def agent_tools(agent_id: str, request: Request, after: str | None = None,
+                      limit: int | None = None) -> list[dict[str, Any]]:
     agent = _agent(request, agent_id)
     registry = request.app.state.system.kernel.tools.tools
-    names = [n for n in agent.tools if n in registry]
-    if after is not None:
-        last = after.removeprefix("tool-")
-        names = names[names.index(last) + 1:] if last in names else []
-    return [_tool_json(registry[n], set(DEFAULT_TOOLS)) for n in names]
+    tools = [_tool_json(registry[n], set(DEFAULT_TOOLS)) for n in agent.tools if n in registry]
+    return _page(tools, after, limit)
 
 
 @router.patch("/v1/agents/{agent_id}/tools/attach/{tool_id}")
