@@ -19,6 +19,7 @@ def test_escape_is_contained(name):
     outcome = run_escape(name)
     assert outcome.mode == "namespaces"
     assert outcome.contained, outcome.detail
+    assert outcome.held == outcome.tried >= 1, outcome.detail
 
 
 @needs_namespaces
