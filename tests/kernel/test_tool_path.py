@@ -281,3 +281,34 @@ def test_what_the_monitor_checked_is_what_the_tool_gets(tmp_path: Path):
     out = asyncio.run(go())
     assert out == ["allowed", "error", "send_email: argument 'when' is a object, not a JSON value"]
     assert got == [{"to": ["bob@corp.com"], "subject": "hi"}] and type(got[0]["subject"]) is str
+
+
+def test_hostile_arguments_are_results_and_logged_not_raised(tmp_path: Path):
+    """A huge integer, deep nesting, a cycle: the call is denied or refused, the syscall log keeps a row."""
+    release, cancelled = threading.Event(), []
+    deep: Any = 1
+    for _ in range(5000):
+        deep = [deep]
+    cycle: list[Any] = []
+    cycle.append(cycle)
+
+    async def agent(sys: Syscalls) -> list[tuple[str, str | None]]:
+        out = []
+        for args in ({"n": 10 ** 5000}, {"n": deep}, {"n": cycle}):
+            r = await sys.tool_call("quick", args)
+            out.append((r.status, r.reason))
+        return out
+
+    async def go() -> tuple[Any, list[dict]]:
+        kernel, _ = _kernel(tmp_path, _tools(release, cancelled))
+        try:
+            pid = await kernel.spawn(agent)
+            return await kernel.wait(pid), kernel.table.syscall_log(pid)
+        finally:
+            await kernel.shutdown()
+
+    out, log = asyncio.run(go())
+    assert out[0] == ("denied", "denied: denied by the monitor: argument 'n' is an integer outside the "
+                                "signed 64-bit range")
+    assert out[1] == out[2] == ("error", "quick: argument 'n'" + "[0]" * 64 + " nests too deeply")
+    assert [row["status"] for row in log] == ["denied", "error", "error"]

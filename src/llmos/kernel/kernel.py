@@ -321,8 +321,12 @@ class Kernel:
             raise
         finally:
             proc.current_syscall, proc.dirty = None, True
-            self.table.log_syscall(pid, name, {k: v for k, v in args.items() if v is not None}, status,
-                                   started, time.time() - started)
+            shown = {k: v for k, v in args.items() if v is not None}
+            try:
+                self.table.log_syscall(pid, name, shown, status, started, time.time() - started)
+            except (ValueError, TypeError, RecursionError) as e:  # huge, deep or circular arguments
+                self.table.log_syscall(pid, name, {"unreadable": f"{type(e).__name__}: {e}"[:200]}, status,
+                                       started, time.time() - started)
         await proc.resumed.wait()  # suspended during the call: the result waits for resume
         return result
 

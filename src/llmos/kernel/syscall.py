@@ -265,7 +265,7 @@ def snapshot(value: Any, where: str = "arguments", depth: int = 0) -> Any:
     """A private deep copy of JSON-like arguments, made of exact built-in types: what the monitor checks is
     what the tool gets, whatever the caller mutates meanwhile (a list it still holds, a str subclass)."""
     if depth > 64:
-        raise TypeError(f"{where} nest too deeply")
+        raise TypeError(f"{where} nests too deeply")
     if value is None or type(value) in (bool, str, int, float, bytes):
         return value
     if isinstance(value, str):
