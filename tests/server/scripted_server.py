@@ -12,8 +12,11 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import threading
 import time
 from typing import Any
+
+import uvicorn
 
 from llmos.kernel import ChatResult
 from llmos.memory import CoreMemory, open_store
@@ -21,6 +24,7 @@ from llmos.security.capabilities import Capabilities, Grant, default_capabilitie
 from llmos.server import create_app
 from llmos.server.system import System, boot
 from llmos.tools.base import Tool
+from tests.server.conftest import _free_port
 from tests.stub_backend import StubBackend
 
 SLOW_TOOL_S = 600.0
@@ -70,20 +74,20 @@ def scripted_system(home, calls: list[dict[str, Any]] | None = None, delay: floa
     return system
 
 
-def app_of(system: System):
-    """The server's app for `system`, authenticating its users' keys."""
-    from llmos.server.auth import Authenticator, install
-
-    app = create_app(system=system)
-    names = [getattr(m.kwargs.get("dispatch"), "__name__", "") for m in app.user_middleware]
-    if "_authenticate" not in names:
-        install(app, Authenticator(system.users, system.api_key, system.local_key))  # until create_app does
-    return app
+def serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
+    """`app` served on a free port of 127.0.0.1 in a thread."""
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    return server, thread, f"http://127.0.0.1:{port}"
 
 
 if __name__ == "__main__":
-    import uvicorn
-
     home, port, *script = sys.argv[1:]
-    app = app_of(scripted_system(home, [json.loads(c) for c in script]))
+    app = create_app(system=scripted_system(home, [json.loads(c) for c in script]))
     uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")

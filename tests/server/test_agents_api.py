@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,27 +15,15 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from letta_client import BadRequestError, Letta, NotFoundError
 
 from llmos.memory import ArchivalStorage, CoreMemory, RecallStorage, open_store
 from llmos.memory.agents import INTERRUPTED, AgentDef, AgentStore
+from llmos.server import create_app
 from tests.server.conftest import _free_port
-from tests.server.scripted_server import app_of, scripted_system
+from tests.server.scripted_server import scripted_system, serve
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def serve(app) -> tuple[uvicorn.Server, threading.Thread, str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    return server, thread, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def scripted(tmp_path_factory) -> Iterator[dict]:
     home = tmp_path_factory.mktemp("home")
     system = scripted_system(home, delay=0.5)
     keys = {name: system.users.add(name, admin=name == "root")[1] for name in ("alice", "bob", "root")}
-    server, thread, url = serve(app_of(system))
+    server, thread, url = serve(create_app(system=system))
     yield {"url": url, "keys": keys, "system": system}
     server.should_exit = True
     thread.join(timeout=10)

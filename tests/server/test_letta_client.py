@@ -13,10 +13,10 @@ import openai
 import pytest
 from letta_client import Letta, NotFoundError
 
+from llmos.server import create_app
 from llmos.server.system import boot
 from tests.server.conftest import MODEL
-from tests.server.scripted_server import app_of
-from tests.server.test_agents_api import serve
+from tests.server.scripted_server import serve
 
 STEPS = 2  # steps per message: bounds each test's model time
 PERSONA = "I am Sam. I answer in one short sentence."
@@ -25,7 +25,7 @@ PERSONA = "I am Sam. I answer in one short sentence."
 @pytest.fixture(scope="module")
 def url(tmp_path_factory) -> Iterator[str]:
     system = boot(tmp_path_factory.mktemp("home"), model=MODEL, kv_budget="128MiB")
-    server, thread, base = serve(app_of(system))
+    server, thread, base = serve(create_app(system=system))
     yield base
     server.should_exit = True
     thread.join(timeout=10)
