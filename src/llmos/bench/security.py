@@ -635,6 +635,7 @@ def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
     """Each adversarial class: its cases, each a check returning (held, detail)."""
     from llmos.agents.operator.attacks import host_attack_cases
     from llmos.security.audit_attacks import audit_attack_cases
+    from llmos.security.monitor_attacks import monitor_attack_cases
 
     def container(plan: str) -> Callable[[], tuple[bool, str]]:
         def check() -> tuple[bool, str]:
@@ -661,6 +662,7 @@ def adversarial_cases() -> dict[str, dict[str, Callable[[], tuple[bool, str]]]]:
         "allocation before limits": {n: partial(_allocation_held, p) for n, p in ALLOCATION_CASES.items()},
         "audit log rewrites": audit_attack_cases(),
         "operator host actions outside the grants": host_attack_cases(),
+        **monitor_attack_cases(),
     }
 
 
