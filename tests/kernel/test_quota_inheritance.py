@@ -183,3 +183,27 @@ def test_the_reference_monitor_is_the_default_and_allow_all_only_by_name(tmp_pat
         with pytest.raises(ValueError, match="monitor must be a Monitor, None"):
             Kernel(StubBackend(), home=tmp_path, monitor=wrong)  # type: ignore[arg-type]
     assert Process(1, "x").quotas == Quotas()
+
+
+def test_a_child_cannot_outrank_its_parent(tmp_path: Path):
+    seen: dict[str, Any] = {}
+
+    async def parent(sys: Syscalls) -> None:
+        for label, kwargs in (("priority", {"priority": -5}), ("weight", {"weight": 10.0}),
+                              ("nan weight", {"weight": float("nan")}),
+                              ("quotas", {"quotas": {"tool_calls": -1}}), ("quota type", {"quotas": "lots"})):
+            try:
+                await sys.spawn(child_pings, args={"n": 0}, **kwargs)
+                seen[label] = "spawned"
+            except SyscallError as e:
+                seen[label] = str(e)
+        seen["ok"] = await sys.spawn(child_pings, "ok", priority=3, weight=0.5, quotas={"tool_calls": 1},
+                                     args={"n": 0})
+
+    _run(tmp_path, parent, Quotas())
+    assert seen["priority"] == "denied: a child's priority must be an integer >= its parent's (0)"
+    assert seen["weight"] == seen["nan weight"] == \
+        "denied: a child's weight must be in (0, 1] (its parent's at most)"
+    assert seen["quotas"] == "bad quotas: quota tool_calls must be positive, got -1"
+    assert seen["quota type"] == "quotas must be a Quotas or a mapping, got str"
+    assert isinstance(seen["ok"], int)

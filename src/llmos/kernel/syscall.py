@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmos.kernel.api import Syscalls, ToolResult
 from llmos.kernel.backend import GenerationParams, new_call_id
-from llmos.kernel.process import Process, ProcessState
+from llmos.kernel.process import Process, ProcessState, Quotas
 from llmos.kernel.sched import LLMCall
 from llmos.security.monitor import Decision
 from llmos.tools.base import ToolContext, ToolError
@@ -376,11 +376,28 @@ async def _tool_call(kernel: Kernel, proc: Process, tool: str, args: dict[str, A
         proc.set_state(ProcessState.RUNNING)
 
 
-async def _spawn(kernel: Kernel, proc: Process, program: Any, name: str | None = None, **kwargs: Any) -> int:
+async def _spawn(kernel: Kernel, proc: Process, program: Any, name: str | None = None, *,
+                 quotas: Quotas | Mapping[str, Any] | None = None, priority: int | None = None,
+                 weight: float | None = None, **kwargs: Any) -> int:
+    """A child never gets more than its parent: capabilities attenuated, quotas at most what is left,
+    a priority no higher (nice only goes up) and a fair-share weight no larger."""
     if "parent" in kwargs:
         raise SyscallError("a child's parent is the agent that spawns it")
     try:
-        return await kernel.spawn(program, name, parent=proc.pid, **kwargs)
+        quotas = Quotas(**quotas) if isinstance(quotas, Mapping) else quotas
+    except (TypeError, ValueError) as e:
+        raise SyscallError(f"bad quotas: {e}") from None
+    if quotas is not None and not isinstance(quotas, Quotas):
+        raise SyscallError(f"quotas must be a Quotas or a mapping, got {type(quotas).__name__}")
+    priority = proc.priority if priority is None else priority
+    weight = proc.weight if weight is None else weight
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < proc.priority:
+        raise SyscallError(f"denied: a child's priority must be an integer >= its parent's ({proc.priority})")
+    if not isinstance(weight, int | float) or isinstance(weight, bool) or not 0 < weight <= proc.weight:
+        raise SyscallError(f"denied: a child's weight must be in (0, {proc.weight:g}] (its parent's at most)")
+    try:
+        return await kernel.spawn(program, name, parent=proc.pid, quotas=quotas, priority=priority,
+                                  weight=weight, **kwargs)
     except PermissionError as e:  # asked for more than the parent holds
         raise SyscallError(f"denied: {e}") from None
 
