@@ -686,6 +686,7 @@ def run_adversarial(escapes: list[Any] | None = None, only: set[str] | None = No
                 failed.append(f"{name}: {detail}")
         rows.append({"class": cls, "tried": len(cases), "held": len(cases) - len(failed), "failed": failed})
     for o in escapes or []:
-        rows.append({"class": f"sandbox: {o['name']}", "tried": 1, "held": int(o["contained"]),
+        rows.append({"class": f"sandbox: {o['name']}", "tried": o.get("tried", 1),
+                     "held": o.get("held", int(o["contained"])),
                      "failed": [] if o["contained"] else [o["detail"]]})
     return rows
