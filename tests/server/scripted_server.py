@@ -43,6 +43,7 @@ class ScriptedBackend(StubBackend):
         self.calls = list(calls or [])
         self.delay = delay
         self.steps = 0
+        self.offered: list[list[str]] = []  # the functions each step's grammar allowed
 
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return sum(len(m.get("content") or "") for m in messages) // 4
@@ -53,6 +54,7 @@ class ScriptedBackend(StubBackend):
         if params.json_schema is None:  # the summarizer
             return ChatResult("summary", "stop", 10, 1)
         self.steps += 1
+        self.offered.append([c["properties"]["function"]["const"] for c in params.json_schema["anyOf"]])
         out = self.calls.pop(0) if self.calls else say(f"ok {self.steps}")
         return ChatResult(json.dumps(out), "stop", self.count_tokens(prompt), 10)
 

@@ -148,6 +148,19 @@ def test_replies_in_letta_shapes_sync_and_streamed(scripted):
     assert history[1].id == said.id and history[3].id == events[0].id  # the reply's ids are the history's
 
 
+def test_tool_rules_reach_the_agents_grammar(scripted):
+    c = client(scripted, "alice")
+    rules = [{"type": "run_first", "tool_name": "archival_memory_search"}]
+    agent = c.agents.create(name="rules", tool_rules=rules)
+    assert [(r.type, r.tool_name) for r in agent.tool_rules] == [("run_first", "archival_memory_search")]
+    backend = scripted["system"].backend
+    before = len(backend.offered)
+    reply = c.agents.messages.create(agent.id, input="hi", max_steps=2)
+    # step 1 may only run the first tool; the last step may only reply (the reply guarantee)
+    assert backend.offered[before:] == [["archival_memory_search"], ["send_message"]]
+    assert [m.message_type for m in reply.messages] == ["assistant_message"]
+
+
 def test_bad_requests_say_what_is_wrong(scripted):
     c = client(scripted, "alice")
     with pytest.raises(BadRequestError, match="over its limit"):

@@ -16,6 +16,7 @@ everyone's. Messages run through `AgentRuntime` as kernel processes, one at a ti
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import time
@@ -25,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Request, UploadFile
+from fastapi import APIRouter, FastAPI, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,7 +42,20 @@ from llmos.server.agent_runtime import DEFAULT_TOOLS, ActiveRun, AgentRuntime, i
 
 AGENT_FILE_VERSION = 1
 
-router = APIRouter(tags=["agents"])
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """At startup, recover the agents (roll back open steps, resume queued runs); at shutdown, stop."""
+    if getattr(app.state, "system", None) is not None:
+        _runtime_of(app)
+    yield
+    runtime = getattr(app.state, "agent_runtime", None)
+    if runtime is not None:
+        await runtime.close()
+
+
+router = APIRouter(tags=["agents"], lifespan=_lifespan)
 
 
 # -- request bodies ---------------------------------------------------------------------------------
@@ -115,13 +129,16 @@ class PassageCreate(_Body):
 # -- plumbing ---------------------------------------------------------------------------------------
 
 
-def _runtime(request: Request) -> AgentRuntime:
-    """The runtime of this app's System, made on first use (which recovers after a restart)."""
-    state = request.app.state
-    runtime = getattr(state, "agent_runtime", None)
+def _runtime_of(app: FastAPI) -> AgentRuntime:
+    """The runtime of the app's System, made on first use (which recovers after a restart)."""
+    runtime = getattr(app.state, "agent_runtime", None)
     if runtime is None:
-        runtime = state.agent_runtime = AgentRuntime(state.system)
+        runtime = app.state.agent_runtime = AgentRuntime(app.state.system)
     return runtime
+
+
+def _runtime(request: Request) -> AgentRuntime:
+    return _runtime_of(request.app)
 
 
 def _fail(status: int, message: str) -> Exception:
