@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from llmos.bench.service import _free_port, _phase, _Server
+from llmos.bench.service import _free_port, _in_process_phase, _phase, _Server
 from tests.server.scripted_server import ScriptedBackend
 from tests.server.test_service import Served
 
@@ -24,6 +24,12 @@ def test_many_clients_on_many_agents_lose_and_duplicate_nothing(tmp_path):
     assert r["stop_reasons"] == ["end_turn"]
     assert 0 < r["api_overhead_ms"]["p50"] < r["latency_ms"]["p50"]
     assert not (tmp_path / "server.json").exists()  # the server shut down cleanly
+
+
+def test_the_apis_own_overhead_per_message_is_under_5_ms():
+    r = asyncio.run(_in_process_phase(turns=30))  # the scripted model: the run itself is the agent loop
+    assert (r["messages"], r["replied"], r["lost"], r["duplicated"]) == (30, 30, 0, 0)
+    assert 0 < r["api_overhead_ms"]["p50"] < 5.0, r
 
 
 def test_a_busy_agents_messages_queue_behind_it_in_order(tmp_path):

@@ -7,8 +7,10 @@ interpreter):
 1. embedded: `llmos serve` with the embedded model; 8 clients each create
    their own agent and message it for a fixed number of turns, all at once;
 2. scripted: the same server code whose model answers every step instantly
-   with `send_message`; first one client alone (the API's overhead without
-   queueing), then 100 agents, each messaged by its own client, all at once.
+   with `send_message`: one client calling the app in this process (the
+   API's own work per message, without TCP or a second process), one client
+   alone over TCP, then 100 agents, each messaged by its own client, all at
+   once.
 
 Reported per phase: messages per second, latency per message p50/p99 (the
 synchronous POST /v1/agents/{id}/messages, sent to answered), the server's
@@ -48,7 +50,7 @@ class ServiceWorkload:
     agents: int = 100  # scripted phase
     scripted_turns: int = 10  # messages per scripted agent
     alone_turns: int = 50  # scripted: one client alone first (the API's overhead without queueing)
-    max_tokens: int = 48  # reply tokens per step on the embedded model
+    max_tokens: int = 96  # reply tokens per step on the embedded model (a send_message call needs 56)
 
 
 QUICK = ServiceWorkload(clients=8, turns=2, agents=100, scripted_turns=3, alone_turns=30)
@@ -151,6 +153,13 @@ class _Server:
         self.log.close()
 
 
+def _ok(r: Any) -> Any:
+    """The response's JSON, or an error naming what the server said."""
+    if r.status_code >= 400:
+        raise RuntimeError(f"{r.request.method} {r.request.url.path}: HTTP {r.status_code}: {r.text[:500]}")
+    return r.json()
+
+
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -166,9 +175,7 @@ async def _client(http: Any, index: int, turns: int, max_tokens: int | None,
         {"label": "human", "value": f"Client number {index}."}]}
     if max_tokens:
         body["max_tokens"] = max_tokens
-    r = await http.post("/v1/agents/", json=body)
-    r.raise_for_status()
-    agent = r.json()["id"]
+    agent = _ok(await http.post("/v1/agents/", json=body))["id"]
     sent, replied = [], 0
     for t in range(turns):
         text = f"[client {index} turn {t}] What is {index} plus {t}?"
@@ -176,8 +183,7 @@ async def _client(http: Any, index: int, turns: int, max_tokens: int | None,
         r = await http.post(f"/v1/agents/{agent}/messages",
                             json={"messages": [{"role": "user", "content": text}]})
         latency = time.perf_counter() - started
-        r.raise_for_status()
-        reply = r.json()
+        reply = _ok(r)
         sent.append(text)
         replied += any(m["message_type"] == "assistant_message" for m in reply["messages"])
         samples.append({"agent": agent, "latency": latency, "run": reply["usage"]["run_ids"][0],
@@ -187,11 +193,11 @@ async def _client(http: Any, index: int, turns: int, max_tokens: int | None,
 
 async def _history(http: Any, agent: str) -> list[str]:
     r = await http.get(f"/v1/agents/{agent}/messages", params={"limit": 100_000, "order": "asc"})
-    r.raise_for_status()
-    return [m["content"] for m in r.json() if m["message_type"] == "user_message"]
+    return [m["content"] for m in _ok(r) if m["message_type"] == "user_message"]
 
 
 async def _phase(url: str, key: str, clients: int, turns: int, max_tokens: int | None) -> dict[str, Any]:
+    """`clients` clients on a server over TCP."""
     import httpx
 
     # idle connections close before the server's keep-alive timeout (5 s), so none is reused as it closes
@@ -199,22 +205,44 @@ async def _phase(url: str, key: str, clients: int, turns: int, max_tokens: int |
                           keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=600,
                                  limits=limits) as http:
-        samples: list[dict[str, Any]] = []
-        started = time.perf_counter()
-        results = await asyncio.gather(*(_client(http, i, turns, max_tokens, samples)
-                                         for i in range(clients)))
-        elapsed = time.perf_counter() - started
-        lost = duplicated = out_of_order = 0
-        for res in results:
-            history = await _history(http, res["agent"])
-            found = [h for h in history if h in res["sent"]]
-            lost += sum(1 for s in res["sent"] if s not in found)
-            duplicated += len(found) - len(set(found))
-            out_of_order += int(list(dict.fromkeys(found)) != [s for s in res["sent"] if s in found])
-        run_s = {}
-        for s in samples:  # the server's own time for each run (not timed: after the load)
-            r = await http.get(f"/v1/runs/{s['run']}")
-            run_s[s["run"]] = (r.json()["total_duration_ns"] or 0) / 1e9
+        return await _measure(http, clients, turns, max_tokens)
+
+
+async def _in_process_phase(turns: int) -> dict[str, Any]:
+    """One client calling the scripted server's app in this process (no TCP, no second process):
+    the API's own work per message, apart from the machine's network stack and scheduler."""
+    import httpx
+
+    from llmos.server import create_app
+    from llmos.server.system import boot
+
+    with tempfile.TemporaryDirectory(prefix="llmos-bench-service-") as tmp:
+        system = boot(tmp, backend=InstantBackend(), policy="fair")
+        try:
+            transport = httpx.ASGITransport(app=create_app(system=system))
+            async with httpx.AsyncClient(transport=transport, base_url="http://llmos", timeout=600) as http:
+                return await _measure(http, 1, turns, None)
+        finally:
+            await system.aclose()
+
+
+async def _measure(http: Any, clients: int, turns: int, max_tokens: int | None) -> dict[str, Any]:
+    samples: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    results = await asyncio.gather(*(_client(http, i, turns, max_tokens, samples)
+                                     for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    lost = duplicated = out_of_order = 0
+    for res in results:
+        history = await _history(http, res["agent"])
+        found = [h for h in history if h in res["sent"]]
+        lost += sum(1 for s in res["sent"] if s not in found)
+        duplicated += len(found) - len(set(found))
+        out_of_order += int(list(dict.fromkeys(found)) != [s for s in res["sent"] if s in found])
+    run_s = {}
+    for s in samples:  # the server's own time for each run (not timed: after the load)
+        run = _ok(await http.get(f"/v1/runs/{s['run']}"))
+        run_s[s["run"]] = (run["total_duration_ns"] or 0) / 1e9
     latencies = [s["latency"] for s in samples]
     overheads = [s["latency"] - run_s[s["run"]] for s in samples]
     messages = len(samples)
@@ -250,6 +278,8 @@ def run_service_bench(console: Console, *, quick: bool = False, model: str = "sm
     servers.append(([sys.executable, "-m", "llmos.bench.service", "{home}", "{port}"],
                     [("scripted, one client", 1, w.alone_turns, None),
                      ("scripted", w.agents, w.scripted_turns, None)]))
+    with console.status(f"scripted, in process: 1 client x {w.alone_turns} messages ..."):
+        report["scripted, in process"] = asyncio.run(_in_process_phase(w.alone_turns))
     for argv, phases in servers:
         with tempfile.TemporaryDirectory(prefix="llmos-bench-service-") as tmp:
             home, port = Path(tmp), _free_port()
@@ -262,15 +292,16 @@ def run_service_bench(console: Console, *, quick: bool = False, model: str = "sm
             finally:
                 server.stop()
     table = Table("phase", "agents", "messages", "msg/s", "latency p50", "p99", "run p50",
-                  "API overhead p50", "p99", "replied", "lost", "dup", title="llmos bench service")
-    for _, phases in servers:
-        for name, *_ in phases:
-            r = report[name]
-            table.add_row(name, str(r["clients"]), str(r["messages"]), f"{r['messages_per_s']:.1f}",
-                          f"{r['latency_ms']['p50']:.1f} ms", f"{r['latency_ms']['p99']:.1f} ms",
-                          f"{r['run_ms']['p50']:.1f} ms", f"{r['api_overhead_ms']['p50']:.2f} ms",
-                          f"{r['api_overhead_ms']['p99']:.2f} ms", f"{r['replied']}/{r['messages']}",
-                          str(r["lost"]), str(r["duplicated"]))
+                  "API overhead p50", "p99", "replied", "lost", "dup", title="llmos bench service",
+                  min_width=120)
+    names = ["scripted, in process"] + [name for _, phases in servers for name, *_ in phases]
+    for name in names:
+        r = report[name]
+        table.add_row(name, str(r["clients"]), str(r["messages"]), f"{r['messages_per_s']:.1f}",
+                      f"{r['latency_ms']['p50']:.1f} ms", f"{r['latency_ms']['p99']:.1f} ms",
+                      f"{r['run_ms']['p50']:.1f} ms", f"{r['api_overhead_ms']['p50']:.2f} ms",
+                      f"{r['api_overhead_ms']['p99']:.2f} ms", f"{r['replied']}/{r['messages']}",
+                      str(r["lost"]), str(r["duplicated"]))
     console.print(table)
     write_report(report, json_path, "docs/bench/service.json", console)
     return report
