@@ -18,6 +18,7 @@ import functools
 import itertools
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,23 @@ def _own_cgroup(mount: Path) -> Path | None:
     return None
 
 
+def _probe(path: Path) -> None:
+    """Make a child cgroup, move a short-lived process into it, remove it: what each call will do."""
+    path.mkdir(exist_ok=True)
+    child = subprocess.Popen(["sleep", "5"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        (path / "cgroup.procs").write_text(str(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+        for _ in range(100):
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.01)
+
+
 @functools.cache
 def support() -> CgroupSupport:
     """Whether per-call cgroups with memory and pids limits work here (probed once)."""
@@ -69,9 +87,7 @@ def support() -> CgroupSupport:
     try:
         if any(c not in enabled for c in CONTROLLERS):
             (parent / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in CONTROLLERS))
-        probe = parent / f"llmos-probe-{os.getpid()}"
-        probe.mkdir(exist_ok=True)
-        probe.rmdir()
+        _probe(parent / f"llmos-probe-{os.getpid()}")
     except OSError as e:
         return CgroupSupport(False, None, f"cannot delegate {'/'.join(CONTROLLERS)} under {parent}: "
                                           f"{e.strerror} (set LLMOS_CGROUP to a delegated cgroup)")
@@ -91,7 +107,10 @@ class CallCgroup:
         if not s.available or s.parent is None:
             return None
         path = s.parent / f"llmos-call-{os.getpid()}-{next(_counter)}"
-        path.mkdir()
+        try:
+            path.mkdir()
+        except OSError:
+            return None  # delegation withdrawn since the probe: the caller falls back to polling
         cg = cls(path)
         try:
             (path / "memory.max").write_text(str(memory_bytes))
@@ -100,7 +119,7 @@ class CallCgroup:
             (path / "pids.max").write_text(str(pids))
         except OSError:
             cg.remove()
-            raise
+            return None
         return cg
 
     @property
