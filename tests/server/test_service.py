@@ -204,6 +204,12 @@ def test_a_stale_server_file_is_ignored(tmp_path):
     assert find_server(tmp_path) is None
     r = _cli(tmp_path, "ps")  # falls back to the home's process table, as without a server
     assert r.returncode == 2 and "no kernel has run yet" in r.stderr
+    # a live pid that is not a server (the pid was reused): nothing answers at the URL
+    (tmp_path / "server.json").write_text(json.dumps({"url": f"http://127.0.0.1:{_free_port()}",
+                                                      "pid": os.getpid()}))
+    assert find_server(tmp_path) is not None
+    r = _cli(tmp_path, "ps")
+    assert r.returncode == 2 and "no kernel has run yet" in r.stderr
 
 
 def test_agent_turns_are_first_come_first_served():

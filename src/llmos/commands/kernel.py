@@ -61,8 +61,19 @@ def server_client(url: str | None = None, key: str | None = None) -> ServerClien
     info = find_server(llmos_home())
     if url is None and info is None:
         return None
+    if url is None and not _answers(info["url"]):
+        return None  # a server.json whose pid now belongs to another program: no server runs
     same = info is not None and (url is None or url.rstrip("/") == info["url"])
     return ServerClient(url or info["url"], key or (info.get("local_key") if same else None))
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code < 500
+    except httpx.HTTPError:
+        return False
 
 _STATE_STYLE = {"running": "green", "ready": "yellow", "waiting": "cyan", "blocked": "blue",
                 "suspended": "magenta", "terminated": "dim", "new": "white"}
