@@ -10,7 +10,7 @@ import pytest
 
 from llmos.bench.security import ALLOCATION_CASES, run_plan_case
 from llmos.security import interpreter
-from llmos.security.interpreter import LimitExceeded, PlanError, PlanInterpreter
+from llmos.security.interpreter import LimitExceeded, PlanError, PlanInterpreter, ToolOutcome
 
 NOT_ALLOWED = {"%-format width"}  # refused as outside the subset, not as too large
 
@@ -70,3 +70,17 @@ def test_work_over_the_whole_plan_is_bounded(monkeypatch):
     plan = 'x = [[0] * 100] * 100\nfor i in range(1000):\n    y = len(str(x))\n'
     with pytest.raises(LimitExceeded, match="line 3: the plan's values are too large to track"):
         run(plan)
+
+
+def test_running_out_of_a_budget_depends_on_what_was_read(monkeypatch):
+    # the failing line builds only trusted values, but when it fails depends on the untrusted page's size
+    async def web(name, args, labels):
+        return ToolOutcome(True, "x" * 500_000, trusted=False)
+
+    monkeypatch.setattr(interpreter, "MAX_ALLOCATED", 1_000_000)
+    interp = PlanInterpreter({"web"}, web)
+    with pytest.raises(LimitExceeded) as e:
+        asyncio.run(interp.run('page = web()\nkept = []\nfor i in range(1000):\n'
+                               '    kept.append("y" * 999)\n'))
+    assert str(e.value) == "line 4: the plan built more than 1000000 characters and elements"
+    assert e.value.label.untrusted_sources() == ["tool:web"]

@@ -371,6 +371,7 @@ class PlanInterpreter:
     steps: int = 0
     work: int = 0  # values visited to label, measure and copy values
     allocated: int = 0  # characters and elements of the values built
+    read: Label = field(default_factory=Label)  # the join of all that tools and the quarantined LLM returned
     _heap: dict[int, tuple[Any, Label]] = field(default_factory=dict)  # id(container) -> (it, its label)
 
     @property
@@ -424,8 +425,8 @@ class PlanInterpreter:
 
     def _charge(self, n: int) -> None:
         self.work += n
-        if self.work > MAX_WORK:
-            raise LimitExceeded("the plan's values are too large to track")
+        if self.work > MAX_WORK:  # when depends on the sizes of everything read
+            raise LimitExceeded("the plan's values are too large to track", self.read)
 
     def _built(self, value: Any) -> Any:
         """A value the plan just built: within the bounds, and charged to the plan's allocation budget.
@@ -445,8 +446,9 @@ class PlanInterpreter:
 
     def _spend(self, size: int) -> None:
         self.allocated += size
-        if self.allocated > MAX_ALLOCATED:
-            raise LimitExceeded(f"the plan built more than {MAX_ALLOCATED} characters and elements")
+        if self.allocated > MAX_ALLOCATED:  # when depends on the sizes of everything read
+            raise LimitExceeded(f"the plan built more than {MAX_ALLOCATED} characters and elements",
+                                self.read)
 
     def _unwrap(self, v: Any, kept: bool = False) -> Any:
         """The plain value inside (containers of) Labeled values; measured first, so it is bounded.
@@ -640,7 +642,7 @@ class PlanInterpreter:
                     value = repr(value)
                 text = format(value, spec_text)
             except PlanError as e:
-                raise type(e)(f"line {node.lineno}: {e}", label) from None
+                raise type(e)(f"line {node.lineno}: {e}", e.label.join(label)) from None
             except (ValueError, TypeError):
                 raise PlanError(f"line {node.lineno}: bad format specification", label) from None
             with _at(node, label):
@@ -738,7 +740,7 @@ class PlanInterpreter:
             value = fn(*[self._unwrap(a.value) for a in args], **plain_kwargs)
             return Labeled(self._built(value), label)
         except PlanError as e:
-            raise type(e)(f"line {node.lineno}: {e}", label) from None
+            raise type(e)(f"line {node.lineno}: {e}", e.label.join(label)) from None
         except Exception as e:  # the type only: its message may quote untrusted data
             raise PlanError(f"line {node.lineno}: {type(e).__name__} while evaluating an expression",
                             label) from None
@@ -925,6 +927,7 @@ class PlanInterpreter:
         with _at(node, Label.of(source).join(self.pc)):
             self._spend(weight)
         # a copy: the plan may change what it got without changing the tool's own state
+        self.read = self.read.join(Label.of(source))
         return _relabel(copy.deepcopy(outcome.content), Label.of(source).join(self.pc))
 
     async def _qllm(self, node: ast.Call, args: list[Labeled], kwargs: dict[str, Labeled]) -> Labeled:
@@ -943,6 +946,7 @@ class PlanInterpreter:
             value = await self.qllm(text, wanted)
         except PlanError as e:
             raise type(e)(str(e), e.label.join(label)) from None
+        self.read = self.read.join(label)
         return Labeled(value, label)
 
 
