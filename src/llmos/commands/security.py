@@ -48,7 +48,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             if out["ok"]:
                 console.print(f"[green]ok[/]: {out['message']}")
                 return
-            console.print(f"[bold red]TAMPERED[/] at row {out['row']}: {out['message']}", highlight=False)
+            where = f" at row {out['row']}" if out.get("row") is not None else ""
+            console.print(f"[bold red]{out.get('status', 'TAMPERED')}[/]{where}: {out['message']}",
+                          highlight=False)
             raise typer.Exit(1)
 
         from llmos.security.audit import anchor_path_of, default_audit_path, verify_file

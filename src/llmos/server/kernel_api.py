@@ -4,7 +4,8 @@ What `llmos ps`, `top`, `kill` and `audit` use when a server runs (cf. a
 Unix `ps` reading /proc and `kill(2)`): processes and kernel statistics,
 signals (kill, suspend, resume), the audit log and its verification.
 Guarantees: a user sees and signals only their own processes and the audit
-rows of their own processes; another user's process answers 404 exactly like
+rows of their own processes (rows under a process name that another user's
+process also had are shown to admins only); another user's process answers 404 exactly like
 a pid that does not exist; an admin sees everything; verifying the whole
 audit chain is an admin's operation (403 otherwise).
 """
@@ -123,10 +124,10 @@ async def audit(request: Request, user: CurrentUser, limit: int = 20) -> dict[st
     if user.admin:
         rows = await run_in_threadpool(system.audit.tail, limit)
     else:
-        # An agent is audited under its process name; the server names processes (agent ids, unique),
-        # so the names of the user's processes select exactly the user's rows.
-        names = {r["name"] for r in await run_in_threadpool(system.kernel.table.processes, False, 10**9,
-                                                             user.id)}
+        # An agent is audited under its process name; the server names processes after agent ids
+        # (unique), and a name any other user's process also had is left out, so the names select
+        # only rows of the user's own processes.
+        names = await run_in_threadpool(system.kernel.table.names_only_of, user.id)
         rows = await run_in_threadpool(system.audit.tail, limit, names)
     return {"data": rows}
 
@@ -136,7 +137,8 @@ async def audit_verify(request: Request, user: CurrentUser) -> dict[str, Any]:
     if not user.admin:
         raise KernelAPIError(403, "verifying the whole audit log needs an admin key", "admin_only")
     verdict = await run_in_threadpool(_system(request).audit.verify)
-    return {"ok": bool(verdict[0]), "row": verdict[1], "message": verdict[2]}
+    return {"ok": verdict.ok, "status": verdict.status, "row": verdict.row, "rows": verdict.rows,
+            "message": verdict.message}
 
 
 def install(app: Any) -> None:
