@@ -116,6 +116,15 @@ def test_two_users_cannot_see_each_others_processes_or_audit_rows(served):
         v = admin.get("/v1/kernel/audit/verify").json()
         assert v["ok"] is True and v["row"] is None
 
+        # bob names a process after alice's: rows under that name are no longer anyone's but the admin's
+        async def impostor():
+            return await served.system.kernel.spawn(_worker, "w-1+1", owner=bob.id, args={"tool_expr": "9"})
+
+        served.run(impostor())
+        assert a.get("/v1/kernel/audit", params={"limit": 100}).json()["data"] == []
+        b_rows = b.get("/v1/kernel/audit", params={"limit": 100}).json()["data"]
+        assert {r["agent"] for r in b_rows} == {"w-2+2"}
+
         # a user signals their own: suspend, resume, kill; a second kill is refused as not running
         for sig, state in (("suspend", "suspended"), ("resume", "blocked"), ("kill", "terminated")):
             r = a.post(f"/v1/kernel/processes/{a_pid}/signal", json={"signal": sig})

@@ -144,6 +144,13 @@ class ProcessTable:
                                (*params, limit))
         return [dict(r) for r in rows.fetchall()][::-1]
 
+    def names_only_of(self, owner: str) -> set[str]:
+        """Process names that only `owner`'s processes ever had (a name shared with another user's
+        process is left out: records kept by name, like audit rows, cannot say whose they are)."""
+        rows = self.db.execute("SELECT name FROM processes GROUP BY name "
+                               "HAVING COUNT(DISTINCT owner) = 1 AND MIN(owner) = ?", (owner,))
+        return {r["name"] for r in rows.fetchall()}
+
     def process(self, pid: int) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM processes WHERE pid=?", (pid,)).fetchone()
         return dict(row) if row else None
