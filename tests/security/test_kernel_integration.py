@@ -76,7 +76,8 @@ def test_monitor_in_kernel(tmp_path: Path):
                                        "untrusted data from tool:read_file (no commands steered by file "
                                        "contents)")
     assert out["shell_user_labelled"] == out["shell_no_labels"] == "denied"
-    assert out["child"] == [True, True]
+    # the child starts with what its parent has read (a file): the same flow rule holds for its shell
+    assert out["child"] == [True, False]
     assert out["greedy"] == "cannot grant 'send_money': the parent holds no capability for it"
     assert sorted(p.name for p in (tmp_path / "scratch").glob("*/*.txt")) == ["a.txt", "c.txt"]
     rows = audit.tail(100)

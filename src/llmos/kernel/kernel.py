@@ -139,6 +139,8 @@ class Kernel:
         proc = Process(pid, name, parent, priority, weight, quotas or Quotas(), capabilities,
                        workdir=workdir, owner=owner)
         self.procs[pid] = proc
+        if parent is not None:
+            self.monitor.flow(self.process(parent), proc)  # its arguments may carry what the parent read
         proc.set_state(ProcessState.RUNNING)
         proc.task = start_agent(self, proc, run, args or {})
         if proc.quotas.wall_time_s is not None:

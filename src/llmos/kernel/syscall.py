@@ -405,9 +405,11 @@ async def _spawn(kernel: Kernel, proc: Process, program: Any, name: str | None =
 async def _wait(kernel: Kernel, proc: Process, target: int) -> Any:
     proc.set_state(ProcessState.BLOCKED)
     try:
-        return await kernel.wait(target)
+        result = await kernel.wait(target)
     finally:
         proc.set_state(ProcessState.RUNNING)
+    kernel.monitor.flow(kernel.process(target), proc)  # the result carries what the child read
+    return result
 
 
 async def _sleep(kernel: Kernel, proc: Process, seconds: float) -> None:

@@ -26,6 +26,7 @@ ALLOW = Decision(True, "allowed")
 DECLASSIFY = "ifc.declassify"  # the capability to label values finer than the agent's context
 MAX_INT_BITS = 64  # integer arguments beyond a signed 64-bit range are refused, not converted
 MAX_DEPTH = 32  # how deeply arguments may nest
+ENDED_LABELS = 4096  # labels of ended agents kept for a later `flow` (wait) from them
 
 
 def unsafe_argument(args: Any) -> str | None:
@@ -70,6 +71,9 @@ class Monitor(Protocol):
     def forget(self, agent: Any) -> None:
         """The agent ended: drop whatever the monitor tracked for it."""
 
+    def flow(self, source: Any, sink: Any) -> None:
+        """Data of agent `source` reaches agent `sink` (spawn arguments, a child's result)."""
+
 
 class AllowAllMonitor:
     """Allows every call; the kernel's syscall log still records each one."""
@@ -86,6 +90,9 @@ class AllowAllMonitor:
         return requested
 
     def forget(self, agent: Any) -> None:
+        pass
+
+    def flow(self, source: Any, sink: Any) -> None:
         pass
 
 
@@ -114,6 +121,7 @@ class ReferenceMonitor:
         self._default = default_capabilities or _default
         self.track_context = track_context
         self._context: dict[Any, Any] = {}  # pid -> Label of what the agent's context has seen
+        self._ended: dict[Any, Any] = {}  # pid -> the last label of an agent that ended (for `flow`)
 
     def untrusted_output(self, *tools: str) -> None:
         """Declare tools whose output is outside content (when no ToolRegistry was given)."""
@@ -225,8 +233,26 @@ class ReferenceMonitor:
         return child
 
     def forget(self, agent: Any) -> None:
-        """Drop what the monitor tracks for an agent that ended."""
-        self._context.pop(_key(agent), None)
+        """Drop what the monitor tracks for an agent that ended (its last label is kept for whoever
+        waits for its result, a bounded number of them)."""
+        label = self._context.pop(_key(agent), None)
+        if label is not None and label.sources:
+            self._ended[_key(agent)] = label
+            while len(self._ended) > ENDED_LABELS:
+                self._ended.pop(next(iter(self._ended)))
+
+    def flow(self, source: Any, sink: Any) -> None:
+        """What `source`'s context has seen reaches `sink`'s: a child starts with its parent's label
+        (its arguments may carry what the parent read), a parent that waits for a child's result
+        takes on the child's. Labels only rise, across agents too."""
+        from llmos.security.ifc import Label
+
+        if not self.track_context:
+            return
+        label = self._context.get(_key(source)) or self._ended.get(_key(source))
+        if label is not None and label.sources:
+            key = _key(sink)
+            self._context[key] = self._context.get(key, Label()).join(label)
 
 
 def _key(agent: Any) -> Any:
