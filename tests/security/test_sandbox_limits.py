@@ -96,3 +96,32 @@ def test_cgroup_pids_limit_counts_the_call(tmp_path: Path):
     r = run_sandboxed(_sh("for i in $(seq 40); do sleep 3 & done; wait"), tmp_path,
                       SandboxLimits(nproc=8, wall_s=10))
     assert any("the limit of 8 processes for the call refused" in n for n in r.notes), r.notes
+
+
+DEEP = """
+import os, time
+for i in range(300):
+    os.mkdir('d')
+    os.chdir('d')
+print('deep', flush=True)
+time.sleep(10)
+"""
+
+
+def test_a_tree_too_deep_to_measure_stops_the_call_and_can_be_removed(tmp_path: Path):
+    """Deep nesting would exhaust the walker's recursion or fds and blind the quota: it is a bound too."""
+    from llmos.tools.base import ToolContext, ToolError
+    from llmos.tools.files import file_tools
+
+    r = run_sandboxed([sandbox_python(), "-I", "-c", DEEP], tmp_path, SandboxLimits(wall_s=20))
+    assert not r.timed_out and r.wall_s < 10
+    assert any(n.startswith("killed: the working directory reached") and "64 levels" in n for n in r.notes)
+    assert not fs.usage(tmp_path).complete
+    tools = {t.name: t for t in file_tools()}
+    ctx = ToolContext(pid=1, agent="a", workdir=tmp_path, home=tmp_path)
+    listing = tools["list_files"].fn({"recursive": True}, ctx)
+    assert listing.splitlines()[-1] == "[listing cut at 1000 entries or 64 levels]"
+    with pytest.raises(ToolError, match="remove some first"):
+        tools["write_file"].fn({"path": "x", "content": "y"}, ctx)
+    r = run_sandboxed(_sh("rm -rf d && echo clean"), tmp_path)  # the agent can still clean up
+    assert r.stdout == "clean\n" and r.notes == [] and fs.usage(tmp_path).complete

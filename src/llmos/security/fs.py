@@ -21,8 +21,8 @@ a symlink at any component:
 - what the kernel creates (directories, files) is handed to the sandbox's uid
   with `fchown` on the descriptor just created, never by path, so nothing
   outside the working directory can be chowned;
-- `usage` and `entries` walk the tree by descriptors, never through a link,
-  and stop at a bound on the number of entries.
+- `usage` and `Walk` go through the tree by descriptors, never through a link,
+  and stop at bounds on the number of entries and on the depth.
 
 Every refusal is an `UnsafePath` with a message fit for the agent.
 """
@@ -42,7 +42,8 @@ RESOLVE_NO_XDEV, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, RESOLVE_BENEATH = 0
 _RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
 _SYS_OPENAT2 = 437  # the same number on every architecture (asm-generic table)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-MAX_WALK_ENTRIES = 20_000  # usage() and entries() stop here
+MAX_WALK_ENTRIES = 20_000  # a Walk (usage, listings) stops here
+MAX_WALK_DEPTH = 64  # and at this many levels of directories
 
 
 class UnsafePath(Exception):
@@ -267,46 +268,57 @@ class Entry:
         return stat.S_ISDIR(self.st.st_mode)
 
 
-def entries(dir_fd: int, base: tuple[str, ...] = (), *, recursive: bool = False,
-            limit: int | None = None) -> Iterator[Entry]:
-    """The entries under `dir_fd` (lstat, sorted by name), descending only into real directories.
+class Walk:
+    """The entries under a directory fd (lstat, sorted by name), descending only into real directories.
 
-    At most `limit` entries (MAX_WALK_ENTRIES by default); a directory swapped for a link while
-    walking is skipped.
+    Bounded: at most `limit` entries (MAX_WALK_ENTRIES by default) and MAX_WALK_DEPTH levels (so
+    at most that many fds open, and no deep recursion); `truncated` says whether a bound cut it
+    short. A directory swapped for a link while walking is skipped, never followed.
     """
-    budget = [MAX_WALK_ENTRIES if limit is None else limit]
 
-    def walk(fd: int, base: tuple[str, ...]) -> Iterator[Entry]:
+    def __init__(self, dir_fd: int, base: tuple[str, ...] = (), *, recursive: bool = False,
+                 limit: int | None = None) -> None:
+        self.dir_fd, self.base, self.recursive = dir_fd, base, recursive
+        self.budget = MAX_WALK_ENTRIES if limit is None else limit
+        self.truncated = False
+
+    def __iter__(self) -> Iterator[Entry]:
+        return self._walk(self.dir_fd, self.base, 0)
+
+    def _walk(self, fd: int, base: tuple[str, ...], depth: int) -> Iterator[Entry]:
         with os.scandir(fd) as it:  # never more names in memory than the budget allows
-            names = sorted(e.name for e in itertools.islice(it, max(budget[0], 0)))
+            names = sorted(e.name for e in itertools.islice(it, self.budget + 1))
         for name in names:
-            if budget[0] <= 0:
+            if self.budget <= 0:
+                self.truncated = True
                 return
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except OSError:
                 continue  # removed meanwhile
-            budget[0] -= 1
+            self.budget -= 1
             entry = Entry((*base, name), st)
             yield entry
-            if recursive and entry.is_dir:
-                try:
-                    sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                except OSError:
-                    continue  # swapped for a symlink or removed since the stat
-                try:
-                    yield from walk(sub, entry.parts)
-                finally:
-                    os.close(sub)
-
-    yield from walk(dir_fd, base)
+            if not (self.recursive and entry.is_dir):
+                continue
+            if depth + 1 >= MAX_WALK_DEPTH:
+                self.truncated = True
+                continue
+            try:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError:
+                continue  # swapped for a symlink or removed since the stat
+            try:
+                yield from self._walk(sub, entry.parts, depth + 1)
+            finally:
+                os.close(sub)
 
 
 @dataclass(frozen=True)
 class Usage:
     bytes: int  # disk blocks in use (sparse files count what they really hold)
     entries: int
-    complete: bool  # False when the walk stopped at its bound
+    complete: bool  # False when the walk stopped at a bound (entries or depth)
 
 
 def usage(root: str | Path, limit: int | None = None) -> Usage:
@@ -316,13 +328,14 @@ def usage(root: str | Path, limit: int | None = None) -> Usage:
     try:
         seen: set[tuple[int, int]] = set()
         total = count = 0
-        for entry in entries(fd, recursive=True, limit=limit + 1):
+        walk = Walk(fd, recursive=True, limit=limit)
+        for entry in walk:
             count += 1
             key = (entry.st.st_dev, entry.st.st_ino)
             if key not in seen:
                 seen.add(key)
                 total += entry.st.st_blocks * 512
-        return Usage(total, min(count, limit), count <= limit)
+        return Usage(total, count, not walk.truncated)
     finally:
         os.close(fd)
 
@@ -342,7 +355,7 @@ def _remove_pass(root: str | Path, since: float) -> tuple[int, int]:
     fd = open_root(root)
     removed = freed = 0
     try:
-        for entry in list(entries(fd, recursive=True)):
+        for entry in list(Walk(fd, recursive=True)):
             if not stat.S_ISREG(entry.st.st_mode) or entry.st.st_ctime < since:
                 continue
             try:

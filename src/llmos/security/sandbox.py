@@ -169,12 +169,19 @@ class _Watch:
     proc: subprocess.Popen
     workdir: Path
     disk_cap: int  # bytes the workdir may hold
+    bound_entries: bool  # the walk's bounds hold too (not when the workdir was past them already)
     memory_cap: int | None  # resident bytes of the tree (None: a cgroup enforces it)
     cgroup: cgroups.CallCgroup | None
     stop: threading.Event = field(default_factory=threading.Event)
     violation: str = ""
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as e:  # fail closed: a call the watchdog cannot measure does not go on
+            self._kill(f"the watchdog could not measure the call ({type(e).__name__}: {e})")
+
+    def _run(self) -> None:
         period = POLL_S
         while not self.stop.wait(period) and self.proc.poll() is None:
             t = time.monotonic()
@@ -185,10 +192,10 @@ class _Watch:
                                f"{self.memory_cap >> 20} MiB for all of them together")
                     return
             used = fs.usage(self.workdir)
-            if used.bytes > self.disk_cap or not used.complete:
-                what = (f"{used.bytes >> 20} MiB" if used.complete else f"more than {used.entries} entries")
-                self._kill(f"the working directory reached {what}, past its quota of "
-                           f"{self.disk_cap >> 20} MiB / {fs.MAX_WALK_ENTRIES} entries")
+            if used.bytes > self.disk_cap or (self.bound_entries and not used.complete):
+                what = f"{used.bytes >> 20} MiB" if used.complete else f"{used.entries}+ entries or levels"
+                self._kill(f"the working directory reached {what}, past its quota of {self.disk_cap >> 20} "
+                           f"MiB, {fs.MAX_WALK_ENTRIES} entries, {fs.MAX_WALK_DEPTH} levels")
                 return
             period = max(POLL_S, 2 * (time.monotonic() - t))
 
@@ -199,10 +206,10 @@ class _Watch:
         _kill_group(self.proc)
 
 
-def _over_quota(workdir: Path, cap: int, since: float) -> str | None:
+def _over_quota(workdir: Path, cap: int, bound_entries: bool, since: float) -> str | None:
     """After a call: if the workdir is over its quota, remove what the call changed; a note, or None."""
     used = fs.usage(workdir)
-    if used.bytes <= cap and used.complete:
+    if used.bytes <= cap and (used.complete or not bound_entries):
         return None
     removed, freed = fs.remove_changed_since(workdir, since)
     return (f"disk quota of {cap >> 20} MiB exceeded: removed the {removed} files this call wrote "
@@ -227,9 +234,9 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
         # Only the directory itself, by fd: what the kernel creates inside is the sandbox uid's from
         # birth (security/fs.py), and a walk over a tree the sandbox controls could be led outside.
         fs.give_root_to(workdir, NOBODY, NOBODY)
-    start_usage = fs.usage(workdir).bytes
-    disk_cap = max(limits.disk_mb << 20, start_usage)  # over quota already: it may not grow
-    fsize = min(limits.fsize_mb << 20, disk_cap - start_usage)
+    start = fs.usage(workdir)
+    disk_cap = max(limits.disk_mb << 20, start.bytes)  # over quota already: it may not grow
+    fsize = min(limits.fsize_mb << 20, disk_cap - start.bytes)
     cgroup = cgroups.CallCgroup.create(limits.total_memory_mb << 20, limits.nproc)
     newroot = tempfile.mkdtemp(prefix="llmos-sandbox-") if use_ns else None
     cfg = _config(argv, workdir, limits, {**base_env, **(env or {})}, use_ns, newroot, fsize,
@@ -243,7 +250,8 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             cwd=str(workdir), env={"PATH": SAFE_PATH, CONFIG_VAR: json.dumps(cfg)})
-    watch = _Watch(proc, workdir, disk_cap, None if cgroup else limits.total_memory_mb << 20, cgroup)
+    watch = _Watch(proc, workdir, disk_cap, start.complete, None if cgroup else limits.total_memory_mb << 20,
+                   cgroup)
     threads = [threading.Thread(target=_reader, args=(s, limits.output_bytes, buf, flags), daemon=True)
                for s, buf in ((proc.stdout, out), (proc.stderr, err))]
     threads.append(threading.Thread(target=watch.run, daemon=True))
@@ -284,7 +292,7 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
                      f"({events['memory.oom_kill']} processes killed)")
     if events.get("pids.max"):
         notes.append(f"the limit of {limits.nproc} processes for the call refused {events['pids.max']} forks")
-    if quota_note := _over_quota(workdir, disk_cap, since):
+    if quota_note := _over_quota(workdir, disk_cap, start.complete, since):
         notes.append(quota_note)
     if flags.get("truncated"):
         notes.append(f"output truncated to {limits.output_bytes} bytes")

@@ -103,8 +103,8 @@ def _write_file(args: dict[str, Any], ctx: ToolContext, disk_bytes: int) -> str:
         raise ToolError(f"'content' is {len(data)} bytes; the limit is {MAX_WRITE_BYTES}")
     used = fs.usage(ctx.workdir)
     if not used.complete:
-        raise ToolError(f"the working directory holds more than {fs.MAX_WALK_ENTRIES} entries; "
-                        f"remove some first")
+        raise ToolError(f"the working directory is past what its quota can measure ({fs.MAX_WALK_ENTRIES} "
+                        f"entries, {fs.MAX_WALK_DEPTH} levels of directories); remove some first")
     with _root(ctx) as root:
         if used.bytes + len(data) > disk_bytes:
             freed = 0 if append else _blocks_of(root, parts)  # what overwriting it gives back
@@ -134,12 +134,13 @@ def _list_files(args: dict[str, Any], ctx: ToolContext) -> str:
             message = str(e).replace("is not a directory", "is a file (use read_file)")
             raise ToolError(message) from None
         try:
-            found = list(fs.entries(fd, parts, recursive=recursive, limit=MAX_LIST_ENTRIES + 1))
+            walk = fs.Walk(fd, parts, recursive=recursive, limit=MAX_LIST_ENTRIES)
+            found = list(walk)
         finally:
             os.close(fd)
-    lines = [fs.shown(e.parts) + ("/" if e.is_dir else "") for e in found[:MAX_LIST_ENTRIES]]
-    if len(found) > MAX_LIST_ENTRIES:
-        lines.append(f"[more than {MAX_LIST_ENTRIES} entries; only the first are shown]")
+    lines = [fs.shown(e.parts) + ("/" if e.is_dir else "") for e in found]
+    if walk.truncated:
+        lines.append(f"[listing cut at {MAX_LIST_ENTRIES} entries or {fs.MAX_WALK_DEPTH} levels]")
     return "\n".join(lines) if lines else "(empty)"
 
 
