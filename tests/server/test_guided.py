@@ -7,6 +7,7 @@ import jsonschema
 import openai
 import pytest
 
+from llmos.server.guidance import strict_schema
 from tests.server.conftest import MODEL
 
 WEATHER = {
@@ -41,6 +42,18 @@ PERSON = {
     "required": ["name", "age", "hobbies"],
     "additionalProperties": False,
 }
+# As clients write them: no lengths, no additionalProperties. Replies must still be strict and fit the budget.
+LOOSE_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+    "required": ["city", "unit"]}}}
+LOOSE_SEARCH = {"type": "function", "function": {"name": "search", "parameters": {
+    "type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"},
+        "filters": {"type": "object", "properties": {"lang": {"type": "string"}}}},
+    "required": ["query", "limit", "filters"]}}}
+LOOSE_PERSON = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                                 "hobbies": {"type": "array", "items": {"type": "string"}}},
+                "required": ["name", "age", "hobbies"]}
 TOPICS = ["Paris", "a cat", "the ocean", "a teacher", "Tokyo", "a robot", "music", "a chef", "winter",
           "a pilot"]
 
@@ -53,21 +66,27 @@ def client(server) -> openai.OpenAI:
 def ask_tool(client, i: int):
     return client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": f"Weather near {TOPICS[i % 10]}?"}],
-        tools=[WEATHER, SEARCH], tool_choice="required", temperature=0.8, seed=i, max_tokens=120)
+        tools=[LOOSE_WEATHER, LOOSE_SEARCH], tool_choice="required", temperature=0.8, seed=i,
+        max_tokens=32 + i % 16)
 
 
 def ask_json(client, i: int):
     return client.chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": f"Describe a person who likes {TOPICS[i % 10]}."}],
-        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
-        temperature=0.8, seed=i, max_tokens=160)
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": LOOSE_PERSON,
+                                                                "strict": True}},
+        temperature=0.8, seed=i, max_tokens=32 + i % 16)
 
 
 def test_fifty_required_tool_calls_parse_and_validate(client, server):
-    with ThreadPoolExecutor(16) as pool:
+    """Small budgets, loose schemas, temperature 0.8: every reply is a call, strict, complete in budget."""
+    with ThreadPoolExecutor(50) as pool:
         replies = list(pool.map(lambda i: ask_tool(client, i), range(50)))
-    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, SEARCH)}
-    for r in replies:
+    schemas = {t["function"]["name"]: strict_schema(t["function"]["parameters"])
+               for t in (LOOSE_WEATHER, LOOSE_SEARCH)}
+    assert schemas["search"]["properties"]["filters"]["additionalProperties"] is False
+    for i, r in enumerate(replies):
+        assert r.usage.completion_tokens <= 32 + i % 16
         choice = r.choices[0]
         assert choice.finish_reason == "tool_calls" and choice.message.content is None
         call = choice.message.tool_calls[0]
@@ -77,11 +96,11 @@ def test_fifty_required_tool_calls_parse_and_validate(client, server):
 
 
 def test_fifty_json_schema_replies_parse_and_validate(client):
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(50) as pool:
         replies = list(pool.map(lambda i: ask_json(client, i), range(50)))
     for r in replies:
         assert r.choices[0].finish_reason == "stop"
-        jsonschema.validate(json.loads(r.choices[0].message.content), PERSON)
+        jsonschema.validate(json.loads(r.choices[0].message.content), strict_schema(LOOSE_PERSON))
 
 
 def test_named_tool_choice_json_object_and_stream(client):

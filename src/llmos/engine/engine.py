@@ -24,7 +24,7 @@ import torch
 
 from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import EngineConfig
-from llmos.engine.guided import BudgetGuard, GrammarCompiler
+from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler
 from llmos.engine.histograms import LatencyHistograms
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
@@ -92,9 +92,8 @@ class LLMEngine:
         self._stop_token_ids = set(self.model_config.eos_token_ids)
         self._grammar_compiler: GrammarCompiler | None = None
         self._budget_guard: BudgetGuard | None = None
-        # Constrained sequences near the end of their budget: (closing tokens to emit, step to re-plan at).
-        self._closing: weakref.WeakKeyDictionary[Sequence, tuple[list[int] | None, int]] = \
-            weakref.WeakKeyDictionary()
+        # Constrained sequences near the end of their budget, and how they will close.
+        self._closing: weakref.WeakKeyDictionary[Sequence, Closing] = weakref.WeakKeyDictionary()
 
     # -- requests -----------------------------------------------------------
 
@@ -229,7 +228,8 @@ class LLMEngine:
                 seq.num_computed_tokens += n
         if sampled:
             logits, sampled = self._fork_for_n(logits, sampled)
-            tokens, logprobs, errors = sample(logits, sampled, self._closing_tokens(sampled))
+            tokens, logprobs, errors = sample(logits, sampled, self._closing_tokens(sampled),
+                                              lambda i, token: self._check_closing(sampled[i], token))
             now = time.perf_counter()
             for i, (seq, token, lp) in enumerate(zip(sampled, tokens, logprobs, strict=True)):
                 if seq.is_finished:  # its request failed on another of its sequences
@@ -284,28 +284,41 @@ class LLMEngine:
                 self.scheduler.finish(s)
                 s.finish_reason, s.stop_reason = "error", f"{type(error).__name__}: {error}"
 
+    def _left(self, seq: Sequence) -> int:
+        return min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
+
     def _closing_tokens(self, seqs: list[Sequence]) -> dict[int, int]:
         """For constrained sequences whose budget is nearly spent: the token that closes their JSON."""
         forced: dict[int, int] = {}
         guard, step = self._budget_guard, self.metrics.steps
         for i, seq in enumerate(seqs):
-            if seq.matcher is None or guard is None:
+            if seq.matcher is None or guard is None or self._left(seq) > guard.HORIZON:
                 continue
-            left = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq))
-            if left > guard.HORIZON:
-                continue
-            plan, check_at = self._closing.get(seq, (None, 0))
-            if plan is None and step >= check_at:
+            left, c = self._left(seq), self._closing.setdefault(seq, Closing())
+            if c.committed is None and step >= c.check_at:
                 text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False)
-                found = guard.plan(seq.matcher, text, left)
-                if found is not None and len(found) + guard.MARGIN >= left:
-                    plan = found  # the plan needs what is left: follow it from now on
-                slack = left - len(found) - guard.MARGIN if found is not None else 0
-                check_at = step + max(1, slack // 4)
-                self._closing[seq] = (plan, check_at)
-            if plan:
-                forced[i] = plan.pop(0)
+                c.plan, c.planned_at = guard.plan(seq.matcher, text, left), step
+                if c.plan is not None and len(c.plan) + guard.MARGIN >= left:
+                    c.committed = list(c.plan)  # the plan needs what is left: follow it from now on
+                slack = left - len(c.plan) if c.plan is not None else 0
+                c.check_at = step + (1 if slack <= guard.NEAR else slack // 4)
+            if c.committed:
+                forced[i] = c.committed.pop(0)
         return forced
+
+    def _check_closing(self, seq: Sequence, token: int) -> int:
+        """The sampled `token`, unless a closing plan would no longer fit after it: then the plan's."""
+        c, guard = self._closing.get(seq), self._budget_guard
+        if c is None or c.committed is not None or c.plan is None or c.planned_at != self.metrics.steps:
+            return token
+        left = self._left(seq)
+        if left - len(c.plan) > guard.NEAR:
+            return token
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=False)
+        if guard.plan(seq.matcher, text, left - 1, after=token) is not None:
+            return token
+        c.committed = c.plan[1:]
+        return c.plan[0]
 
     def _fork_for_n(self, logits: torch.Tensor, seqs: list[Sequence]):
         """A request with n > 1 forks after its prompt: children share the prompt's blocks."""

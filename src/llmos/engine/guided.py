@@ -9,6 +9,7 @@ pay nothing: the sampler only looks for matchers on the sequences that have one.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,7 +63,8 @@ def _allowed(mask: bytes, token: int) -> bool:
     return bool(mask[token >> 3] >> (token & 7) & 1)
 
 
-_CHEAP = ["0", "1", "false", "true", "null", '""', "[]", "{}", "[", "{", '"', "a", ",", ":", " "]
+_CHEAP = [f"{space}{value}" for value in ("0", "1", "false", "true", "null", '""', "[]", "{}", "[", "{", '"')
+          for space in (" ", "")] + ["a", ",", ":", " "]
 
 
 def _scan(text: str, state: tuple[bool, bool, str] = (False, False, "")) -> tuple[bool, bool, str]:
@@ -89,13 +91,15 @@ class BudgetGuard:
     `plan` is a short way the grammar can be completed from a matcher's state:
     forced tokens; at each choice, inside a string its closing quote (with
     closing brackets), outside one closing brackets, else the cheapest value
-    (0, false, "", ...); then the end of text. The engine re-plans as the
-    budget runs down and, once the plan needs all the tokens left (less a
-    margin), emits the plan instead of sampling, so the JSON closes and parses
-    before `max_tokens`.
+    (0, false, "", ...), else the longest token allowed; then the end of text.
+    The engine re-plans as the budget runs down; near the end it takes a
+    sampled token only if a plan still fits after it, and once the plan needs
+    all the tokens left it emits the plan instead of sampling, so the JSON
+    closes and parses before `max_tokens` (whenever a plan fit at the start).
     """
 
     MARGIN = 2  # tokens kept in hand: the plan may grow by this much between two checks
+    NEAR = 8  # within this many tokens of the plan, every sampled token is checked before it is taken
     HORIZON = 64  # budgets further than this from their end are not checked
 
     def __init__(self, tokenizer: Tokenizer, eos_token_ids: tuple[int, ...]) -> None:
@@ -107,11 +111,16 @@ class BudgetGuard:
         self._after_value = [*self._close, vocab[","]]
         self._close += [vocab[t] for t in _CHEAP if t in vocab]
         self._eos = list(eos_token_ids)
+        self._lengths = np.array([len(t.encode()) for t in self._text])
 
-    def plan(self, matcher: Any, text: str, limit: int) -> list[int] | None:
+    def plan(self, matcher: Any, text: str, limit: int, after: int | None = None) -> list[int] | None:
         """Tokens that complete the grammar from `matcher`'s state (left untouched), given the `text`
-        generated so far; None when none is found within `limit` tokens."""
+        generated so far (and then token `after`); None when none is found within `limit` tokens."""
         m = matcher.deep_copy()
+        if after is not None:
+            if not m.consume_token(after):
+                return None
+            text += self._text[after]
         state = _scan(text)
         path: list[int] = []
         while len(path) <= limit:
@@ -130,12 +139,12 @@ class BudgetGuard:
                 else:
                     prefs = self._close
                 token = next((t for t in prefs if _allowed(mask, t)), None)
-                if token is None:
-                    bits = np.flatnonzero(np.unpackbits(np.frombuffer(mask, dtype=np.uint8),
-                                                        bitorder="little"))
-                    if not len(bits):
+                if token is None:  # the longest token allowed: forced text in the fewest tokens
+                    bits = np.unpackbits(np.frombuffer(mask, dtype=np.uint8), bitorder="little")
+                    allowed = np.flatnonzero(bits[: len(self._lengths)])
+                    if not len(allowed):
                         return None
-                    token = int(bits[0])
+                    token = int(allowed[np.argmax(self._lengths[allowed])])
                 forced = [token]
             if not m.consume_tokens(forced):
                 return None
@@ -143,3 +152,13 @@ class BudgetGuard:
             for t in forced:
                 state = _scan(self._text[t], state)
         return None
+
+
+@dataclass
+class Closing:
+    """A constrained sequence's budget state (see BudgetGuard)."""
+
+    plan: list[int] | None = None  # the latest plan, from the state before this step's token
+    planned_at: int = -1  # the step it was made in
+    check_at: int = 0  # the step to plan again at
+    committed: list[int] | None = None  # the rest of the plan being emitted

@@ -11,6 +11,8 @@ reported in `errors` and fails only its own sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from llmos.engine.guided import mask_logits
@@ -61,11 +63,13 @@ def _penalise(logits: torch.Tensor, seqs: list[Sequence]) -> None:
 
 
 @torch.inference_mode()
-def sample(logits: torch.Tensor, seqs: list[Sequence], forced: dict[int, int] | None = None
+def sample(logits: torch.Tensor, seqs: list[Sequence], forced: dict[int, int] | None = None,
+           check: Callable[[int, int], int] | None = None,
            ) -> tuple[list[int], list[dict[int, float] | None], dict[int, Exception]]:
     """One next token per row of `logits` [N, V]; logprobs where asked; rows that failed, by row.
 
-    `forced` gives rows whose token is already chosen (a grammar closing within its budget)."""
+    `forced` gives rows whose token is already chosen (a grammar closing within its budget);
+    `check(row, token)` may replace a chosen token (the same grammar's look-ahead)."""
     forced = forced or {}
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     guided = [i for i, s in enumerate(seqs) if s.matcher is not None]
@@ -93,6 +97,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], forced: dict[int, int] | 
             tokens[i] = _sample_row(logits[i], seq)
         except Exception as e:  # noqa: BLE001 - e.g. every token masked: fails this row only
             errors[i] = e
+    if check is not None:
+        for i in guided:
+            if i not in errors and i not in forced:
+                try:
+                    tokens[i] = check(i, tokens[i])
+                except Exception as e:  # noqa: BLE001 - this row's grammar failed
+                    errors[i] = e
     out: list[dict[int, float] | None] = []
     for i, seq in enumerate(seqs):
         if not want_logprobs[i] or i in errors:

@@ -4,10 +4,10 @@
 required or naming a function become a JSON schema; the engine decodes under
 its grammar, so even a small model returns JSON that parses and validates,
 and the engine closes it before `max_tokens` runs out (engine/guided.py).
-Tool parameters follow the strict convention of structured-output engines:
-an object takes no property beyond those declared unless its schema says
-`additionalProperties`. With `tool_choice` auto the model writes freely and
-a reply that is exactly a tool call in this JSON form (or, with
+Tool parameters (and a json_schema marked `strict`) follow the strict
+convention of structured-output engines: an object takes no property beyond
+those declared unless its schema says `additionalProperties`. With
+`tool_choice` auto the model writes freely and a reply that is exactly a tool call in this JSON form (or, with
 `parallel_tool_calls`, a list of them) is returned as tool calls.
 """
 
@@ -72,7 +72,8 @@ def constraint(req: ChatCompletionRequest) -> tuple[dict[str, Any] | None, bool]
         return {"type": "object"}, False
     if fmt.json_schema is None:
         raise GuidanceError("response_format json_schema needs json_schema.schema, an object")
-    return fmt.json_schema.schema_, False
+    schema = fmt.json_schema.schema_
+    return (strict_schema(schema) if fmt.json_schema.strict else schema), False
 
 
 def tools_prompt(tools: list[dict[str, Any]], parallel: bool) -> str:
