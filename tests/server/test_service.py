@@ -146,6 +146,17 @@ def test_keys_are_required_once_a_user_exists(served):
         assert anon.get("/v1/kernel/processes", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert anon.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
         assert anon.get("/v1/kernel/processes", headers={"X-API-Key": key}).status_code == 200
+        for header in (f"bearer {key}", f"Bearer   {key}"):  # the scheme in any case, spaces between
+            assert anon.get("/v1/kernel/processes", headers={"Authorization": header}).status_code == 200
+        for header in (f"Basic {key}", f"Bearer {key[:-1]}", f"Bearer {key}x", "Bearer", key):
+            assert anon.get("/v1/kernel/processes", headers={"Authorization": header}).status_code == 401
+        # a wrong bearer token is not rescued by a right X-API-Key: the bearer token is the key
+        both = {"Authorization": "Bearer nope", "X-API-Key": key}
+        assert anon.get("/v1/kernel/processes", headers=both).status_code == 401
+        admin, admin_key = UserStore.of_home(served.system.home).add("root", admin=True)
+        r = anon.get("/v1/kernel/audit/verify", headers={"Authorization": f"Bearer {admin_key}"})
+        assert r.status_code == 200 and r.json()["ok"] is True
+        assert anon.get("/v1/kernel/audit/verify", headers={"X-API-Key": key}).status_code == 403
         assert anon.get("/health").status_code == 200
         UserStore.of_home(served.system.home).remove("alice")  # the last user: keys stay required
         assert anon.get("/v1/kernel/processes", headers={"X-API-Key": key}).status_code == 401
