@@ -312,3 +312,21 @@ def test_hostile_arguments_are_results_and_logged_not_raised(tmp_path: Path):
                                 "signed 64-bit range")
     assert out[1] == out[2] == ("error", "quick: argument 'n'" + "[0]" * 64 + " nests too deeply")
     assert [row["status"] for row in log] == ["denied", "error", "error"]
+
+
+def test_an_agent_cannot_wait_for_itself(tmp_path: Path):
+    async def agent(sys: Syscalls) -> str:
+        try:
+            await asyncio.wait_for(sys.wait(sys.pid), 5)
+        except Exception as e:
+            return f"{type(e).__name__}: {e}"
+        return "waited"
+
+    async def go() -> str:
+        kernel = Kernel(StubBackend(), home=tmp_path)
+        try:
+            return await kernel.wait(await kernel.spawn(agent))
+        finally:
+            await kernel.shutdown()
+
+    assert asyncio.run(go()) == "SyscallError: an agent cannot wait for itself"

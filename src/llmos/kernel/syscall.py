@@ -403,6 +403,8 @@ async def _spawn(kernel: Kernel, proc: Process, program: Any, name: str | None =
 
 
 async def _wait(kernel: Kernel, proc: Process, target: int) -> Any:
+    if target == proc.pid:
+        raise SyscallError("an agent cannot wait for itself")
     proc.set_state(ProcessState.BLOCKED)
     try:
         result = await kernel.wait(target)
