@@ -125,3 +125,45 @@ def test_a_tree_too_deep_to_measure_stops_the_call_and_can_be_removed(tmp_path: 
         tools["write_file"].fn({"path": "x", "content": "y"}, ctx)
     r = run_sandboxed(_sh("rm -rf d && echo clean"), tmp_path)  # the agent can still clean up
     assert r.stdout == "clean\n" and r.notes == [] and fs.usage(tmp_path).complete
+
+
+MEMFD = """
+import os, time
+fds = []
+for i in range(20):
+    fd = os.memfd_create(f"m{i}")
+    for _ in range(40):
+        os.write(fd, b"m" * (1 << 20))
+    fds.append(fd)
+print("held", len(fds), flush=True)
+time.sleep(10)
+"""
+
+UNLINKED = """
+import os, time
+files = []
+for i in range(40):
+    f = open(f"f{i}", "wb")
+    f.write(b"x" * (8 << 20))
+    f.flush()
+    os.unlink(f"f{i}")
+    files.append(f)
+print("held", len(files), flush=True)
+time.sleep(10)
+"""
+
+
+def test_memory_held_in_memfds_counts(tmp_path: Path):
+    """800 MB in memory files that are never mapped: no RSS, no address space, still memory."""
+    r = run_sandboxed([sandbox_python(), "-I", "-c", MEMFD], tmp_path,
+                      SandboxLimits(total_memory_mb=512, wall_s=20))
+    assert not r.timed_out and r.wall_s < 10 and "held 20" not in r.stdout
+    assert any("512 MiB" in n for n in r.notes), r.notes
+
+
+def test_unlinked_open_files_count_against_the_quota(tmp_path: Path):
+    """320 MB written to files removed at once but kept open: invisible to a walk, still disk."""
+    r = run_sandboxed([sandbox_python(), "-I", "-c", UNLINKED], tmp_path,
+                      SandboxLimits(disk_mb=64, wall_s=20))
+    assert not r.timed_out and r.wall_s < 10 and "held 40" not in r.stdout
+    assert any(n.startswith("killed: the working directory reached") for n in r.notes), r.notes

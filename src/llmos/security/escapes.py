@@ -299,6 +299,24 @@ def _memory_total(scratch: Path, work: Path, token: str) -> tuple[SandboxResult,
     return r, stopped and not r.timed_out, "; ".join(r.notes) or f"exit {r.exit_code}, no limit hit"
 
 
+def _memfd_memory(scratch: Path, work: Path, token: str) -> tuple[SandboxResult, bool, str]:
+    code = ("import os, time\nfds = []\nfor i in range(20):\n    fd = os.memfd_create('m')\n"
+            "    for _ in range(40):\n        os.write(fd, b'm' * (1 << 20))\n    fds.append(fd)\n"
+            "print('held', len(fds), flush=True)\ntime.sleep(20)\n")
+    r = run_sandboxed(_python(code), work, SandboxLimits(total_memory_mb=512, wall_s=20))
+    stopped = any("512 MiB" in n for n in r.notes) and "held" not in r.stdout
+    return r, stopped and not r.timed_out, "; ".join(r.notes) or f"exit {r.exit_code}, 800 MB held in memfds"
+
+
+def _unlinked_open_files(scratch: Path, work: Path, token: str) -> tuple[SandboxResult, bool, str]:
+    code = ("import os, time\nfiles = []\nfor i in range(40):\n    f = open(f'f{i}', 'wb')\n"
+            "    f.write(b'x' * (8 << 20))\n    f.flush()\n    os.unlink(f'f{i}')\n    files.append(f)\n"
+            "print('held', len(files), flush=True)\ntime.sleep(20)\n")
+    r = run_sandboxed(_python(code), work, SandboxLimits(disk_mb=64, wall_s=20))
+    stopped = any(n.startswith("killed: the working directory") for n in r.notes) and "held" not in r.stdout
+    return r, stopped and not r.timed_out, "; ".join(r.notes) or f"exit {r.exit_code}, 320 MB held unlinked"
+
+
 ESCAPES: dict[str, Callable[[Path, Path, str], tuple[Any, ...]]] = {
     "fork_bomb": _fork_bomb,
     "memory_bomb": _memory_bomb,
@@ -312,6 +330,8 @@ ESCAPES: dict[str, Callable[[Path, Path, str], tuple[Any, ...]]] = {
     "fifo_and_socket_in_workdir": _blocking_files,
     "disk_total_of_one_call": _disk_total,
     "memory_total_of_one_call": _memory_total,
+    "memory_in_memfds": _memfd_memory,
+    "disk_in_unlinked_open_files": _unlinked_open_files,
 }
 
 

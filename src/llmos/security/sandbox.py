@@ -39,6 +39,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -151,15 +152,41 @@ def _process_tree(root: int) -> list[int]:
     return tree
 
 
-def _resident_bytes(pids: list[int]) -> int:
-    total = 0
+@dataclass
+class _Held:
+    """What a call's processes hold beyond what a walk of the workdir sees."""
+
+    resident: int = 0  # resident memory of the processes
+    memfd: int = 0  # memory files held open (memfd_create): resident only when mapped
+    unlinked: int = 0  # files on the workdir's disk removed but still open
+
+
+def _held_by(pids: list[int], disk_dev: int) -> _Held:
+    held, seen = _Held(), set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/statm", "rb") as f:
-                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+                held.resident += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            fds = os.listdir(f"/proc/{pid}/fd")
         except (OSError, IndexError, ValueError):
             continue
-    return total
+        for fd in fds:
+            link = f"/proc/{pid}/fd/{fd}"
+            try:
+                target = os.readlink(link)
+                if not (target.startswith("/memfd:") or target.endswith(" (deleted)")):
+                    continue
+                st = os.stat(link)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            if target.startswith("/memfd:"):
+                held.memfd += st.st_blocks * 512
+            elif st.st_dev == disk_dev:
+                held.unlinked += st.st_blocks * 512
+    return held
 
 
 @dataclass
@@ -169,6 +196,7 @@ class _Watch:
     proc: subprocess.Popen
     workdir: Path
     disk_cap: int  # bytes the workdir may hold
+    disk_dev: int  # the device the workdir is on
     bound_entries: bool  # the walk's bounds hold too (not when the workdir was past them already)
     memory_cap: int | None  # resident bytes of the tree (None: a cgroup enforces it)
     cgroup: cgroups.CallCgroup | None
@@ -185,15 +213,15 @@ class _Watch:
         period = POLL_S
         while not self.stop.wait(period) and self.proc.poll() is None:
             t = time.monotonic()
-            if self.memory_cap is not None:
-                rss = _resident_bytes(_process_tree(self.proc.pid))
-                if rss > self.memory_cap:
-                    self._kill(f"its processes held {rss >> 20} MiB, above the limit of "
-                               f"{self.memory_cap >> 20} MiB for all of them together")
-                    return
+            held = _held_by(_process_tree(self.proc.pid), self.disk_dev)
+            if self.memory_cap is not None and held.resident + held.memfd > self.memory_cap:
+                self._kill(f"its processes held {(held.resident + held.memfd) >> 20} MiB, above the limit of "
+                           f"{self.memory_cap >> 20} MiB for all of them together")
+                return
             used = fs.usage(self.workdir)
-            if used.bytes > self.disk_cap or (self.bound_entries and not used.complete):
-                what = f"{used.bytes >> 20} MiB" if used.complete else f"{used.entries}+ entries or levels"
+            if used.bytes + held.unlinked > self.disk_cap or (self.bound_entries and not used.complete):
+                what = (f"{(used.bytes + held.unlinked) >> 20} MiB" if used.complete
+                        else f"{used.entries}+ entries or levels")
                 self._kill(f"the working directory reached {what}, past its quota of {self.disk_cap >> 20} "
                            f"MiB, {fs.MAX_WALK_ENTRIES} entries, {fs.MAX_WALK_DEPTH} levels")
                 return
@@ -250,8 +278,8 @@ def run_sandboxed(argv: list[str], workdir: str | Path, limits: SandboxLimits | 
                             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                             cwd=str(workdir), env={"PATH": SAFE_PATH, CONFIG_VAR: json.dumps(cfg)})
-    watch = _Watch(proc, workdir, disk_cap, start.complete, None if cgroup else limits.total_memory_mb << 20,
-                   cgroup)
+    watch = _Watch(proc, workdir, disk_cap, workdir.stat().st_dev, start.complete,
+                   None if cgroup else limits.total_memory_mb << 20, cgroup)
     threads = [threading.Thread(target=_reader, args=(s, limits.output_bytes, buf, flags), daemon=True)
                for s, buf in ((proc.stdout, out), (proc.stderr, err))]
     threads.append(threading.Thread(target=watch.run, daemon=True))
