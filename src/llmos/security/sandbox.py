@@ -19,14 +19,18 @@ Totals per call, beyond the per-process rlimits:
 - disk: the working directory's quota (`disk_mb`, all files together). A file
   may grow only to what is left of it (RLIMIT_FSIZE), the kernel polls the
   directory's usage while the call runs and kills the call when it passes the
-  quota, and afterwards removes the files the call changed (by ctime, which no
-  process can set back) while the directory is still over it;
+  quota (files it removed but keeps open count too), and afterwards removes the
+  files the call changed (by ctime, which no process can set back) while the
+  directory is still over it; a tree past 20000 entries or 64 levels counts as
+  over (it could not be measured);
 - memory and processes: where the machine delegates cgroup v2 memory and pids
   controllers (security/cgroups.py), each call runs in its own cgroup with
   `memory.max` = `total_memory_mb` (no swap) and `pids.max` = `nproc`;
-  elsewhere the kernel polls the resident memory of the call's process tree and
-  kills it above `total_memory_mb`, and RLIMIT_NPROC bounds the processes of
-  the sandbox uid (shared by all calls running at once).
+  elsewhere the kernel polls the resident memory of the call's process tree
+  (plus the memory files, memfds, it holds open) every 50 ms and kills it above
+  `total_memory_mb`, and RLIMIT_NPROC bounds the processes of the sandbox uid
+  (shared by all calls running at once). Kernel memory (socket and pipe
+  buffers) and what is touched between two polls are bounded only by cgroups.
 
 Without namespaces only the limits, the timeout, the process-group kill and the
 environment are enforced; `isolation()` says which mode this machine gets.
