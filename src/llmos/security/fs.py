@@ -68,12 +68,15 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int) -> int:
 
 
 def _probe_openat2() -> bool:
+    root = os.open("/", _DIR_FLAGS)
     try:
-        os.close(_openat2(os.open("/", _DIR_FLAGS), ".", _DIR_FLAGS, 0))
+        os.close(_openat2(root, ".", _DIR_FLAGS, 0))
     except OSError as e:
         if e.errno in (errno.ENOSYS, errno.EPERM, errno.EINVAL):  # old kernel, or a seccomp filter
             return False
         raise
+    finally:
+        os.close(root)
     return True
 
 
