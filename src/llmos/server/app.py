@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -278,8 +279,7 @@ async def _until_disconnected(request: Request) -> None:
 async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: SamplingParams, shape: _Shape):
     streams = [llm.generate(p, params, f"{shape.rid}-{i}") for i, p in enumerate(prompts)]
     if req.stream:
-        return StreamingResponse(_sse(request, shape, streams, req.include_usage),
-                                 media_type="text/event-stream")
+        return _EventStream(_sse(request, shape, streams, req.include_usage), media_type="text/event-stream")
     tasks = [asyncio.ensure_future(_last(s)) for s in streams]
     work = asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_until_disconnected(request))
@@ -298,6 +298,23 @@ async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: Sampli
     body = shape.full(finals)
     request.state.usage = body["usage"]
     return body
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent event stream that stops the moment its client leaves, even before it has sent
+    anything (Starlette only notices on its next write under ASGI 2.4): stopping closes the body
+    generator, which aborts its requests."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                await self.stream_response(send)
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
 
 
 async def _last(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
