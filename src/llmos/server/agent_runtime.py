@@ -44,13 +44,15 @@ class _StepContext(MainContext):
         self.prompt_tokens = 0
         self._open = False
 
-    async def prompt(self, summarize):  # the start of a step: commit the previous one, open this one
+    async def maintain(self, summarize) -> list[str]:
+        """A step starts by assembling its prompt, which maintains first: commit the previous step,
+        relieve memory pressure (its own transactions), then open this step."""
         self.end_step()
-        await self.maintain(summarize)
+        done = await super().maintain(summarize)
         self.journal.begin_step(self.agent, self.run_id)
         self._open = True
         self.steps += 1
-        return await super().prompt(summarize)
+        return done
 
     def end_step(self) -> None:
         if self._open:
