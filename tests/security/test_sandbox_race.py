@@ -177,3 +177,26 @@ def test_fifos_do_not_exhaust_the_tool_threads(tools, tmp_path: Path):
     results, ok, took = asyncio.run(attack())
     assert ok == "fine" and took < 5
     assert all(isinstance(r, ToolError) and "pipe is not a regular file" in str(r) for r in results), results
+
+
+@root_sandbox
+def test_moving_a_root_only_file_under_a_granted_name_gains_nothing(tools, tmp_path: Path):
+    """No link at all: the agent's shell renames a root-only file (it may: it owns the directory)
+    into docs/. The kernel reads and writes for the agent only what its sandbox uid could itself."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "secret.txt").write_text(SECRET)
+    (work / "secret.txt").chmod(0o600)
+    (work / "config").write_text("root's, world-readable")
+    (work / "config").chmod(0o644)
+    ctx = ToolContext(pid=1, agent="a", workdir=work, home=tmp_path)
+    out = tools.get("run_shell").fn({"command": "mkdir docs && mv secret.txt docs/innocent.txt && "
+                                                "mv config docs/config && echo moved"}, ctx)
+    assert "moved" in out
+    with pytest.raises(ToolError, match="docs/innocent.txt: permission denied .*could not read it"):
+        tools.get("read_file").fn({"path": "docs/innocent.txt"}, ctx)
+    with pytest.raises(ToolError, match="docs/config: permission denied .*could not write it"):
+        tools.get("write_file").fn({"path": "docs/config", "content": "overwritten"}, ctx)
+    assert tools.get("read_file").fn({"path": "docs/config"}, ctx) == "root's, world-readable"
+    assert (work / "docs" / "innocent.txt").read_text() == SECRET
+    assert (work / "docs" / "config").read_text() == "root's, world-readable"

@@ -247,19 +247,23 @@ def _symlink_race(scratch: Path, work: Path, token: str) -> _Counted:
 
 
 def _symlinked_grant(scratch: Path, work: Path, token: str) -> _Counted:
-    """The agent's shell links names under docs/ to a root-only file; read_file follows none of them."""
+    """The agent's shell links names under docs/ to a root-only file (or moves one there): read_file
+    follows no link and reads nothing the agent's sandbox could not."""
     from llmos.tools import ToolContext
 
     (work / "secret.txt").write_text(f"SECRET-{token}")
     (work / "secret.txt").chmod(0o600)
+    (work / "secret2.txt").write_text(f"SECRET-{token}")
+    (work / "secret2.txt").chmod(0o600)
     r = run_sandboxed(_shell("mkdir -p docs && ln -s ../secret.txt docs/innocent.txt && ln -s .. docs/up "
                              "&& ln -s /proc/self/root/../secret.txt docs/proc; "
-                             "ln secret.txt docs/hard 2>/dev/null; true"), work, SandboxLimits(wall_s=10))
+                             "ln secret.txt docs/hard 2>/dev/null; mv secret2.txt docs/moved; true"),
+                      work, SandboxLimits(wall_s=10))
     reg = _file_tools_registry()
     ctx = ToolContext(pid=1, agent="a", workdir=work, home=scratch)
-    paths = ["docs/innocent.txt", "docs/up/secret.txt", "docs/proc", "docs/hard"]
+    paths = ["docs/innocent.txt", "docs/up/secret.txt", "docs/proc", "docs/hard", "docs/moved"]
     held = sum(f"SECRET-{token}" not in _tool_call(reg, ctx, "read_file", {"path": p}) for p in paths)
-    return r, held == len(paths), f"{held} of {len(paths)} linked names refused", (len(paths), held)
+    return r, held == len(paths), f"{held} of {len(paths)} linked or moved names refused", (len(paths), held)
 
 
 def _blocking_files(scratch: Path, work: Path, token: str) -> _Counted:

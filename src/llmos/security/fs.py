@@ -20,7 +20,9 @@ a symlink at any component:
   second hard link is refused too (its other name could lie outside a grant);
 - what the kernel creates (directories, files) is handed to the sandbox's uid
   with `fchown` on the descriptor just created, never by path, so nothing
-  outside the working directory can be chowned;
+  outside the working directory can be chowned; and it reads or writes for an
+  agent only files the agent's sandbox uid could read or write itself (by the
+  mode bits of the opened object), so it lends the agent none of root's rights;
 - `usage` and `Walk` go through the tree by descriptors, never through a link,
   and stop at bounds on the number of entries and on the depth.
 
@@ -216,15 +218,35 @@ def _require_regular(fd: int, parts: tuple[str, ...]) -> os.stat_result:
     return st
 
 
-def open_file(root_fd: int, parts: tuple[str, ...]) -> int:
-    """A read-only fd of the regular file `parts` names; never blocks, never follows a link."""
+def _may(st: os.stat_result, user: tuple[int, int], write: bool) -> bool:
+    """Whether `user` (uid, gid) may read (or write) the object by its mode bits."""
+    r, w = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH), (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)
+    bits = w if write else r
+    i = 0 if st.st_uid == user[0] else 1 if st.st_gid == user[1] else 2
+    return bool(st.st_mode & bits[i])
+
+
+def _require_access(fd: int, st: os.stat_result, parts: tuple[str, ...], user: tuple[int, int] | None,
+                    write: bool) -> None:
+    if user is not None and not _may(st, user, write):
+        os.close(fd)
+        raise UnsafePath(f"{shown(parts)}: permission denied (the agent's own sandbox could not "
+                         f"{'write' if write else 'read'} it, so the kernel does not for it)")
+
+
+def open_file(root_fd: int, parts: tuple[str, ...], user: tuple[int, int] | None = None) -> int:
+    """A read-only fd of the regular file `parts` names; never blocks, never follows a link.
+
+    `user`: the agent's sandbox uid/gid; a file it could not read itself is refused, so that
+    moving a root-only file under a granted name gains the agent nothing.
+    """
     if not parts:
         raise UnsafePath(". is a directory")
     try:
         fd = _open_beneath(root_fd, parts, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as e:
         raise _refusal(e, parts, "file") from None
-    _require_regular(fd, parts)
+    _require_access(fd, _require_regular(fd, parts), parts, user, write=False)
     return fd
 
 
@@ -232,8 +254,9 @@ def create_file(root_fd: int, parts: tuple[str, ...], *, append: bool,
                 owner: tuple[int, int] | None) -> tuple[int, os.stat_result | None]:
     """A write fd for `parts` (created, missing directories too) and the old file's stat (None if new).
 
-    The file is truncated only after it is known to be a regular file; a new
-    one is given to `owner`.
+    The file is truncated only after it is known to be a regular file. `owner`:
+    the agent's sandbox uid/gid; what is created becomes its, and an existing
+    file must be one it could write itself.
     """
     if not parts:
         raise UnsafePath(". is a directory")
@@ -256,6 +279,7 @@ def create_file(root_fd: int, parts: tuple[str, ...], *, append: bool,
     finally:
         os.close(dir_fd)
     old = _require_regular(fd, parts)
+    _require_access(fd, old, parts, owner, write=True)
     if not append:
         os.ftruncate(fd, 0)
     return fd, old

@@ -27,7 +27,7 @@ from functools import partial
 from typing import Any
 
 from llmos.security import fs
-from llmos.security.sandbox import NOBODY, SandboxLimits
+from llmos.security.sandbox import NOBODY, SandboxLimits, isolation
 from llmos.tools.base import Tool, ToolContext, ToolError
 
 MAX_READ_BYTES = 1 << 20  # a single read returns at most 1 MiB
@@ -36,8 +36,10 @@ MAX_LIST_ENTRIES = 1000
 
 
 def _owner() -> tuple[int, int] | None:
-    """Who owns what the kernel creates in a workdir: the sandbox's uid when we run as root."""
-    return (NOBODY, NOBODY) if os.getuid() == 0 else None
+    """The agent's own uid/gid in its workdir, where it differs from ours: the sandbox's, when we run
+    as root and the sandbox drops to it. What the kernel creates there becomes the agent's, and it
+    reads or writes there only what the agent could itself."""
+    return (NOBODY, NOBODY) if os.getuid() == 0 and isolation()["uid_drop"] else None
 
 
 @contextmanager
@@ -66,7 +68,7 @@ def _read_file(args: dict[str, Any], ctx: ToolContext) -> str:
         raise ToolError(f"'max_bytes' must be an integer in 1..{MAX_READ_BYTES}, got {limit!r}")
     with _root(ctx) as root:
         try:
-            fd = fs.open_file(root, parts)
+            fd = fs.open_file(root, parts, _owner())
         except fs.UnsafePath as e:
             hint = " (use list_files)" if str(e).endswith(" is a directory") else ""
             raise ToolError(f"{e}{hint}") from None
