@@ -38,7 +38,7 @@ from llmos.kernel.backend import GenerationParams, new_call_id
 from llmos.kernel.process import Process, ProcessState, Quotas
 from llmos.kernel.sched import LLMCall
 from llmos.security.monitor import Decision
-from llmos.tools.base import ToolContext, ToolError
+from llmos.tools.base import ToolContext, ToolDenied, ToolError
 
 if TYPE_CHECKING:
     from llmos.kernel.kernel import Kernel
@@ -251,6 +251,8 @@ async def checked(monitor: Any, agent: Any, name: str, args: Mapping[str, Any], 
         text = f"{name} timed out after {timeout_s:g} s" if limit.expired() else \
             f"{name} failed: TimeoutError: {e}"
         status, result = "error", ToolResult(name, "error", reason=text, trusted=trusted)
+    except ToolDenied as e:
+        status, result = "denied", ToolResult(name, "denied", reason=f"denied: {e}", trusted=trusted)
     except (ToolError, ToolBusy) as e:
         status, result = "error", ToolResult(name, "error", reason=str(e), trusted=trusted)
     except Exception as e:  # a tool's bug is its caller's error result, never a crash

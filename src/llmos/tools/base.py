@@ -18,6 +18,11 @@ class ToolError(Exception):
     """A tool failed in a way the agent should be told about (its result, not a crash)."""
 
 
+class ToolDenied(ToolError):
+    """The call was refused after the monitor allowed it (a changed MCP tool definition, a human who
+    said no): the result's status is "denied", not "error"."""
+
+
 @dataclass
 class ToolContext:
     """What a tool may know about its caller: who it is and where it may write."""
