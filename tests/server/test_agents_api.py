@@ -82,8 +82,19 @@ def test_users_cannot_see_each_others_agents(scripted):
     run = alice.agents.messages.create_async(agent.id, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(NotFoundError):
         bob.runs.retrieve(run.id)
+    with pytest.raises(NotFoundError):
+        bob.runs.messages.list(run.id)
+    assert run.id not in [r.id for r in bob.runs.list()]
+    # through his own agent, bob can name alice's passage or run, and reach neither
+    own = bob.agents.create(name="bobs")
+    (passage,) = alice.agents.passages.create(agent.id, text="alice's secret")
+    with pytest.raises(NotFoundError):
+        bob.agents.passages.delete(passage.id, agent_id=own.id)
+    assert bob.agents.messages.cancel(own.id, run_ids=[run.id]) == {}
     assert wait_run(alice, run.id).status == "completed"
-    alice.agents.delete(agent.id)
+    assert [p.text for p in alice.agents.passages.list(agent.id)] == ["alice's secret"]
+    for a in (alice, bob):
+        a.agents.delete((agent if a is alice else own).id)
 
 
 def test_a_busy_agent_queues_messages_in_order(scripted):
@@ -181,6 +192,22 @@ def test_bad_requests_say_what_is_wrong(scripted):
     c.agents.delete(agent.id)
     with pytest.raises(NotFoundError):
         c.agents.retrieve(agent.id)
+
+
+def test_a_bad_agent_file_imports_nothing(scripted):
+    c = client(scripted, "alice")
+    agent = c.agents.create(name="exported", memory_blocks=[{"label": "human", "value": "Ann"}])
+    good = json.loads(c.agents.export_file(agent.id))
+    before = [a.id for a in c.agents.list()]
+    bad = [b"not json", json.dumps({**good, "llmos_agent_file": 99}).encode(),
+           json.dumps({**good, "blocks": [{"label": "human", "value": "x" * 9, "limit": 3}]}).encode(),
+           json.dumps({**good, "messages": [{"role": "root", "content": "x", "created_at": 1}]}).encode(),
+           json.dumps({**good, "passages": [{"text": "x", "embedding": "AAAA"}]}).encode(),
+           json.dumps({**good, "agent": {**good["agent"], "tools": ["rm_rf"]}}).encode()]
+    for raw in bad:
+        with pytest.raises(BadRequestError):
+            c.agents.import_file(file=("bad.json", raw))
+    assert [a.id for a in c.agents.list()] == before
 
 
 def test_an_open_step_is_rolled_back_whole(tmp_path):

@@ -17,9 +17,11 @@ is failed with a reason saying so, and runs still queued keep their place.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -174,9 +176,11 @@ class AgentStore:
 
     # -- agents -----------------------------------------------------------------------------------
 
-    def create(self, agent: AgentDef, blocks: list[tuple[str, str, int]], instructions: str) -> AgentDef:
-        """Store a new agent: its memory first (`instructions`: the system prompt the model sees), then
-        its definition (so a crash between the two leaves no agent that lists without memory)."""
+    def create(self, agent: AgentDef, blocks: list[tuple[str, str, int]], instructions: str,
+               fill: Callable[[sqlite3.Connection], None] | None = None) -> AgentDef:
+        """Store a new agent: its memory first, in one transaction (`instructions`: the system prompt
+        the model sees; `fill(db)` adds more, e.g. an imported history), then its definition (so a
+        crash between the two leaves no agent that lists without its memory)."""
         now = time.time()
         agent.created_at = agent.updated_at = now
         with self.memory.transaction() as db:
@@ -184,6 +188,8 @@ class AgentStore:
                        (agent.id, instructions, now))
             db.executemany("INSERT INTO core_blocks(agent, label, value, char_limit) VALUES (?,?,?,?)",
                            [(agent.id, label, value, limit) for label, value, limit in blocks])
+            if fill is not None:
+                fill(db)
         cols = [f.name for f in fields(AgentDef)]
         values = tuple(json.dumps(getattr(agent, c)) if c in _JSON_FIELDS else getattr(agent, c)
                        for c in cols)

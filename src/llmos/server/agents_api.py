@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import re
+import sqlite3
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,7 +38,8 @@ from llmos.agents.tool_rules import ToolRuleError, ToolRules
 from llmos.memory import DEFAULT_SYSTEM, ArchivalError, ArchivalStorage, CoreMemory, RecallStorage
 from llmos.memory.agents import AgentDef, Run
 from llmos.memory.core import DEFAULT_BLOCK_LIMIT
-from llmos.memory.recall import Message
+from llmos.memory.embeddings import MiniLMEmbedder
+from llmos.memory.recall import ROLES, Message
 from llmos.server.agent_runtime import DEFAULT_TOOLS, ActiveRun, AgentRuntime, instructions
 
 AGENT_FILE_VERSION = 1
@@ -359,6 +361,44 @@ async def list_agents(request: Request, after: str | None = None, before: str | 
     return [_agent_json(request, a) for a in agents]
 
 
+def _read_agent_file(raw: bytes) -> dict[str, Any]:
+    """An agent file, checked whole before anything is stored (ValueError saying what is wrong)."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"the file is not JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("llmos_agent_file") != AGENT_FILE_VERSION:
+        raise ValueError(f"not an llmos agent file (version {AGENT_FILE_VERSION})")
+    spec = data.get("agent")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise ValueError("agent: an object with a name is required")
+    blocks = []
+    for b in data.get("blocks", []):
+        label, value, limit = b.get("label"), b.get("value"), b.get("limit")
+        if not (isinstance(label, str) and isinstance(value, str) and isinstance(limit, int)
+                and len(value) <= limit):
+            raise ValueError(f"block {label!r}: label, value and a limit of at least its length are required")
+        blocks.append((label, value, limit))
+    messages = []
+    for m in data.get("messages", []):
+        if m.get("role") not in ROLES or not isinstance(m.get("content"), str) \
+                or not isinstance(m.get("created_at"), int | float):
+            raise ValueError(f"message {m!r:.80}: role ({', '.join(ROLES)}), content and created_at needed")
+        messages.append((m["role"], m.get("name"), m["content"], str(m.get("search_text", "")),
+                         m["created_at"], int(bool(m.get("in_context", True)))))
+    passages = []
+    for p in data.get("passages", []):
+        try:
+            vector = np.frombuffer(base64.b64decode(p["embedding"], validate=True), dtype=np.float32)
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("passage: a base64 float32 embedding is required") from None
+        if not isinstance(p.get("text"), str) or not p["text"].strip() or len(vector) != MiniLMEmbedder.dim:
+            raise ValueError(f"passage: non-empty text and a {MiniLMEmbedder.dim}-dimension embedding needed")
+        passages.append((p["text"], p.get("created_at"), vector))
+    return {"spec": spec, "blocks": blocks, "messages": messages, "passages": passages,
+            "summary": str(data.get("summary", ""))}
+
+
 @router.post("/v1/agents/import")
 async def import_agent(request: Request, file: UploadFile) -> dict[str, Any]:
     form = await request.form()
@@ -366,13 +406,10 @@ async def import_agent(request: Request, file: UploadFile) -> dict[str, Any]:
     strip = str(form.get("strip_messages", "false")).lower() == "true"
     suffix = str(form.get("append_copy_suffix", "false")).lower() == "true"
     try:
-        data = json.loads(await file.read())
-        if data.get("llmos_agent_file") != AGENT_FILE_VERSION:
-            raise ValueError(f"not an llmos agent file (version {AGENT_FILE_VERSION})")
-        spec = data["agent"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        data = _read_agent_file(await file.read())
+    except ValueError as e:
         raise _fail(400, f"cannot import: {e}") from None
-    runtime, user = _runtime(request), _user(request)
+    runtime, user, spec = _runtime(request), _user(request), data["spec"]
     tools = _tool_names(request, list(spec.get("tools") or ["send_message"]))
     agent = AgentDef(id=f"agent-{uuid.uuid4()}", owner=user.id,
                      name=str(new_name or spec["name"]) + ("__copy" if suffix else ""),
@@ -381,26 +418,19 @@ async def import_agent(request: Request, file: UploadFile) -> dict[str, Any]:
                      model=spec.get("model"), context_window_limit=spec.get("context_window_limit"),
                      max_tokens=spec.get("max_tokens"), tags=spec.get("tags") or [],
                      metadata=spec.get("metadata") or {})
-    blocks = [(b["label"], b["value"], int(b["limit"])) for b in data.get("blocks", [])]
     _check_agent(request, agent)
-    runtime.store.create(agent, blocks, instructions(agent))
     memory = runtime.memory
-    with memory.transaction() as db:
-        db.execute("UPDATE agents SET summary = ? WHERE name = ?",
-                   (data.get("summary", ""), agent.id))
+
+    def fill(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE agents SET summary = ? WHERE name = ?", (data["summary"], agent.id))
         if not strip:
             db.executemany("INSERT INTO messages(agent, role, name, content, search_text, created_at, "
-                           "in_context) VALUES (?,?,?,?,?,?,?)",
-                           [(agent.id, m["role"], m.get("name"), m["content"], m.get("search_text", ""),
-                             m["created_at"], int(m.get("in_context", True)))
-                            for m in data.get("messages", [])])
-    passages = data.get("passages", [])
-    if passages:
-        vectors = np.stack([np.frombuffer(base64.b64decode(p["embedding"]), dtype=np.float32)
-                            for p in passages])
-        archival = ArchivalStorage(memory, agent.id)
-        for p, v in zip(passages, vectors, strict=True):
-            archival.insert_many([p["text"]], p.get("created_at"), v[None, :])
+                           "in_context) VALUES (?,?,?,?,?,?,?)", [(agent.id, *m) for m in data["messages"]])
+        archival = ArchivalStorage(memory, agent.id)  # joins the transaction
+        for text, created_at, vector in data["passages"]:
+            archival.insert_many([text], created_at, vector[None, :])
+
+    runtime.store.create(agent, data["blocks"], instructions(agent), fill)
     return {"agent_ids": [agent.id]}
 
 
