@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from llmos.kernel.api import Syscalls, ToolResult
+from llmos.kernel.approvals import approvals_of
 from llmos.kernel.backend import GenerationParams, new_call_id
 from llmos.kernel.process import Process, ProcessState, Quotas
 from llmos.kernel.sched import LLMCall
@@ -222,9 +223,12 @@ def _record(monitor: Any, agent: Any, name: str, args: Mapping[str, Any], decisi
 
 async def checked(monitor: Any, agent: Any, name: str, args: Mapping[str, Any], labels: Any,
                   run: Callable[[], Awaitable[Any]], *, timeout_s: float | None = None, trusted: bool = True,
-                  passthrough: tuple[type[BaseException], ...] = ()) -> ToolResult:
+                  passthrough: tuple[type[BaseException], ...] = (),
+                  before: Callable[[], Awaitable[Any]] | None = None) -> ToolResult:
     """The one check-run-record path: `run()` happens only if `monitor` allows `name(args)`.
 
+    `before` (a human approval) is awaited after the monitor allowed the call and before `run`, outside
+    the time bound; a `ToolDenied` from it (or from `run`) is a "denied" result.
     Exceptions in `passthrough` are recorded as errors and re-raised (the kernel's own refusals);
     every other failure, a timeout included, is an "error" result.
     """
@@ -238,6 +242,8 @@ async def checked(monitor: Any, agent: Any, name: str, args: Mapping[str, Any], 
                           trusted=trusted)
     limit = asyncio.timeout(timeout_s)
     try:
+        if before is not None:
+            await before()
         async with limit:
             content = await run()
         status, result = "ok", ToolResult(name, "allowed", content, trusted=trusted)
@@ -291,7 +297,8 @@ def snapshot(value: Any, where: str = "arguments", depth: int = 0) -> Any:
 
 async def call_tool(monitor: Any, tools: Any, agent: Any, tool: str, args: Mapping[str, Any], labels: Any,
                     ctx: ToolContext, *, executor: ToolExecutor, key: Any = None,
-                    timeout_s: float = DEFAULT_TOOL_TIMEOUT_S) -> ToolResult:
+                    timeout_s: float = DEFAULT_TOOL_TIMEOUT_S,
+                    approval: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None) -> ToolResult:
     """Run registered tool `tool` for `agent` through `monitor` (kernel or not: the only way to a tool)."""
     try:
         spec = tools.get(tool)
@@ -309,8 +316,12 @@ async def call_tool(monitor: Any, tools: Any, agent: Any, tool: str, args: Mappi
             return await spec.fn(args, ctx)
         return await executor.run(key if key is not None else ctx.pid, spec.fn, args, ctx)
 
+    async def approved() -> Any:
+        assert approval is not None
+        return await approval(tool, args)
+
     return await checked(monitor, agent, tool, args, labels, run, trusted=not spec.untrusted_output,
-                         timeout_s=spec.timeout_s or timeout_s)
+                         timeout_s=spec.timeout_s or timeout_s, before=approved if approval else None)
 
 
 # --- the syscall handlers ---------------------------------------------------------------------------
@@ -373,7 +384,8 @@ async def _tool_call(kernel: Kernel, proc: Process, tool: str, args: dict[str, A
     try:
         return await call_tool(kernel.monitor, kernel.tools, proc, tool, args, labels, ctx,
                                executor=kernel.executor, key=kernel.tree_of(proc),
-                               timeout_s=kernel.tool_timeout_s)
+                               timeout_s=kernel.tool_timeout_s,
+                               approval=approvals_of(kernel).gate(proc, kernel.monitor))
     finally:
         proc.set_state(ProcessState.RUNNING)
 

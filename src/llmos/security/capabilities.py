@@ -194,7 +194,8 @@ class Grant(BaseModel):
     allow:  argument -> value globs (every element, for a list argument);
     hosts:  argument -> host globs its URL's host must match;
     bounds: argument -> {min, max};
-    quota:  how many calls this grant allows; expires: unix time after which it is void.
+    quota:  how many calls this grant allows; expires: unix time after which it is void;
+    approval: each call waits for a human's approval (kernel/approvals.py).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -206,6 +207,7 @@ class Grant(BaseModel):
     bounds: dict[str, Bound] = {}
     quota: int | None = None
     expires: float | None = None
+    approval: bool = False
 
     @field_validator("tool")
     @classmethod
@@ -326,6 +328,8 @@ class Grant(BaseModel):
             return f"{child.tool}: quota must be at most {self.quota}"
         if self.expires is not None and (child.expires is None or child.expires > self.expires):
             return f"{child.tool}: must expire no later than the parent's grant"
+        if self.approval and not child.approval:
+            return f"{child.tool}: must require approval (the parent's grant does)"
         return None
 
 
