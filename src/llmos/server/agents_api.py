@@ -43,6 +43,7 @@ from llmos.memory.recall import ROLES, Message
 from llmos.server.agent_runtime import DEFAULT_TOOLS, ActiveRun, AgentRuntime, instructions
 
 AGENT_FILE_VERSION = 1
+MAX_STEPS = 50  # steps one message may take (Letta's default limit)
 
 
 
@@ -107,7 +108,7 @@ class AgentUpdate(_Body):
 class MessageRequest(_Body):
     messages: list[dict[str, Any]] | None = None
     input: str | list[dict[str, Any]] | None = None
-    max_steps: int | None = Field(None, ge=1)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
     streaming: bool = False
     include_return_message_types: list[str] | None = None
     use_assistant_message: bool = True
