@@ -30,7 +30,7 @@ from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.engine import RequestFailedError
 from llmos.engine.guided import json_schema_grammar
 from llmos.models.config import ModelError
-from llmos.server import auth, guidance, kernel_api, messages, metrics
+from llmos.server import auth, dashboard, guidance, kernel_api, messages, metrics
 from llmos.server.embeddings import EMBEDDING_MODEL
 from llmos.server.embeddings import router as embeddings_router
 from llmos.server.protocol import (
@@ -132,6 +132,7 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
 
         app.include_router(agents_router)
         kernel_api.install(app)
+    dashboard.install(app, llm)  # GET /dashboard: the live view of this OS (server/dashboard.py)
     if llm is None:
         return app
     tokenizer = llm.tokenizer

@@ -23,7 +23,9 @@ from fastapi.responses import JSONResponse
 
 from llmos.kernel.users import LOCAL_USER, User, UserStore
 
-OPEN_PATHS = frozenset({"/health", "/metrics", "/version"})
+# The dashboard page and its script hold no data (its snapshots are behind the key).
+OPEN_PATHS = frozenset({"/health", "/metrics", "/version", "/dashboard", "/dashboard/dashboard.js",
+                        "/dashboard/dashboard.css"})
 
 
 def request_key(request: Request) -> str | None:

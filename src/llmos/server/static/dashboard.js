@@ -1,0 +1,231 @@
+// llmos dashboard: reads /v1/dashboard/events (server-sent events) with the API key as a Bearer header
+// and draws each snapshot. Every figure here comes from the server's snapshot; nothing is made up.
+"use strict";
+
+const HISTORY = 120; // samples kept for the charts and the timeline
+const series = { tok: [], ttft: [], running: [] };
+const $ = (id) => document.getElementById(id);
+
+function apiKey() {
+  const params = new URLSearchParams(location.search);
+  const key = params.get("key");
+  if (key) { // keep it for this tab, and out of the address bar
+    sessionStorage.setItem("llmos-key", key);
+    params.delete("key");
+    const rest = params.toString();
+    window.history.replaceState(null, "", location.pathname + (rest ? "?" + rest : ""));
+  }
+  return sessionStorage.getItem("llmos-key");
+}
+
+function setStatus(text, kind) {
+  const s = $("status");
+  s.textContent = text;
+  s.className = "status " + (kind || "");
+}
+
+// One colour per holder: by pid where there is one (neighbouring pids get distant hues), else by name.
+function hue(key) {
+  let h = Number.isInteger(key) ? key : 2166136261;
+  if (!Number.isInteger(key)) for (const ch of String(key)) h = Math.imul(h ^ ch.charCodeAt(0), 16777619) >>> 0;
+  return (h * 137.508) % 360;
+}
+const colour = (key) => `hsl(${hue(key).toFixed(0)}, 65%, 45%)`;
+const holderKey = (h) => (h.pid ?? h.label);
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+}
+
+function cells(container, count) {
+  while (container.children.length < count) {
+    const c = document.createElement("div");
+    c.className = "cell free";
+    container.appendChild(c);
+  }
+  while (container.children.length > count) container.lastChild.remove();
+  return container.children;
+}
+
+const STATE = { f: "free", u: "used", s: "shared", c: "cached", x: "off" };
+
+function drawKV(e) {
+  const holders = e.holders;
+  const map = cells($("blockmap"), e.num_blocks);
+  let used = 0, shared = 0, cached = 0;
+  for (let i = 0; i < e.num_blocks; i++) {
+    const state = STATE[e.cells[i]];
+    const h = e.owner[i] >= 0 ? holders[e.owner[i]] : null;
+    const c = map[i];
+    c.className = "cell " + state;
+    c.dataset.state = state;
+    c.style.background = state === "used" && h ? colour(holderKey(h)) : "";
+    c.title = `block ${i}: ${state}` + (h ? ` — ${h.label}` : "") + (e.refs[i] > 1 ? ` (${e.refs[i]} refs)` : "");
+    if (state === "used") used++;
+    if (state === "shared") shared++;
+    if (state === "cached") cached++;
+  }
+  $("kv-summary").textContent = `${e.num_blocks} blocks of ${e.block_size} tokens (capacity ${e.capacity}): ` +
+    `${used} used, ${shared} shared, ${cached} cached prefix, ${e.stats.kv_blocks_free} free`;
+  const host = cells($("hostmap"), e.host_blocks);
+  let swapped = 0;
+  for (let i = 0; i < e.host_blocks; i++) {
+    const h = e.host_owner[i] >= 0 ? holders[e.host_owner[i]] : null;
+    host[i].className = "cell " + (h ? "swapped" : "free");
+    host[i].dataset.state = h ? "swapped" : "free";
+    host[i].title = `host block ${i}` + (h ? `: ${h.label}` : ": free");
+    if (h) swapped++;
+  }
+  $("host-summary").textContent = `${swapped} of ${e.host_blocks} host blocks hold swapped KV`;
+  $("queues").innerHTML = ["running", "waiting", "swapped", "paused"].map((q) =>
+    `<div class="queue" id="queue-${q}"><b>${q} (${e.queues[q].length})</b>` +
+    e.queues[q].map((i) => holders[i]).map((h) =>
+      `<span style="background:${colour(holderKey(h))}" title="${esc(h.tokens)} tokens, ${esc(h.blocks)} blocks">` +
+      `${esc(h.label)}${h.seq ? " #" + h.seq : ""} · ${h.tokens} tok</span>`).join("") + "</div>").join("");
+  const s = e.stats;
+  $("engine-stats").innerHTML =
+    `prompt tokens ${s.prompt_tokens}, generated ${s.generation_tokens}, finished ${s.requests_finished}, ` +
+    `preemptions ${s.preemptions}, prefix-cache hit rate ${(100 * s.prefix_cache_hit_rate).toFixed(1)}%, ` +
+    `KV slots holding a token ${(100 * s.kv_utilization).toFixed(1)}%`;
+}
+
+function drawProcs(procs, kernel) {
+  const running = new Set(kernel ? kernel.running_pids : []);
+  $("procs").tBodies[0].innerHTML = procs.map((p) => {
+    const quota = p.quotas && p.quotas.llm_tokens;
+    const share = quota ? Math.min(1, p.tokens_used / quota) : 0;
+    const bar = quota ? `<span class="bar" style="width:${Math.round(60 * share)}px"></span>` : "";
+    return `<tr data-pid="${p.pid}" data-state="${esc(p.state)}"><td>${p.pid}</td>` +
+      `<td><i class="cell used" style="display:inline-block;background:${colour(p.pid)}"></i> ${esc(p.name)}</td>` +
+      `<td>${esc(p.state)}${running.has(p.pid) ? " ▶" : ""}</td><td>${p.priority}</td>` +
+      `<td>${bar}${p.tokens_used}${quota ? " / " + quota : ""}</td><td>${esc(p.current_syscall || "")}</td></tr>`;
+  }).join("");
+  if (kernel) {
+    $("sched-summary").textContent = `policy ${kernel.policy}, quantum ${kernel.quantum}, ` +
+      `max running ${kernel.max_running}, preemptions ${kernel.preemptions}`;
+  }
+}
+
+// The labels of a call's arguments, in short: which arguments carry untrusted data, and from where.
+function labels(l) {
+  if (!l || typeof l !== "object") return "";
+  const tainted = Object.entries(l).filter(([, v]) => v && v.trusted === false)
+    .map(([k, v]) => `${k} ← ${(v.untrusted || v.sources || []).join(", ") || "untrusted"}`);
+  return tainted.length ? tainted.join("; ") : "trusted";
+}
+
+function drawAudit(audit) {
+  $("audit").tBodies[0].innerHTML = audit.rows.slice().reverse().map((r) =>
+    `<tr class="${esc(r.decision)}"><td>${r.id}</td><td>${new Date(r.ts * 1000).toLocaleTimeString()}</td>` +
+    `<td>${esc(r.agent)}</td><td>${esc(r.tool)}</td><td class="decision-${esc(r.decision)}">${esc(r.decision)}</td>` +
+    `<td class="reason">${esc(r.reason)}</td><td>${esc(labels(r.labels))}</td></tr>`).join("");
+  const c = audit.chain;
+  const chain = $("chain");
+  if (!c) { chain.textContent = ""; return; }
+  chain.textContent = c.ok === null ? "audit chain: " + c.status
+    : `audit chain: ${c.status}${c.rows != null ? ", " + c.rows + " rows" : ""}` + (c.ok ? "" : " — " + c.message);
+  chain.className = "chain " + (c.ok === false ? "bad" : c.ok ? "ok" : "");
+}
+
+function push(series, value) {
+  series.push(value);
+  if (series.length > HISTORY) series.shift();
+}
+
+function line(canvas, values, fmt) {
+  const g = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  g.clearRect(0, 0, w, h);
+  const max = Math.max(1e-9, ...values.filter((v) => v != null));
+  g.strokeStyle = "#1976d2";
+  g.lineWidth = 2;
+  g.beginPath();
+  values.forEach((v, i) => {
+    const x = (i / (HISTORY - 1)) * w, y = h - 4 - ((v ?? 0) / max) * (h - 16);
+    i ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+  g.fillStyle = "#5b6475";
+  g.font = "11px system-ui";
+  g.fillText("max " + fmt(max), 4, 11);
+}
+
+function timeline(canvas, samples, names) {
+  const g = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height;
+  g.clearRect(0, 0, w, h);
+  const pids = [...new Set(samples.flat())].sort((a, b) => a - b).slice(0, 8);
+  const row = h / Math.max(1, pids.length);
+  g.font = "10px system-ui";
+  pids.forEach((pid, r) => {
+    const label = names[pid] ? `${names[pid]} (pid ${pid})` : `pid ${pid}`;
+    g.fillStyle = colour(pid);
+    samples.forEach((running, i) => {
+      if (running.includes(pid)) g.fillRect((i / HISTORY) * w, r * row + 2, w / HISTORY + 0.5, row - 4);
+    });
+    g.fillStyle = "#1d2330";
+    g.fillText(label, 2, r * row + row / 2 + 3);
+  });
+}
+
+function draw(snap) {
+  if (snap.engine) {
+    drawKV(snap.engine);
+    push(series.tok, snap.engine.tok_s);
+    const t = snap.engine.ttft_recent_s.slice().sort((a, b) => a - b);
+    push(series.ttft, t.length ? t[Math.floor(t.length / 2)] : null);
+    $("tok-now").textContent = snap.engine.tok_s.toFixed(1);
+    $("ttft-now").textContent = t.length ? (1000 * t[Math.floor(t.length / 2)]).toFixed(0) + " ms" : "–";
+    line($("tok-chart"), series.tok, (v) => v.toFixed(1) + " tok/s");
+    line($("ttft-chart"), series.ttft, (v) => (1000 * v).toFixed(0) + " ms");
+  }
+  if (snap.processes) {
+    drawProcs(snap.processes, snap.kernel);
+    push(series.running, snap.kernel ? snap.kernel.running_pids : []);
+    const names = Object.fromEntries(snap.processes.map((p) => [p.pid, p.name]));
+    timeline($("timeline"), series.running, names);
+  }
+  if (snap.audit) drawAudit(snap.audit);
+  $("model").textContent = (snap.user.admin ? "admin" : "user " + snap.user.id);
+  document.body.dataset.snapshots = String(Number(document.body.dataset.snapshots || 0) + 1);
+}
+
+async function follow() {
+  for (;;) {
+    const key = apiKey();
+    const headers = key ? { Authorization: "Bearer " + key } : {};
+    try {
+      const r = await fetch("/v1/dashboard/events" + location.search, { headers });
+      if (r.status === 401) {
+        setStatus("needs an API key", "error");
+        const k = window.prompt("llmos API key (llmos serve prints where it is):");
+        if (k) sessionStorage.setItem("llmos-key", k);
+        else return;
+        continue;
+      }
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      setStatus("live", "live");
+      const reader = r.body.getReader();
+      const text = new TextDecoder();
+      let buf = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += text.decode(value, { stream: true });
+        let end;
+        while ((end = buf.indexOf("\n\n")) >= 0) {
+          const event = buf.slice(0, end);
+          buf = buf.slice(end + 2);
+          const data = event.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+          if (data) draw(JSON.parse(data));
+        }
+      }
+      setStatus("reconnecting…", "");
+    } catch (err) {
+      setStatus("disconnected: " + err.message, "error");
+    }
+    await new Promise((res) => setTimeout(res, 1000));
+  }
+}
+
+follow();

@@ -1,0 +1,166 @@
+"""The dashboard: snapshots of the running OS per user over HTTP, and the page in a real headless Chromium."""
+
+import json
+import os
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from llmos.kernel.users import UserStore
+from llmos.server.system import boot
+from tests.server.test_service import Served
+
+CHROMIUM = Path("/usr/bin/chromium")
+COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+
+
+@pytest.fixture
+def served(llm, tmp_path):
+    s = Served(boot(tmp_path / "home", llm=llm, policy="rr", quantum=8, max_running=2))
+    yield s
+    s.close()
+
+
+async def _talker(sys, max_tokens: int = 96, then_sleep: float = 0.0):
+    """An agent that generates `max_tokens` tokens (one LLM call), then optionally stays alive."""
+    await sys.tool_call("calculator", {"expression": "6*7"})
+    await sys.llm_chat(COUNT, max_tokens=max_tokens)
+    if then_sleep:
+        await sys.sleep(then_sleep)
+
+
+def _spawn(served: Served, name: str, owner: str = "local", **args) -> int:
+    async def go():
+        return await served.system.kernel.spawn(_talker, name, owner=owner, args=args)
+
+    return served.run(go())
+
+
+def _wait(check, timeout: float = 60.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_snapshot_shows_each_user_only_their_own(served):
+    users = UserStore.of_home(served.system.home)
+    alice, alice_key = users.add("alice")
+    _, bob_key = users.add("bob")
+    pid = _spawn(served, "alice-agent", owner=alice.id, max_tokens=200, then_sleep=3600)
+    with served.client(alice_key) as a, served.client(bob_key) as b, \
+            served.client(served.system.local_key) as admin, served.client() as nobody:
+        assert nobody.get("/v1/dashboard/snapshot").status_code == 401
+        assert nobody.get("/v1/dashboard/events").status_code == 401
+        page = nobody.get("/dashboard")  # the page itself holds no data
+        assert page.status_code == 200 and 'id="blockmap"' in page.text
+        assert nobody.get("/dashboard/dashboard.js").headers["content-type"].startswith("text/javascript")
+        assert nobody.get("/dashboard/secret.py").status_code == 401  # only the page's own files are open
+
+        def alice_holds_blocks():
+            snap = a.get("/v1/dashboard/snapshot").json()
+            e = snap["engine"]
+            mine = [h for h in e["holders"] if h["pid"] == pid]
+            return snap if mine and any(e["owner"][i] == e["holders"].index(mine[0])
+                                        for i in range(e["num_blocks"])) else None
+
+        snap = _wait(alice_holds_blocks, what="alice's request to hold KV blocks")
+        e = snap["engine"]
+        num_blocks = served.system.llm.engine.blocks.num_blocks
+        assert len(e["cells"]) == len(e["owner"]) == e["num_blocks"] == num_blocks
+        assert [p["pid"] for p in snap["processes"]] == [pid]
+        held = [i for i, o in enumerate(e["owner"]) if o >= 0]
+        assert all(e["cells"][i] in "us" for i in held)
+        assert e["holders"][e["owner"][held[0]]]["label"] == f"alice-agent (pid {pid})"
+        assert [(r["tool"], r["decision"], r["agent"]) for r in snap["audit"]["rows"]] == [
+            ("calculator", "allow", "alice-agent"), ("calculator", "done", "alice-agent")]
+        assert snap["audit"]["rows"][0]["labels"]["expression"]["trusted"] is True
+        assert snap["audit"]["chain"]["status"] == "admin only"
+
+        theirs = b.get("/v1/dashboard/snapshot").json()
+        assert theirs["processes"] == [] and theirs["audit"]["rows"] == []
+        assert theirs["engine"]["holders"], "bob sees that blocks are held..."
+        assert {(h["label"], h["pid"], h["request_id"]) for h in theirs["engine"]["holders"]} == {
+            ("other", None, None)}  # ...never whose
+
+        every = admin.get("/v1/dashboard/snapshot").json()
+        assert [p["pid"] for p in every["processes"]] == [pid]
+        assert every["audit"]["chain"]["ok"] is True and every["audit"]["chain"]["status"] == "ok"
+
+        with a.stream("GET", "/v1/dashboard/events", params={"interval": 0.1}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            times = []
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    times.append(json.loads(line[6:])["t"])
+                if len(times) == 3:
+                    break
+        assert times == sorted(times) and times[2] - times[0] >= 0.15
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)")
+def test_dashboard_in_a_real_browser(served, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    users = UserStore.of_home(served.system.home)
+    _, key = users.add("viewer", admin=True)
+    num_blocks = served.system.llm.engine.blocks.num_blocks
+    shot = tmp_path / "dashboard.png"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{served.url}/dashboard?key={key}&interval=0.2")
+            page.wait_for_function("Number(document.body.dataset.snapshots || 0) >= 2", timeout=30000)
+            assert page.url == f"{served.url}/dashboard?interval=0.2"  # the key left the address bar
+            assert page.locator("#status").inner_text() == "live"
+            assert page.locator("#blockmap .cell").count() == num_blocks
+            assert page.locator("#procs tbody tr").count() == 0
+            assert page.locator("#blockmap .cell.used, #blockmap .cell.shared").count() == 0
+
+            # three agents, two at a time (round robin): the same prompt, so its blocks are shared
+            pids = [_spawn(served, f"talker-{i}", max_tokens=160, then_sleep=3600) for i in range(3)]
+            page.wait_for_function(
+                "document.querySelectorAll('#procs tbody tr').length === 3 && "
+                "document.querySelectorAll('#blockmap .cell.shared').length > 0 && "
+                "document.querySelectorAll('#blockmap .cell.used, #blockmap .cell.shared').length >= 8",
+                timeout=60000)
+            rows = page.locator("#procs tbody tr")
+            assert sorted(int(rows.nth(i).get_attribute("data-pid")) for i in range(3)) == sorted(pids)
+            assert page.locator("#queue-running span").count() == 2
+            titles = page.eval_on_selector_all("#blockmap .cell.used", "cs => cs.map(c => c.title)")
+            assert any("talker-" in t for t in titles)
+            page.wait_for_function("document.querySelectorAll('#audit tbody tr').length >= 6", timeout=30000)
+            assert "calculator" in page.locator("#audit").inner_text()
+            chain_ok = "document.querySelector('#chain').textContent.startsWith('audit chain: ok')"
+            page.wait_for_function(chain_ok, timeout=30000)
+            page.wait_for_function("Number(document.querySelector('#tok-now').textContent) > 0",
+                                   timeout=60000)
+            page.screenshot(path=str(shot), full_page=True)
+
+            # the generations end: their blocks are freed (cached prefix or free) and the list changes
+            for pid in pids:
+                served.run(served.system.kernel.kill(pid, "test over"))
+            page.wait_for_function(
+                "document.querySelectorAll('#procs tbody tr').length === 0 && "
+                "document.querySelectorAll('#blockmap .cell.used, #blockmap .cell.shared').length === 0",
+                timeout=60000)
+            assert page.locator("#blockmap .cell.cached").count() > 0  # the prompt's blocks stay cached
+        finally:
+            browser.close()
+    data = shot.read_bytes()
+    width, height = _png_size(data)
+    assert width == 1280 and height >= 600 and len(data) > 20_000
+    if os.environ.get("LLMOS_DASHBOARD_PNG"):  # how docs/img/dashboard.png is regenerated
+        Path(os.environ["LLMOS_DASHBOARD_PNG"]).write_bytes(data)
