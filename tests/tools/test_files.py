@@ -208,3 +208,11 @@ def test_clear_errors(tools, ctx):
     with pytest.raises(ToolError, match="'max_bytes' must be an integer"):
         call(tools, "read_file", ctx, path="f", max_bytes=0)
     assert call(tools, "list_files", ctx) == "d/"
+
+
+def test_overwrite_replaces_the_whole_file(tools, ctx):
+    call(tools, "write_file", ctx, path="f", content="a long first version")
+    assert call(tools, "write_file", ctx, path="f", content="short") == "wrote 5 bytes to f"
+    assert call(tools, "read_file", ctx, path="f") == "short"
+    call(tools, "write_file", ctx, path="f", content="")
+    assert (ctx.workdir / "f").read_bytes() == b""

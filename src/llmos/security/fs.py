@@ -254,7 +254,9 @@ def create_file(root_fd: int, parts: tuple[str, ...], *, append: bool,
                 owner: tuple[int, int] | None) -> tuple[int, os.stat_result | None]:
     """A write fd for `parts` (created, missing directories too) and the old file's stat (None if new).
 
-    The file is truncated only after it is known to be a regular file. `owner`:
+    An existing file is not truncated here: the caller writes from offset 0
+    and truncates where its data ends (a truncate to zero first makes ext4
+    flush the file; a FIFO or device is refused before any of it). `owner`:
     the agent's sandbox uid/gid; what is created becomes its, and an existing
     file must be one it could write itself.
     """
@@ -280,8 +282,6 @@ def create_file(root_fd: int, parts: tuple[str, ...], *, append: bool,
         os.close(dir_fd)
     old = _require_regular(fd, parts)
     _require_access(fd, old, parts, owner, write=True)
-    if not append:
-        os.ftruncate(fd, 0)
     return fd, old
 
 

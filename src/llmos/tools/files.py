@@ -119,6 +119,8 @@ def _write_file(args: dict[str, Any], ctx: ToolContext, disk_bytes: int) -> str:
             raise ToolError(str(e)) from None
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            if not append:
+                f.truncate()  # what was beyond the new content
     verb = "appended" if append else "wrote"
     return f"{verb} {len(data)} bytes to {fs.shown(parts)}"
 
