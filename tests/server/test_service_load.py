@@ -2,12 +2,22 @@
 order, and `llmos bench service`'s measuring loop (no message lost or duplicated)."""
 
 import asyncio
+import io
+import json
 import sys
 import time
 
 import httpx
+from rich.console import Console
 
-from llmos.bench.service import _free_port, _in_process_phase, _phase, _Server
+from llmos.bench.service import (
+    ServiceWorkload,
+    _free_port,
+    _in_process_phase,
+    _phase,
+    _Server,
+    run_service_bench,
+)
 from tests.server.scripted_server import ScriptedBackend
 from tests.server.test_service import Served
 
@@ -93,3 +103,16 @@ def test_concurrent_synchronous_messages_to_one_agent_each_get_their_own_reply(t
     assert all(any(m["message_type"] == "assistant_message" for m in r["messages"]) for r in replies)
     users = [m["content"] for m in history if m["message_type"] == "user_message"]
     assert users == [f"m{i}" for i in range(6)]
+
+
+def test_bench_service_writes_its_report(tmp_path):
+    out = io.StringIO()
+    work = ServiceWorkload(agents=5, scripted_turns=2, alone_turns=4)
+    run_service_bench(Console(file=out, width=80), embedded=False, workload=work,
+                      json_path=str(tmp_path / "service.json"))
+    report = json.loads((tmp_path / "service.json").read_text())
+    assert [report[p]["messages"] for p in ("scripted in-process", "scripted 1 client",
+                                            "scripted 5 agents")] == [4, 4, 10]
+    assert all(report[p]["lost"] == report[p]["duplicated"] == 0 for p in report if p.startswith("scripted"))
+    text = out.getvalue()
+    assert "API overhead p50" in text and "lost / dup" in text and max(map(len, text.splitlines())) <= 80

@@ -263,6 +263,24 @@ def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
 
 
+def report_table(report: dict[str, Any], names: list[str]) -> Table:
+    """The phases side by side, one metric a row (fits an 80-column terminal)."""
+    table = Table("", *names, title="llmos bench service (latencies in ms)", title_justify="left")
+    rows = [("agents", lambda r: str(r["clients"])), ("messages", lambda r: str(r["messages"])),
+            ("messages/s", lambda r: f"{r['messages_per_s']:.2f}"),
+            ("latency p50", lambda r: f"{r['latency_ms']['p50']:.1f}"),
+            ("latency p99", lambda r: f"{r['latency_ms']['p99']:.1f}"),
+            ("run p50", lambda r: f"{r['run_ms']['p50']:.1f}"),
+            ("API overhead p50", lambda r: f"{r['api_overhead_ms']['p50']:.2f}"),
+            ("API overhead p99", lambda r: f"{r['api_overhead_ms']['p99']:.2f}"),
+            ("replied", lambda r: f"{r['replied']}/{r['messages']}"),
+            ("lost / dup", lambda r: f"{r['lost']} / {r['duplicated']}"),
+            ("out of order", lambda r: str(r["out_of_order_agents"]))]
+    for label, cell in rows:
+        table.add_row(label, *(cell(report[n]) for n in names))
+    return table
+
+
 def run_service_bench(console: Console, *, quick: bool = False, model: str = "smollm2-135m-instruct",
                       json_path: str | None = None, embedded: bool = True,
                       workload: ServiceWorkload | None = None) -> dict[str, Any]:
@@ -276,10 +294,10 @@ def run_service_bench(console: Console, *, quick: bool = False, model: str = "sm
                          "--policy", "fair", "--kv-budget", "0.5"],
                         [("embedded", w.clients, w.turns, w.max_tokens)]))
     servers.append(([sys.executable, "-m", "llmos.bench.service", "{home}", "{port}"],
-                    [("scripted, one client", 1, w.alone_turns, None),
-                     ("scripted", w.agents, w.scripted_turns, None)]))
+                    [("scripted 1 client", 1, w.alone_turns, None),
+                     (f"scripted {w.agents} agents", w.agents, w.scripted_turns, None)]))
     with console.status(f"scripted, in process: 1 client x {w.alone_turns} messages ..."):
-        report["scripted, in process"] = asyncio.run(_in_process_phase(w.alone_turns))
+        report["scripted in-process"] = asyncio.run(_in_process_phase(w.alone_turns))
     for argv, phases in servers:
         with tempfile.TemporaryDirectory(prefix="llmos-bench-service-") as tmp:
             home, port = Path(tmp), _free_port()
@@ -291,17 +309,8 @@ def run_service_bench(console: Console, *, quick: bool = False, model: str = "sm
                         report[name] = asyncio.run(_phase(server.url, server.key, clients, turns, max_tokens))
             finally:
                 server.stop()
-    table = Table("phase", "agents", "messages", "msg/s", "latency p50", "p99", "run p50",
-                  "API overhead p50", "p99", "replied", "lost", "dup", title="llmos bench service",
-                  min_width=120)
-    names = ["scripted, in process"] + [name for _, phases in servers for name, *_ in phases]
-    for name in names:
-        r = report[name]
-        table.add_row(name, str(r["clients"]), str(r["messages"]), f"{r['messages_per_s']:.1f}",
-                      f"{r['latency_ms']['p50']:.1f} ms", f"{r['latency_ms']['p99']:.1f} ms",
-                      f"{r['run_ms']['p50']:.1f} ms", f"{r['api_overhead_ms']['p50']:.2f} ms",
-                      f"{r['api_overhead_ms']['p99']:.2f} ms", f"{r['replied']}/{r['messages']}",
-                      str(r["lost"]), str(r["duplicated"]))
+    names = ["scripted in-process"] + [name for _, phases in servers for name, *_ in phases]
+    table = report_table(report, names)
     console.print(table)
     write_report(report, json_path, "docs/bench/service.json", console)
     return report
