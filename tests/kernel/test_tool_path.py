@@ -297,6 +297,8 @@ def test_hostile_arguments_are_results_and_logged_not_raised(tmp_path: Path):
         for args in ({"n": 10 ** 5000}, {"n": deep}, {"n": cycle}):
             r = await sys.tool_call("quick", args)
             out.append((r.status, r.reason))
+        r = await sys.tool_call(["quick"], {})  # type: ignore[arg-type]
+        out.append((r.status, r.reason))
         return out
 
     async def go() -> tuple[Any, list[dict]]:
@@ -311,7 +313,8 @@ def test_hostile_arguments_are_results_and_logged_not_raised(tmp_path: Path):
     assert out[0] == ("denied", "denied: denied by the monitor: argument 'n' is an integer outside the "
                                 "signed 64-bit range")
     assert out[1] == out[2] == ("error", "quick: argument 'n'" + "[0]" * 64 + " nests too deeply")
-    assert [row["status"] for row in log] == ["denied", "error", "error"]
+    assert out[3] == ("error", "a tool name is a string, got list")
+    assert [row["status"] for row in log] == ["denied", "error", "error", "error"]
 
 
 def test_an_agent_cannot_wait_for_itself(tmp_path: Path):

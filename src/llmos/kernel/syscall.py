@@ -300,6 +300,9 @@ async def call_tool(monitor: Any, tools: Any, agent: Any, tool: str, args: Mappi
                     timeout_s: float = DEFAULT_TOOL_TIMEOUT_S,
                     approval: Callable[[str, dict[str, Any]], Awaitable[Any]] | None = None) -> ToolResult:
     """Run registered tool `tool` for `agent` through `monitor` (kernel or not: the only way to a tool)."""
+    if not isinstance(tool, str):
+        why = f"a tool name is a string, got {type(tool).__name__}"
+        return ToolResult(repr(tool)[:60], "error", reason=why)
     try:
         spec = tools.get(tool)
     except ToolError as e:
