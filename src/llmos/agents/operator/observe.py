@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -105,31 +106,29 @@ def granted_processes(pids: Iterable[int], children_of: Iterable[int]) -> dict[i
 
 
 def dir_usage(path: Path, top: int = 5) -> ScratchSample:
-    """Bytes and files under `path` (symlinks not followed), and its biggest top-level entries."""
+    """Bytes and files under `path`, and its biggest top-level entries. The walk goes from a directory
+    fd and never follows a symlink (llmos.security.fs.Walk), so an agent that swaps a directory for a
+    link while it is measured cannot make the operator measure, and then act on, a host directory."""
+    from llmos.security.fs import Walk
+
     total = files = 0
     sizes: dict[str, int] = {}
     try:
-        entries = list(os.scandir(path))
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        entries = []
-    for entry in entries:
-        size = n = 0
-        try:
-            if entry.is_dir(follow_symlinks=False):
-                for root, _, names in os.walk(entry.path):
-                    for name in names:
-                        try:
-                            size += os.lstat(os.path.join(root, name)).st_size
-                            n += 1
-                        except OSError:
-                            pass
-            else:
-                size, n = entry.stat(follow_symlinks=False).st_size, 1
-        except OSError:
-            continue
-        sizes[entry.name] = size
-        total += size
-        files += n
+        return ScratchSample(str(path), 0, 0, [])
+    try:
+        for entry in Walk(fd, recursive=True):
+            if not stat.S_ISREG(entry.st.st_mode):  # directories, and links never followed
+                sizes.setdefault(entry.parts[0], 0)
+                continue
+            sizes[entry.parts[0]] = sizes.get(entry.parts[0], 0) + entry.st.st_size
+            total += entry.st.st_size
+            files += 1
+    except OSError:
+        pass  # the directory went away while it was measured: what was seen stands
+    finally:
+        os.close(fd)
     largest = sorted(sizes.items(), key=lambda kv: -kv[1])[:top]
     return ScratchSample(str(path), total, files, largest)
 
