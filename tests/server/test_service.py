@@ -273,6 +273,8 @@ def test_llmos_serve_boots_publishes_and_cleans_up(tmp_path):
             "smollm2-135m-instruct"
         r = _cli(tmp_path, "ps")
         assert r.returncode == 0 and "no agents running" in r.stdout
+        r = _cli(tmp_path, "serve", "--port", str(_free_port()))  # a second server on the same home
+        assert r.returncode == 2 and "llmos already serves this home" in r.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=60)
