@@ -132,6 +132,10 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
 
         app.include_router(agents_router)
         kernel_api.install(app)
+        from llmos.server import approvals_api, mcp_api
+
+        approvals_api.install(app)  # /v1/approvals: human approval of parked tool calls
+        mcp_api.install(app)  # /v1/mcp: MCP servers' tools as pinned syscalls
     dashboard.install(app, llm)  # GET /dashboard: the live view of this OS (server/dashboard.py)
     if llm is None:
         return app
