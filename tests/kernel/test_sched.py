@@ -121,3 +121,59 @@ def test_sjf_preempts_a_long_call_for_a_much_shorter_one():
     lengths = dict(L=12, S=2)
     got = simulate(dict(policy="sjf", max_running=1, quantum=2), {0: "L", 3: "S"}, lengths, 15)
     assert got == "L L L S S L L L L L L L L L -"  # S (predicted 1) beats L's remaining 12 - 3
+
+
+def simulate_programs(settings: dict, programs: dict[str, tuple[int, list[int], int]], ticks: int) -> str:
+    """Programs as the kernel sees them: (arrival tick, each call's length, tool ticks between calls).
+
+    A program's next call is submitted `tool` ticks after its previous one finished; the
+    timeline shows which program's call runs at each tick."""
+    sched = AgentScheduler(SchedulerSettings(**settings))
+    ready = {name: start for name, (start, _, _) in programs.items()}
+    left = {name: list(lengths) for name, (_, lengths, _) in programs.items()}
+    timeline = []
+    for t in range(ticks):
+        for name in sorted(ready):
+            if ready[name] == t and left[name]:
+                sched.submit(LLMCall(f"{name}{len(left[name])}", ord(name), max_tokens=left[name][0]))
+                del ready[name]
+        sched.schedule()
+        timeline.append("".join(sorted(c.call_id[0] for c in sched.running)) or "-")
+        for call in list(sched.running):
+            sched.progress(call, call.generated + 1)
+            name = call.call_id[0]
+            if call.generated >= left[name][0]:
+                sched.finish(call)
+                left[name].pop(0)
+                ready[name] = t + 1 + programs[name][2]
+    return " ".join(timeline)
+
+
+def test_las_runs_a_newcomers_first_call_before_a_long_programs_next_call():
+    # A has had 4 tokens of service when its second call and newcomer B's first arrive together.
+    programs = {"A": (0, [4, 4], 0), "B": (4, [3], 0)}
+    assert simulate_programs(dict(policy="fifo", max_running=1), programs, 12) == "A A A A A A A A B B B -"
+    assert simulate_programs(dict(policy="las", max_running=1), programs, 12) == "A A A A B B B A A A A -"
+
+
+def test_las_counts_service_across_all_of_a_programs_calls():
+    # B's calls are short but many: after 6 tokens it has more service than C, which goes first.
+    programs = {"B": (0, [2, 2, 2, 2], 0), "C": (6, [3], 0)}
+    got = simulate_programs(dict(policy="las", max_running=1, quantum=1), programs, 12)
+    assert got == "B B B B B B C C C B B -"
+
+
+def test_las_preempts_a_program_that_has_had_a_quantum_more_service():
+    programs = {"A": (0, [10], 0), "B": (3, [2], 0)}
+    got = simulate_programs(dict(policy="las", max_running=1, quantum=2), programs, 12)
+    assert got == "A A A B B A A A A A A A"  # B arrives at tick 3 with 0 against A's 3 > 0 + quantum
+
+
+def test_las_aging_lets_a_long_program_finish_under_a_stream_of_newcomers():
+    newcomers = string.ascii_lowercase  # a new one-call program every 2 ticks keeps the engine busy
+    programs = {"L": (0, [2, 2, 2], 0)} | {c: (2 * i, [2], 0) for i, c in enumerate(newcomers)}
+    starved = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=10**6), programs, 56)
+    assert starved.endswith("y y z z L L L")  # one token, then nothing until every newcomer is done
+    aged = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=2), programs, 56).split()
+    # Each waiting tick takes half a token off L's service: it gets a token every few newcomers.
+    assert [i for i, c in enumerate(aged) if c == "L"] == [0, 5, 12, 17, 30, 35]

@@ -17,6 +17,13 @@ cap); every tick (one engine step) the policy picks who holds those slots:
   (`LengthPredictor`); a call that outlived its prediction is expected to run
   to its max_tokens. A running call yields to one predicted to need less
   than half of what it still needs, once it has run a quantum.
+- `las`: least attained service over whole programs (Autellix's PLAS): the
+  call whose process has been served the fewest tokens so far, across all its
+  LLM calls, runs first, so a program's tenth call does not jump ahead of a
+  newcomer's first, and short programs finish early. Aging: every `aging`
+  ticks of waiting take one `quantum` off a call's attained service, so long
+  programs still finish. A running call yields, once it has run a quantum, to
+  a waiting one whose key is lower by more than a quantum.
 
 Preemption is a pause: the engine keeps the call's KV blocks (or swaps them
 when memory runs short) and resumes it exactly where it stopped. The
@@ -29,8 +36,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-POLICIES = ("fifo", "rr", "priority", "fair", "sjf")
-_PREEMPTIVE = {"rr", "priority", "fair", "sjf"}
+POLICIES = ("fifo", "rr", "priority", "fair", "sjf", "las")
+_PREEMPTIVE = {"rr", "priority", "fair", "sjf", "las"}
 
 
 @dataclass(eq=False)
@@ -98,6 +105,7 @@ class AgentScheduler:
     running: list[LLMCall] = field(default_factory=list)
     vruntime: dict[int, float] = field(default_factory=dict)  # pid -> tokens / weight (fair)
     min_vruntime: float = 0.0
+    attained: dict[int, int] = field(default_factory=dict)  # pid -> tokens served, all its calls (las)
     held: set[int] = field(default_factory=set)  # suspended pids
     tick: int = 0
     preemptions: int = 0
@@ -123,6 +131,7 @@ class AgentScheduler:
         delta = generated - call.generated
         if delta > 0:
             call.generated = generated
+            self.attained[call.pid] = self.attained.get(call.pid, 0) + delta
             self.vruntime[call.pid] = self.vruntime.get(call.pid, 0.0) + delta / call.weight
 
     def finish(self, call: LLMCall) -> None:
@@ -183,6 +192,8 @@ class AgentScheduler:
             return (self.vruntime.get(call.pid, 0.0), call.order)
         if policy == "sjf":
             return (self._remaining(call) - call.waited * s.quantum / s.aging, call.order)
+        if policy == "las":
+            return (self.attained.get(call.pid, 0) - call.waited * s.quantum / s.aging, call.order)
         return (call.order, 0)
 
     def _preempt(self) -> list[LLMCall]:
@@ -212,6 +223,9 @@ class AgentScheduler:
             return worst if ran and self._key(best)[0] < self._remaining(worst) / 2 else None
         if policy == "priority":
             return worst if self._key(best)[0] < self._key(worst)[0] else None
+        if policy == "las":
+            ran = worst.generated - worst.slice_start >= q
+            return worst if ran and self._key(best)[0] < self._key(worst)[0] - q else None
         # fair: yield once the gap exceeds the granularity and the victim has run at all
         gap = self.vruntime[worst.pid] - self.vruntime[best.pid]
         return worst if gap > q / best.weight and worst.generated > worst.slice_start else None
