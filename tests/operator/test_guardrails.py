@@ -308,3 +308,24 @@ def test_narrowed_schema_accepts_only_the_given_targets():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"kind": "remove_files", "path": "/", "reason": "x"}, s)
     jsonschema.validate({"kind": "set_setting", "name": "policy", "value": "rr", "reason": ""}, ACTION_SCHEMA)
+
+
+def test_a_setting_cannot_ride_along_with_a_granted_one(host, audited):
+    """A compromised operator that sends a granted setting and an ungranted one in one call changes
+    neither: each setting is its own decision."""
+    from llmos.kernel.kernel import SyscallError
+
+    grants = _grants(settings={"quantum": (8, 64)})
+
+    async def body(kernel, act):
+        try:
+            await act.sys.configure(quantum=32, max_running=4096)
+        except SyscallError as e:
+            return str(e), kernel.settings()
+        return None, kernel.settings()
+
+    error, settings = host(grants, body)
+    assert error is not None and error.startswith("denied: denied by capabilities")
+    assert (settings["quantum"], settings["max_running"]) == (16, 8)
+    rows = [(d, why) for t, d, why in audited() if t == "kernel.configure"]
+    assert [d for d, _ in rows] == ["allow", "deny", "done"] and rows[2][1] == "error"  # quantum not applied

@@ -455,7 +455,18 @@ async def _kernel_stats(kernel: Kernel, proc: Process) -> dict[str, Any]:
 
 
 async def _configure(kernel: Kernel, proc: Process, changes: dict[str, Any]) -> dict[str, Any]:
-    return await _privileged(kernel, proc, "configure", changes, lambda: kernel.configure(**changes))
+    """Each setting is its own `kernel.configure` decision, and nothing changes unless every one is
+    allowed: a grant bounding one setting never lets a second one ride along in the same call."""
+    settings = list(changes.items())
+    if not settings:
+        raise SyscallError("configure needs at least one setting")
+
+    async def apply(i: int) -> dict[str, Any]:
+        if i == len(settings):
+            return await kernel.configure(**changes)
+        return await _privileged(kernel, proc, "configure", dict([settings[i]]), lambda: apply(i + 1))
+
+    return await apply(0)
 
 
 async def _signal(kernel: Kernel, proc: Process, target: int, signal: str, reason: str = "") -> str:
