@@ -175,6 +175,10 @@ def chat(
 
 @app.command()
 def serve(
+    ctx: typer.Context,
+    model_arg: Annotated[str | None, typer.Argument(metavar="MODEL", show_default=False,
+                                                    help="The model to serve (as `vllm serve MODEL`); "
+                                                    "the same as --model.")] = None,
     model: Annotated[str, typer.Option("--model", "-m", envvar="LLMOS_MODEL",
                                        help="Registered name, GGUF file or HF directory.")]
     = "smollm2-135m-instruct",
@@ -196,6 +200,16 @@ def serve(
     grants: Annotated[str | None, typer.Option(help="Capability policy file for agents (default: the "
                                                "ordinary grants).")] = None,
     operator: Annotated[bool, typer.Option(help="Run the operator agent on the kernel.")] = False,
+    served_model_name: Annotated[str | None, typer.Option(help="The model's name in the API "
+                                                          "(default: the model's).")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
+    max_num_seqs: Annotated[int | None, typer.Option(help="Sequences running at once at most.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    chat_template: Annotated[str | None, typer.Option(help="A chat template: a file or jinja text.")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info (a line per request), warning or error.")]
+    = "info",
+    config: Annotated[str | None, typer.Option(help="Read these options from a YAML or TOML file (an "
+                                               "[engine] table as `llmos tune` writes is read too).")] = None,
 ) -> None:
     """Boot the whole OS once and serve it: the OpenAI API, the agents API (Letta's), the kernel API.
 
@@ -204,42 +218,76 @@ def serve(
     http://127.0.0.1:8000/v1 or a Letta client at http://127.0.0.1:8000
     """
     import asyncio
+    import logging
 
     import uvicorn
 
     from llmos.kernel import POLICIES
-    from llmos.server import create_app
+    from llmos.server import create_app, serve_config
     from llmos.server.system import boot
 
+    given = {k: v for k, v in ctx.params.items() if k != "model_arg"}
+    given["model"] = model_arg or model
+    explicit = {k for k in given if getattr(ctx.get_parameter_source(k), "name", "DEFAULT") != "DEFAULT"}
+    explicit |= {"model"} if model_arg else set()
+    engine_settings: dict = {}
+    try:
+        if config:
+            options, engine_settings = serve_config.read(config)
+            given = serve_config.merge(given, explicit, options, config)
+        (model, host, port, kv_budget, served_model_name, max_model_len, max_num_seqs, dtype, chat_template,
+         log_level, policy) = (given[k] for k in ("model", "host", "port", "kv_budget", "served_model_name",
+                                                  "max_model_len", "max_num_seqs", "dtype", "chat_template",
+                                                  "log_level", "policy"))
+        template = serve_config.chat_template(chat_template) if chat_template else None
+        sock = serve_config.bind(host, port)  # a port in use fails now, before the model loads
+    except serve_config.ServeConfigError as e:
+        fail(str(e))
+    if str(log_level).lower() not in ("debug", "info", "warning", "error", "critical"):
+        fail(f"--log-level must be debug, info, warning, error or critical, got {log_level!r}")
+    logging.basicConfig(level=str(log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if policy not in POLICIES:
         fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    llm = None
     with console.status(f"booting llmos on {backend_url or model} ..."), _user_errors():
         try:
-            system = boot(model=model, backend_url=backend_url, backend_api_key=backend_api_key,
+            if not backend_url:
+                from llmos.engine import AsyncLLM
+
+                llm = AsyncLLM(model, kv_budget=kv_budget, dtype=dtype, **engine_settings,
+                               **{k: v for k, v in (("max_model_len", max_model_len),
+                                                    ("max_num_seqs", max_num_seqs)) if v is not None})
+                if template is not None:
+                    llm.tokenizer.chat_template = template
+            system = boot(model=model, llm=llm, backend_url=backend_url, backend_api_key=backend_api_key,
                           backend_model=backend_model, kv_budget=kv_budget, policy=policy,
                           max_running=max_running, quantum=quantum, grants=grants, api_key=api_key)
         except ValueError as e:
             fail(str(e))
+    system.model_name = served_model_name or system.model_name
     url = f"http://{host}:{port}"
     server = uvicorn.Server(uvicorn.Config(create_app(system=system), host=host, port=port,
-                                           log_level="warning"))
+                                           log_level=str(log_level).lower(), access_log=False))
 
     async def run() -> None:
         async def announce() -> None:  # server.json once the port is bound, so clients find a live URL
             while not server.started:
                 await asyncio.sleep(0.05)
             system.publish(url)
-            console.print(f"llmos serving [bold]{system.model_name}[/] on {url} (OpenAI: {url}/v1), "
-                          f"policy {policy}, home {system.home}")
+            console.print(serve_config.banner(system.model_name, url, llm) + f"; policy {policy}, "
+                          f"home {system.home}", markup=False, highlight=False, soft_wrap=True)
 
         announcer = asyncio.create_task(announce())
         try:
             if operator:
                 await system.start_operator()
-            await server.serve()
+            await server.serve(sockets=[sock])
         finally:
             announcer.cancel()
             await system.aclose()
+            if llm is not None:
+                llm.shutdown()
 
     # uvicorn drains in-flight requests on SIGINT/SIGTERM, then re-raises the signal to the
     # handler it found: a no-op here, so shutdown ends with exit status 0.
