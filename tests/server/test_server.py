@@ -165,6 +165,14 @@ def test_concurrent_streams_and_metrics(server, client):
     assert after["llmos_requests_finished_total"] >= before["llmos_requests_finished_total"] + 32
     assert after["llmos_generation_tokens_total"] >= before["llmos_generation_tokens_total"] + 32 * 8
     assert after["llmos_num_running"] == 0
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds"):
+        for prefix in ("llmos_", "vllm:"):  # histograms under vLLM's names too, for its dashboards
+            count = f"{prefix}{name}_count"
+            assert after[count] >= before.get(count, 0) + 32
+            assert after[f"{prefix}{name}_bucket"] == after[count]  # the last bucket, +Inf, holds all
+    itl = "vllm:inter_token_latency_seconds_count"
+    assert after[itl] >= before.get(itl, 0) + 32 * 7  # 8 tokens: 7 gaps each
+    assert 0 < after["vllm:e2e_request_latency_seconds_sum"]
 
 
 def test_completion_of_several_prompts_and_token_ids(client, server):
