@@ -154,10 +154,13 @@ def run(
     grants: Annotated[str | None, typer.Option(help="Capability policy file (TOML or YAML) for the agents; "
                                                "default: own workdir, sandboxed shell/python, memory.")]
     = None,
+    url: Annotated[str | None, typer.Option("--url", help="Run the agents here as remote programs of this "
+                                            "llmos server (its kernel schedules and checks them).")] = None,
 ) -> None:
     """Boot a kernel and run agents on it concurrently; ends with a summary table.
 
     Example: llmos run chat react --policy fair
+             llmos run --url http://127.0.0.1:8000 my_agent.py
     """
     from llmos.agents import AgentNotFound, load_program
     from llmos.engine import InvalidRequestError
@@ -177,12 +180,32 @@ def run(
     except AgentNotFound as e:
         fail(str(e))
     args = _parse_args(arg or [])
+    if url is not None:
+        return _run_remote(url, programs, args)
     with console.status(f"booting the kernel on {backend_url or model} ..."):
         try:
             backend = _backend(model, backend_url, api_key, backend_model, kv_budget)
         except (ModelError, InvalidRequestError, ValueError) as e:
             fail(str(e))
     asyncio.run(_run(protected_kernel(backend, policy, max_running, quantum, grants), programs, args, live))
+
+
+def _run_remote(url: str, programs: list[tuple[str, Any]], args: dict[str, Any]) -> None:
+    """`llmos run --url`: the programs run in this process, their syscalls in the server's kernel."""
+    import inspect
+
+    from llmos.kernel.remote import run_programs, server_key
+    from llmos.security import default_capabilities
+
+    ordinary = [g.model_dump(exclude_defaults=True) for g in default_capabilities(None).grants]
+    specs = []
+    for name, main in programs:  # a module's CAPABILITIES are asked for beside the ordinary grants
+        extra = getattr(inspect.getmodule(main), "CAPABILITIES", None)
+        specs.append((name, main, [*ordinary, *extra] if extra else None))
+    for name, pid, outcome, result in asyncio.run(run_programs(url, server_key(url), specs, args)):
+        if pid is None:
+            fail(f"{name}: {outcome}")
+        print(f"pid {pid} ({name}): {outcome}" + (f": {result!r}" if result is not None else ""))
 
 
 def protected_kernel(backend, policy: str = "fifo", max_running: int = 8, quantum: int = 16,

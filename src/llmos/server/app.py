@@ -132,10 +132,11 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
 
         app.include_router(agents_router)
         kernel_api.install(app)
-        from llmos.server import approvals_api, mcp_api
+        from llmos.server import approvals_api, mcp_api, remote_api
 
         approvals_api.install(app)  # /v1/approvals: human approval of parked tool calls
         mcp_api.install(app)  # /v1/mcp: MCP servers' tools as pinned syscalls
+        remote_api.install(app)  # /v1/remote: agent programs in other processes
     dashboard.install(app, llm)  # GET /dashboard: the live view of this OS (server/dashboard.py)
     if llm is None:
         return app
