@@ -38,7 +38,8 @@ def test_bad_input_is_one_clear_line():
     assert r.returncode == 2 and "top_p must be in (0, 1]" in r.stderr
 
 
-def test_serve_shuts_down_cleanly_on_sigterm_and_sigint():
+def test_serve_drains_an_in_flight_request_on_sigterm_and_sigint():
+    import json
     import signal
     import socket
     import time
@@ -60,11 +61,22 @@ def test_serve_shuts_down_cleanly_on_sigterm_and_sigint():
                         break
                 except httpx.TransportError:
                     time.sleep(0.2)
-            r = httpx.post(f"http://127.0.0.1:{port}/v1/completions",
-                           json={"prompt": "Hello", "max_tokens": 4, "temperature": 0}, timeout=60)
-            assert r.status_code == 200
-            proc.send_signal(sig)
+            body = {"prompt": "Write a long story about a robot.", "max_tokens": 64, "temperature": 0,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            events, signalled = [], False
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    events.append(line[len("data: "):])
+                    if not signalled:  # the first token is out, 63 are still to come: signal now
+                        proc.send_signal(sig)
+                        signalled = True
             assert proc.wait(timeout=60) == 0
             assert "Traceback" not in proc.stderr.read()
+            assert events[-1] == "[DONE]"  # the stream the signal interrupted ran to its end
+            chunks = [json.loads(e) for e in events[:-1]]
+            assert chunks[-1]["usage"]["completion_tokens"] == 64
+            assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         finally:
             proc.kill()
