@@ -103,7 +103,7 @@ class Verdict(NamedTuple):
 
 
 class _Anchor(NamedTuple):
-    count: int
+    rows: int  # stored as "count" in the anchor file
     head: str
     keyed_from: int  # the first row hashed with the key; rows before it were written by unkeyed llmos
 
@@ -238,7 +238,7 @@ class AuditLog:
     # -- the anchor ----------------------------------------------------------------------------------
 
     def _write_anchor(self, key: bytes, anchor: _Anchor) -> None:
-        body = {"count": anchor.count, "head": anchor.head, "keyed_from": anchor.keyed_from,
+        body = {"count": anchor.rows, "head": anchor.head, "keyed_from": anchor.keyed_from,
                 "mac": _anchor_mac(key, anchor)}
         _write_atomic(self.anchor_path, (_canonical(body) + "\n").encode())
 
@@ -265,18 +265,19 @@ class AuditLog:
     def _anchor_matches(self, anchor: _Anchor, last: tuple[int, str] | None) -> str | None:
         """Why the database's end contradicts the anchor, or None (the anchor may lag one crash behind)."""
         count = last[0] if last else 0
-        if count < anchor.count:
-            return (f"the log ends at row {count} but the anchor records {anchor.count} rows "
+        if count < anchor.rows:
+            return (f"the log ends at row {count} but the anchor records {anchor.rows} rows "
                     "(rows were removed from the end)")
-        if anchor.count == 0:
+        if anchor.rows == 0:
             return None
-        if last is not None and last[0] == anchor.count:
+        head: str | None
+        if last is not None and last[0] == anchor.rows:
             head = last[1]
         else:
-            found = self._db.execute("SELECT hash FROM audit WHERE id = ?", (anchor.count,)).fetchone()
-            head = found[0] if found else None
+            found = self._db.execute("SELECT hash FROM audit WHERE id = ?", (anchor.rows,)).fetchone()
+            head = str(found[0]) if found else None
         if head != anchor.head:
-            return f"row {anchor.count} is not the row the anchor recorded as the head (rewritten)"
+            return f"row {anchor.rows} is not the row the anchor recorded as the head (rewritten)"
         return None
 
     # -- appending -----------------------------------------------------------------------------------
@@ -298,8 +299,9 @@ class AuditLog:
                     last = self._last()
                     if (why := self._anchor_matches(anchor, last)) is not None:
                         raise AuditTampered(f"refusing to extend a tampered audit log: {why}")
-                    row = {
-                        "id": (last[0] + 1) if last else 1,
+                    row_id = (last[0] + 1) if last else 1
+                    row: dict[str, Any] = {
+                        "id": row_id,
                         "ts": round(time.time(), 6),
                         "agent": str(agent),
                         "tool": str(tool),
@@ -319,10 +321,10 @@ class AuditLog:
                     if self._db.in_transaction:
                         self._db.execute("ROLLBACK")
                     raise
-                self._write_anchor(self._key, _Anchor(row["id"], row["hash"], anchor.keyed_from))
+                self._write_anchor(self._key, _Anchor(row_id, row["hash"], anchor.keyed_from))
             finally:
                 fcntl.flock(self._key_fd, fcntl.LOCK_UN)
-        return row["id"]
+        return row_id
 
     # -- reading and verifying -----------------------------------------------------------------------
 
@@ -360,19 +362,19 @@ class AuditLog:
             prev, expect_id = row["hash"], expect_id + 1
         last = (rows[-1]["id"], rows[-1]["hash"]) if rows else None
         if (why := self._anchor_matches(anchor, last)) is not None:
-            first_bad = len(rows) + 1 if len(rows) < anchor.count else anchor.count
+            first_bad = len(rows) + 1 if len(rows) < anchor.rows else anchor.rows
             return Verdict(False, first_bad, why, "TAMPERED")
         message = f"{len(rows)} rows, chain intact"
         if anchor.keyed_from > 1:
             message += f" (rows 1-{anchor.keyed_from - 1} predate the key: unkeyed chain)"
-        if len(rows) > anchor.count:
-            message += f"; {len(rows) - anchor.count} row(s) past the anchor (an append was interrupted)"
+        if len(rows) > anchor.rows:
+            message += f"; {len(rows) - anchor.rows} row(s) past the anchor (an append was interrupted)"
         return Verdict(True, None, message, "ok", len(rows))
 
     def tail(self, n: int = 20, agents: Collection[str] | None = None) -> list[dict[str, Any]]:
         """The last `n` rows (of the agents named in `agents`, if given), oldest first, with labels
         and evidence decoded."""
-        where, params = "", ()
+        where, params = "", tuple[str, ...]()
         if agents is not None:
             params = tuple(sorted(set(agents)))
             if not params:
