@@ -188,6 +188,22 @@ class BlockManager:
         """`n` fresh private blocks (swap-in destinations)."""
         return [self._take_free_block() for _ in range(n)]
 
+    def pin(self, blocks: list[int]) -> None:
+        """Hold blocks outside any block table (a context retained across a tool call)."""
+        for block in blocks:
+            self._incref(block)
+
+    def unpin(self, blocks: list[int]) -> None:
+        """Drop a pin; the tail goes first, so the prefix stays cached longest."""
+        for block in reversed(blocks):
+            self._decref(block)
+
+    def adopt(self, block: int, block_hash: int, key: tuple[int, tuple[int, ...]]) -> None:
+        """Register a block that the caller fills (a swap-in) in the prefix cache."""
+        self._cached[block_hash] = block
+        self._block_hash[block] = block_hash
+        self._block_key[block] = key
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Share all of the parent's blocks with the child (n > 1 sampling)."""
         for block in parent.block_table:

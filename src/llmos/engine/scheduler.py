@@ -11,7 +11,8 @@ memory pressure never makes things worse.
 
 A paused sequence (the agent scheduler above took its turn away) is in none
 of those queues: it keeps its blocks until someone needs them, then gives
-them up first, before any running sequence is preempted.
+them up first, before any running sequence is preempted. So do the contexts
+retained across agents' tool calls (retained.py), before paused sequences.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from llmos.engine.block_manager import BlockManager, SwapSpace
 from llmos.engine.config import EngineConfig
+from llmos.engine.retained import RetainedContexts
 from llmos.engine.sequence import Sequence, SequenceStatus
 
 
@@ -53,6 +55,7 @@ class Scheduler:
         self.swapped: list[Sequence] = []
         self.paused: list[Sequence] = []
         self.stats = SchedulerStats()
+        self.retained = RetainedContexts(blocks, swap)
 
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
@@ -79,7 +82,10 @@ class Scheduler:
                 SequenceStatus.SWAPPED: self.swapped}[seq.status]
 
     def _reclaim_paused(self, out: SchedulerOutput) -> bool:
-        """Give one paused sequence's device blocks back; False when none holds any."""
+        """Give device blocks back: a retained context's first, else one paused sequence's;
+        False when none holds any."""
+        if self.retained.reclaim():
+            return True
         holder = next((q for q in reversed(self.paused) if q.status is SequenceStatus.RUNNING), None)
         if holder is None:
             return False
@@ -87,7 +93,7 @@ class Scheduler:
         return True
 
     def schedule(self) -> SchedulerOutput:
-        out = SchedulerOutput()
+        out = SchedulerOutput(swap_out=self.retained.begin_step())
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=Sequence.sort_key)
         for seq in list(self.running):
@@ -141,6 +147,7 @@ class Scheduler:
         self.waiting.sort(key=Sequence.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
+            out.swap_in += self.retained.prepare(seq)
             hits = self.blocks.match_prefix(seq)
             n = min(len(seq) - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_allocate(seq, n, hits):
@@ -149,6 +156,7 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             out.copies += self.blocks.allocate(seq, n, hits)
+            self.retained.admitted(seq)
             self._run(seq)
             out.scheduled[seq] = n
             budget -= n
@@ -189,6 +197,7 @@ class Scheduler:
         for queue in (self.paused, self._queue(seq)):
             if seq in queue:
                 queue.remove(seq)
+        self.retained.capture(seq)  # pins its context when it was registered for retention
         if seq.status is SequenceStatus.SWAPPED:
             self.swap.free(seq.block_table)
             seq.block_table = []

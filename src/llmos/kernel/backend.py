@@ -2,7 +2,11 @@
 
 `EngineBackend` runs the agent scheduler on the engine's own thread before
 every step, so a preempted call is paused inside the engine (KV blocks kept
-or swapped) and resumed without recomputation. `OpenAIBackend` talks to any
+or swapped) and resumed without recomputation; a call that names its
+process's `context` leaves that context's KV retained when it ends, the
+kernel's `RetentionPolicy` decides per tool call whether it stays pinned, is
+swapped to host or released (`between_calls`), and the process's next call
+reuses it. `OpenAIBackend` talks to any
 OpenAI-compatible server through the official client; there the scheduler
 only admits calls (a remote generation cannot be paused).
 """
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from llmos.kernel.api import ChatResult
+from llmos.kernel.retention import Memory, RetentionDecision, RetentionPolicy
 from llmos.kernel.sched import AgentScheduler, LLMCall
 
 Prompt = str | list[dict[str, Any]]  # raw text, or chat messages
@@ -38,7 +43,7 @@ class Backend(Protocol):
     def attach(self, sched: AgentScheduler, on_switch: OnSwitch) -> None: ...
     def count_tokens(self, messages: list[dict[str, Any]]) -> int: ...
     async def complete(self, call: LLMCall, prompt: Prompt, params: GenerationParams,
-                       on_tokens: Callable[[int], None]) -> ChatResult: ...
+                       on_tokens: Callable[[int], None], context: str | None = None) -> ChatResult: ...
     async def run_in_scheduler(self, fn: Callable[[], Any]) -> Any: ...
     async def stats(self) -> dict[str, Any]: ...
     def close(self) -> None: ...
@@ -57,6 +62,7 @@ class EngineBackend:
         self.sched: AgentScheduler | None = None
         self._on_switch: OnSwitch | None = None
         self._calls: dict[str, LLMCall] = {}
+        self.retention = RetentionPolicy()
 
     def attach(self, sched: AgentScheduler, on_switch: OnSwitch) -> None:
         self.sched, self._on_switch = sched, on_switch
@@ -66,7 +72,9 @@ class EngineBackend:
         return len(self.tokenizer.encode_chat(messages))
 
     async def complete(self, call: LLMCall, prompt: Prompt, params: GenerationParams,
-                       on_tokens: Callable[[int], None]) -> ChatResult:
+                       on_tokens: Callable[[int], None], context: str | None = None) -> ChatResult:
+        """Run one LLM call; with a `context` key, the KV it leaves is retained under that key
+        and a call whose prompt extends it reuses it."""
         from llmos.engine import SamplingParams
         from llmos.engine.guided import json_schema_grammar
 
@@ -77,6 +85,9 @@ class EngineBackend:
 
         def added(request_id: str) -> None:  # on the engine thread
             self._calls[request_id] = call
+            if context is not None:
+                retained = self.engine.scheduler.retained
+                retained.claims[request_id] = retained.retain_on_finish[request_id] = context
             self.sched.submit(call)
 
         final = None
@@ -107,6 +118,35 @@ class EngineBackend:
         for call in started:
             engine.resume_request(call.call_id)
             self._on_switch(call, True)
+
+    async def between_calls(self, context: str, agent: str, tool: str) -> RetentionDecision | None:
+        """The process's call ended and it runs `tool`: keep, swap or release its context's KV,
+        whichever the retention policy finds cheapest now. None when nothing is retained."""
+
+        def decide() -> RetentionDecision | None:
+            retained, bm = self.engine.scheduler.retained, self.engine.blocks
+            ctx = retained.contexts.get(context)
+            if ctx is None or ctx.on_host:
+                return None
+            memory = Memory(bm.capacity, bm.num_used_blocks, retained.swap.num_free_blocks)
+            d = self.retention.decide(agent, tool, len(ctx.blocks), ctx.num_tokens, memory)
+            if d.action == "keep":
+                retained.keep(context, d.ttl)
+            elif d.action == "swap":
+                retained.swap_out(context, d.ttl * 4)
+            else:
+                retained.release(context)
+            return d
+
+        return await self.llm.call(decide)
+
+    def tool_finished(self, agent: str, tool: str, seconds: float) -> None:
+        """Teach the retention policy how long `tool` takes for `agent`."""
+        self.retention.predictor.observe(agent, tool, seconds)
+
+    async def forget(self, context: str) -> None:
+        """The process ended: its retained context goes to the prefix cache."""
+        await self.llm.call(lambda: self.engine.scheduler.retained.release(context))
 
     async def run_in_scheduler(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` where the scheduler lives (the engine thread), between two steps."""
@@ -152,7 +192,8 @@ class OpenAIBackend:
         return self.model
 
     async def complete(self, call: LLMCall, prompt: Prompt, params: GenerationParams,
-                       on_tokens: Callable[[int], None]) -> ChatResult:
+                       on_tokens: Callable[[int], None], context: str | None = None) -> ChatResult:
+        """`context` is accepted and ignored: a remote server's KV is not ours to retain."""
         model = await self._model()
         event = self._admitted[call.call_id] = asyncio.Event()
         self.sched.submit(call)
