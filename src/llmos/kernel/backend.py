@@ -24,7 +24,7 @@ from llmos.kernel.api import ChatResult
 from llmos.kernel.retention import Memory, RetentionDecision, RetentionPolicy
 from llmos.kernel.sched import AgentScheduler, LLMCall
 
-Prompt = str | list[dict[str, Any]]  # raw text, or chat messages
+Prompt = str | list[dict[str, Any]] | list[int]  # raw text, chat messages, or token ids (embedded)
 OnSwitch = Callable[[LLMCall, bool], None]  # a call started (True) or was paused (False)
 
 
@@ -35,6 +35,7 @@ class GenerationParams:
     stop: list[str] | None = None
     json_schema: Mapping[str, Any] | None = None
     seed: int | None = None
+    ignore_eos: bool = False  # run to max_tokens (benchmarks: every configuration, the same work)
 
 
 class Backend(Protocol):
@@ -78,10 +79,12 @@ class EngineBackend:
         from llmos.engine import SamplingParams
         from llmos.engine.guided import json_schema_grammar
 
-        ids = prompt if isinstance(prompt, str) else self.tokenizer.encode_chat(prompt)
+        raw = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
+        ids = prompt if raw else self.tokenizer.encode_chat(prompt)
         grammar = json_schema_grammar(dict(params.json_schema)) if params.json_schema else None
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                            stop=params.stop or [], seed=params.seed, grammar=grammar)
+                            stop=params.stop or [], seed=params.seed, grammar=grammar,
+                            ignore_eos=params.ignore_eos)
 
         def added(request_id: str) -> None:  # on the engine thread
             self._calls[request_id] = call
@@ -98,6 +101,7 @@ class EngineBackend:
                 final = out
                 on_tokens(len(out.outputs[0].token_ids))
         o = final.outputs[0]
+        call.cached_tokens, call.output_ids = final.num_cached_tokens, list(o.token_ids)
         return ChatResult(o.text, o.finish_reason, len(final.prompt_token_ids), len(o.token_ids))
 
     def _step_hook(self, engine: Any, outputs: list[Any]) -> None:

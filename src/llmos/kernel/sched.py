@@ -57,6 +57,8 @@ class LLMCall:
     waited: int = 0  # ticks spent waiting in all (aging)
     running: bool = False
     held: bool = False  # its agent is suspended
+    cached_tokens: int = 0  # prompt tokens served from KV already there (prefix hit, retained)
+    output_ids: list[int] = field(default_factory=list)  # its answer's tokens (embedded engine)
 
 
 class LengthPredictor:
