@@ -1,5 +1,7 @@
 """The llmos command, run as a user runs it: a real process, real model, its exit code and output."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +82,63 @@ def test_serve_drains_an_in_flight_request_on_sigterm_and_sigint():
             assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
         finally:
             proc.kill()
+
+
+# --- llmos run: exit status, tracebacks, arguments --------------------------------------------------
+
+CRASH = '''async def helper(x):
+    return 1 / x
+
+
+async def main(sys, x: int = 0):
+    await sys.tool_call("calculator", {"expression": "1 + 1"})
+    return await helper(x)
+'''
+
+
+def test_run_rejects_a_misspelled_arg_and_a_sync_main_before_booting(tmp_path):
+    (tmp_path / "crash.py").write_text(CRASH)
+    (tmp_path / "sync.py").write_text("def main(sys):\n    return 1\n")
+    r = subprocess.run([LLMOS, "run", "react", "--arg", "max_step=3"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2
+    assert " ".join(r.stderr.split()) == ("error: unknown --arg 'max_step'; did you mean 'max_steps'? "
+                                          "(react takes: task, tools, max_steps, max_tokens, constrained)")
+    r = subprocess.run([LLMOS, "run", str(tmp_path / "crash.py"), "--arg", "y=1"], capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stderr.strip()) == (2, "error: unknown --arg 'y' (crash takes: x)")
+    r = subprocess.run([LLMOS, "run", str(tmp_path / "sync.py")], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stderr.strip()) == (2, "error: sync: `main` must be an async function: "
+                                                   "`async def main(sys, ...)`")
+
+
+def test_run_exits_1_after_a_crash_with_the_agents_traceback(tmp_path):
+    (tmp_path / "crash.py").write_text(CRASH)
+    r = subprocess.run([LLMOS, "run", "crash.py", "--no-live"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "LLMOS_HOME": str(tmp_path / "home")})
+    assert r.returncode == 1
+    path = str(tmp_path / "crash.py")
+    assert r.stderr.splitlines() == [
+        "agent 1 (crash) crashed:", "Traceback (most recent call last):",
+        f'  File "{path}", line 7, in main', "    return await helper(x)", "           ^^^^^^^^^^^^^^^",
+        f'  File "{path}", line 2, in helper', "    return 1 / x", "           ~~^~~",
+        "ZeroDivisionError: division by zero"]
+
+
+def test_run_exits_130_on_ctrl_c_and_1_when_a_task_fails(tmp_path):
+    (tmp_path / "sleepy.py").write_text("async def main(sys):\n    sys.print('sleeping')\n"
+                                        "    await sys.sleep(60)\n")
+    env = {**os.environ, "LLMOS_HOME": str(tmp_path / "home")}
+    p = subprocess.Popen([LLMOS, "run", "sleepy.py", "--no-live"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
+    for line in p.stdout:
+        if "sleeping" in line:
+            p.send_signal(signal.SIGINT)
+            break
+    rest = p.stdout.read()
+    assert p.wait(timeout=60) == 130
+    assert "interrupted: ending the agents" in rest
+    # react with one step cannot both compute and answer: the task fails, in one line (pid 2 in this home)
+    r = subprocess.run([LLMOS, "run", "react", "--arg", "max_steps=1", "--no-live"], capture_output=True,
+                       text=True, timeout=300, env=env)
+    assert (r.returncode, r.stderr.strip()) == (1, "agent 2 (react) failed its task: no answer after 1 steps")

@@ -15,6 +15,11 @@ from typing import Any
 Program = Callable[..., Awaitable[Any]]
 
 
+class TaskFailed(Exception):
+    """An agent program could not do its task; the message says why (`llmos run` shows it in one line
+    and exits 1)."""
+
+
 class AgentNotFound(LookupError):
     """No agent program by that name or path; the message says where it looked."""
 

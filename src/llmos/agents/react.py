@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from llmos.agents import TaskFailed
 from llmos.kernel.api import Syscalls
 
 DEFAULT_TASK = "What is 17 * 23?"
@@ -97,8 +98,9 @@ def parse_action(text: str, tools: set[str]) -> Action:
 
 
 async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None = DEFAULT_TOOLS,
-               max_steps: int = 8, max_tokens: int = 96, constrained: bool = True) -> str | None:
-    """Work on `task` with `tools` (None: every registered tool); returns the answer, or None."""
+               max_steps: int = 8, max_tokens: int = 96, constrained: bool = True) -> str:
+    """Work on `task` with `tools` (None: every registered tool); returns the answer, or raises
+    TaskFailed after `max_steps` steps without one."""
     specs = [s for s in sys.tools() if tools is None or s["function"]["name"] in tools]
     names = {s["function"]["name"] for s in specs}
     listing = "\n".join(f"- {s['function']['name']}: {s['function']['description']} "
@@ -125,5 +127,4 @@ async def main(sys: Syscalls, task: str = DEFAULT_TASK, tools: list[str] | None 
         acted = acted or result.ok
         sys.print(f"{action.tool}({json.dumps(action.arguments)}) -> {result.as_text()}")
         messages.append({"role": "user", "content": f"Result of {action.tool}: {result.as_text()}{_NEXT}"})
-    sys.print(f"no answer after {max_steps} steps")
-    return None
+    raise TaskFailed(f"no answer after {max_steps} steps")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from typing import Annotated, Any
 
@@ -18,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from llmos.commands._common import console, fail
+from llmos.commands._common import console, err, fail
 
 UrlOpt = Annotated[str | None, typer.Option("--url", envvar="LLMOS_URL",
                                             help="A running llmos server (default: the llmos home's).")]
@@ -103,6 +104,42 @@ def _accepted(program: Any, args: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in args.items() if k in params}
 
 
+def _check_programs(programs: list[tuple[str, Any]], args: dict[str, Any]) -> None:
+    """Before anything boots: every `main` is an async function and every --arg is a parameter of at
+    least one of the programs (a misspelled one is named, with the parameters there are)."""
+    import difflib
+    import inspect
+
+    for name, main in programs:
+        if not inspect.iscoroutinefunction(getattr(main, "run", main)):
+            fail(f"{name}: `main` must be an async function: `async def main(sys, ...)`")
+    known: dict[str, None] = {}
+    for _, main in programs:
+        params = inspect.signature(main).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            return  # a program that takes **kwargs takes any --arg
+        known.update((k, None) for k in list(params)[1:])
+    for key in args:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            fail(f"unknown --arg {key!r}{hint} ({', '.join(n for n, _ in programs)} "
+                 f"take{'s' if len(programs) == 1 else ''}: {', '.join(known) or 'no arguments'})")
+
+
+def _agent_traceback(exc: BaseException) -> str:
+    """The traceback of an agent's exception, its own frames only (not the kernel's)."""
+    import traceback
+    from pathlib import Path
+
+    import llmos.kernel
+
+    kernel_dir = str(Path(llmos.kernel.__file__).parent)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(kernel_dir)]
+    return "".join(["Traceback (most recent call last):\n", *traceback.format_list(frames),
+                     *traceback.format_exception_only(exc)]).rstrip()
+
+
 def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title: str) -> Group:
     """The live view: one row per agent, then the engine and scheduler line."""
     table = Table(title=title, title_justify="left", expand=False)
@@ -180,6 +217,7 @@ def run(
     except AgentNotFound as e:
         fail(str(e))
     args = _parse_args(arg or [])
+    _check_programs(programs, args)
     if url is not None:
         return _run_remote(url, programs, args)
     with console.status(f"booting the kernel on {backend_url or model} ..."):
@@ -187,7 +225,10 @@ def run(
             backend = _backend(model, backend_url, api_key, backend_model, kv_budget)
         except (ModelError, InvalidRequestError, ValueError) as e:
             fail(str(e))
-    asyncio.run(_run(protected_kernel(backend, policy, max_running, quantum, grants), programs, args, live))
+    code = asyncio.run(_run(protected_kernel(backend, policy, max_running, quantum, grants), programs, args,
+                            live))
+    if code:
+        raise typer.Exit(code)
 
 
 def _run_remote(url: str, programs: list[tuple[str, Any]], args: dict[str, Any]) -> None:
@@ -238,7 +279,12 @@ def _requested(kernel, main) -> Any:
     return Capabilities.of([*kernel.default_capabilities(None).grants, *extra])
 
 
-async def _run(kernel, programs, args, live: bool) -> None:
+async def _run(kernel, programs, args, live: bool) -> int:
+    """Run the programs to their end; the exit status: 0 when every agent exited, 130 after Ctrl-C,
+    1 when an agent crashed, was killed or failed its task (each crash shown with its traceback)."""
+    from llmos.agents import TaskFailed
+
+    interrupted = False
     kernel.on_output = lambda proc, text: console.print(f"[bold]\\[{proc.pid} {proc.name}][/] {text}",
                                                         markup=True, highlight=False)
     started = time.time()
@@ -255,10 +301,21 @@ async def _run(kernel, programs, args, live: bool) -> None:
                     await asyncio.wait([waiter], timeout=0.25)
         await waiter
     except (KeyboardInterrupt, asyncio.CancelledError):
+        interrupted = True
         console.print("[yellow]interrupted: ending the agents[/]")
     finally:
-        summary = [p.info() for p in kernel.ps()]
         await kernel.shutdown()
+        summary = [p.info() for p in kernel.ps()]
+        crashes = [(p, p.task.exception()) for p in kernel.ps()
+                   if p.task is not None and p.task.done() and not p.task.cancelled()
+                   and p.task.exception() is not None and p.exit_reason.startswith("error:")]
+    for proc, exc in crashes:
+        if isinstance(exc, TaskFailed):
+            err.print(f"[bold red]agent {proc.pid} ({proc.name}) failed its task:[/] {exc}", highlight=False,
+                      soft_wrap=True)
+            continue
+        err.print(f"[bold red]agent {proc.pid} ({proc.name}) crashed:[/]")
+        print(_agent_traceback(exc), file=sys.stderr)  # unwrapped, as Python prints one
     elapsed = time.time() - started
     table = Table(title=f"summary: {len(summary)} agents in {elapsed:.1f} s", title_justify="left")
     for col in ("pid", "name", "exit", "tokens", "tools", "syscalls", "seconds"):
@@ -268,6 +325,9 @@ async def _run(kernel, programs, args, live: bool) -> None:
                       str(r["tool_calls"]), str(r["syscalls"]),
                       f"{(r['ended'] or time.time()) - r['created']:.1f}")
     console.print(table)
+    if interrupted:
+        return 130
+    return 0 if all(r["exit_reason"] == "exited" for r in summary) else 1
 
 
 def _table():
