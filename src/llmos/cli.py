@@ -73,8 +73,10 @@ def _load_engine(model: str, **engine_kwargs):
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts, run as one batch.")],
     model: ModelOpt = "smollm2-135m-instruct",
-    chat: Annotated[bool, typer.Option(help="Wrap each prompt as a user message in the chat template.")]
-    = False,
+    chat: Annotated[bool | None, typer.Option("--chat/--raw", help="Send each prompt as a user message in "
+                                              "the model's chat template (the default when the model has "
+                                              "one), or continue the raw text.", show_default=False)]
+    = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: float = 1.0,
@@ -84,30 +86,46 @@ def generate(
 ) -> None:
     """Generate text; one prompt streams to the terminal, several run as one batch.
 
-    Example: llmos generate --chat "What is an operating system?" "Name three colors."
+    An instruct model answers each prompt as a chat message (its chat template applied, as Ollama and
+    llama-cli do); --raw continues the text as written. Ends with tokens and speed (on stderr).
+
+    Example: llmos generate "What is an operating system?" "Name three colors."
     """
+    import time
+
+    err.print(f"[dim]loading {model} ...[/]", highlight=False)  # before the imports: torch takes seconds
     from llmos.engine import SamplingParams
 
     with _user_errors():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop or [])
     llm = _load_engine(model)
-    inputs = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else p
+    use_chat = bool(llm.tokenizer.chat_template) if chat is None else chat
+    if use_chat and not llm.tokenizer.chat_template:
+        fail(f"{model} has no chat template; use --raw")
+    inputs = [llm.tokenizer.encode_chat([{"role": "user", "content": p}]) if use_chat else p
               for p in prompts]
+    started = time.perf_counter()
     with _user_errors():
         if len(prompts) > 1:
             with console.status(f"generating {len(prompts)} completions in one batch ..."):
                 results = llm.generate(inputs, params)
         else:
             results = llm.generate(inputs, params, on_step=_streamer())
+    elapsed = time.perf_counter() - started
     if len(prompts) == 1:
         print()
-        return
-    for prompt, result in zip(prompts, results, strict=True):
-        out = result.outputs[0]
-        console.rule(f"[bold]{prompt}")
-        console.print(out.text, markup=False, highlight=False)
-        console.print(f"[dim]{len(out.token_ids)} tokens, finish: {out.finish_reason}[/]")
+    else:
+        for prompt, result in zip(prompts, results, strict=True):
+            out = result.outputs[0]
+            console.rule(f"[bold]{prompt}")
+            console.print(out.text, markup=False, highlight=False)
+            console.print(f"[dim]{len(out.token_ids)} tokens, finish: {out.finish_reason}[/]")
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in results)
+    err.print(f"[dim]{tokens} tokens in {elapsed:.2f} s, {tokens / max(elapsed, 1e-9):.1f} tok/s "
+              f"(prompt {prompt_tokens} tokens, {'chat template' if use_chat else 'raw text'})[/]",
+              highlight=False)
 
 
 @app.command()
@@ -126,11 +144,14 @@ def chat(
     api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Key for --backend-url.")]
     = None,
 ) -> None:
-    """Chat in the terminal; the conversation is kept until /exit.
+    """Chat in the terminal; the conversation is kept until /exit or Ctrl-D.
+
+    Line editing and history (Up/Down); /help, /clear and /exit are for the CLI, not the model; Ctrl-C
+    stops a reply and keeps the session.
 
     Example: llmos chat --system "You are terse."   or   llmos chat --agent sam
     """
-    from llmos.engine import InvalidRequestError, SamplingParams
+    from llmos.engine import SamplingParams
 
     if agent is not None:
         from llmos.commands.memory import chat_with_agent
@@ -145,32 +166,9 @@ def chat(
     with _user_errors():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
     llm = _load_engine(model)
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-    console.print("[dim]Type a message; /exit leaves.[/]")
-    while True:
-        try:
-            line = console.input("[bold green]you>[/] ").strip()
-        except (EOFError, KeyboardInterrupt):
-            break
-        if line in ("/exit", "/quit"):
-            break
-        if not line:
-            continue
-        history.append({"role": "user", "content": line})
-        ids = llm.tokenizer.encode_chat(history)
-        # The context window is finite: drop the oldest turns (never the system message) until it fits.
-        while len(ids) + max_tokens > llm.engine.max_model_len and len(history) > 1 + bool(system):
-            del history[bool(system)]
-            ids = llm.tokenizer.encode_chat(history)
-        sys.stdout.write("llmos> ")
-        try:
-            reply = llm.generate(ids, params, on_step=_streamer())[0].outputs[0].text
-        except InvalidRequestError as e:
-            err.print(f"[bold red]error:[/] {e}")
-            history.pop()
-            continue
-        print()
-        history.append({"role": "assistant", "content": reply})
+    from llmos.commands._repl import chat_loop
+
+    chat_loop(llm, params, system, max_tokens)
 
 
 @app.command()
