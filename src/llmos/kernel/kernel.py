@@ -17,6 +17,7 @@ a few times a second and on every state change that ends a process.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import time
@@ -43,6 +44,7 @@ from llmos.tools.base import ToolRegistry
 
 Program = Callable[..., Awaitable[Any]]
 HOUSEKEEPING_S = 0.25  # how often the process table and signals are looked at
+ZOMBIES = 256  # ended processes kept in memory for wait/ps; older ones live on only in the process table
 
 
 __all__ = ["Kernel", "Program", "SyscallError", "Terminated"]
@@ -105,6 +107,7 @@ class Kernel:
         self.table = ProcessTable(self.home / "kernel.db")
         self.boot = self.table.start_boot()
         self.procs: dict[int, Process] = {}
+        self._ended: collections.deque[int] = collections.deque()  # pids of ended processes, oldest first
         self.on_output: Callable[[Process, str], None] | None = None
         self._housekeeper: asyncio.Task | None = None
 
@@ -165,6 +168,20 @@ class Kernel:
         proc.state, proc.exit_reason, proc.ended = ProcessState.TERMINATED, reason, time.time()
         self.monitor.forget(proc)
         self.table.save([self._row(proc)])
+        self._ended.append(proc.pid)
+        self._reap()
+
+    def _reap(self) -> None:
+        """Forget the oldest ended processes beyond ZOMBIES (a server spawns one per message, forever);
+        their rows stay in the process table. A process with a live descendant is kept, since quotas
+        and tool threads are shared along the lineage."""
+        lineages = {a.pid for p in self.procs.values() if p.alive for a in self.lineage(p)}
+        for _ in range(len(self._ended) - ZOMBIES):
+            pid = self._ended.popleft()
+            if pid in lineages:
+                self._ended.append(pid)  # look again later
+            else:
+                self.procs.pop(pid, None)
 
     def tree_of(self, proc: Process) -> int:
         """The pid of the top ancestor of `proc` (its process tree shares tool threads and quotas)."""
