@@ -1,5 +1,8 @@
 """Archival storage on the real all-MiniLM-L6-v2: ranking on a fixed corpus, paging, delete, IVF."""
 
+import re
+from pydoc_data.topics import topics
+
 import numpy as np
 import pytest
 
@@ -88,20 +91,27 @@ def test_top_k_orders_ties_by_position():
     assert top_k(np.array([0.3, 0.2]), 5).tolist() == [0, 1]
 
 
-def test_ivf_finds_what_exact_search_finds(store):
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(50, 384))
-    vecs = centers[rng.integers(0, 50, 6000)] + 0.3 * rng.normal(size=(6000, 384))
-    vecs = (vecs / np.linalg.norm(vecs, axis=1, keepdims=True)).astype(np.float32)
-    index = IVFIndex(vecs, nprobe=8)
-    assert index.nlist == int(2 * np.sqrt(6000))
-    assert sorted(index.rows.tolist()) == list(range(6000))  # every vector sits in exactly one cell
-    a = ArchivalStorage(store, "big", ivf_threshold=5000, nprobe=8)
-    a.insert_many([f"p{i}" for i in range(6000)], vectors=vecs)
-    hits = 0
-    for q in vecs[:50] + 0.05 * rng.normal(size=(50, 384)).astype(np.float32):
-        q = q / np.linalg.norm(q)
+def _reference_sentences() -> list[str]:
+    """Real English text, the same on every machine: sentences of the Python reference manual's topics."""
+    return sorted({s for t in topics.values() for s in re.split(r"(?<=[.!?])\s+", re.sub(r"\s+", " ", t))
+                   if 40 <= len(s) <= 200 and s[0].isupper() and ">>>" not in s})
+
+
+def test_ivf_finds_what_exact_search_finds_on_real_embeddings(store, embedder):
+    sentences = _reference_sentences()[::2]
+    vecs = embedder.encode(sentences[:640])
+    stored, queries = vecs[:600], vecs[600:]  # the questions are not among the stored passages
+    index = IVFIndex(stored, nprobe=4)
+    assert index.nlist == int(2 * np.sqrt(600)) == 48
+    assert sorted(index.rows.tolist()) == list(range(600))  # every vector sits in exactly one cell
+    a = ArchivalStorage(store, "big", embedder, ivf_threshold=500, nprobe=4)
+    a.insert_many(sentences[:600], vectors=stored)
+    hits = scanned = 0
+    for q in queries:
         approx, _ = a.nearest(q, 5)
         exact, _ = a.nearest(q, 5, exact=True)
         hits += len(set(approx.tolist()) & set(exact.tolist()))
-    assert hits / 250 >= 0.95
+        scanned += len(index.candidates(q))
+    recall = hits / (5 * len(queries))
+    # Measured: 0.87 scanning 4 of 48 cells (10% of the vectors); untrained (random) centroids give 0.745.
+    assert 0.82 <= recall < 1 and scanned < 0.15 * 600 * len(queries)
