@@ -86,6 +86,19 @@ def test_declassify_is_not_in_the_default_grants_and_cannot_be_attenuated_into(t
         mon.attenuate(p, [{"tool": DECLASSIFY}])
 
 
+def test_declassify_is_never_inherited_only_given_by_name(tmp_path: Path):
+    """A child of the plan interpreter that inherits all its grants may use its tools, but its labels
+    are joined with its context like anyone's; only a child that names the grant gets it."""
+    mon, planner = _tainted(tmp_path, {"tool": DECLASSIFY})
+    inherited = Proc(4, "child", tmp_path, mon.attenuate(planner, None))
+    assert not mon.may_declassify(inherited)
+    assert inherited.capabilities.check("send_email", SEND, tmp_path, consume=False).allowed
+    mon.flow(planner, inherited)  # it starts with what the planner's context has read
+    assert not mon.check(inherited, "send_email", SEND, {"to": USER, CONTROL: USER}).allowed
+    named = Proc(5, "named", tmp_path, mon.attenuate(planner, [{"tool": DECLASSIFY}]))
+    assert mon.may_declassify(named)
+
+
 @pytest.mark.parametrize("labels, message", [
     ({"to": 3}, "cannot read a label from int"),
     ("user", "labels must map argument names to labels, got str"),

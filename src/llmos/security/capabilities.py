@@ -41,6 +41,9 @@ MEMORY_TOOLS = ("send_message", "core_memory_append", "core_memory_replace", "co
                 "conversation_search_date", "archival_memory_insert", "archival_memory_search")
 
 
+# The capability to label values finer than the holder's context (the plan interpreter's); never inherited.
+DECLASSIFY = "ifc.declassify"
+
 # A grant root of "{workdir}" means the holder's own working directory, whoever holds it.
 WORKDIR = "{workdir}"
 
@@ -428,11 +431,12 @@ class Capabilities:
                   ) -> Capabilities:
         """A child's capabilities: each requested grant must be covered by one of ours.
 
-        A tool name (str) asks for our own grants for that tool unchanged; None asks for all of ours.
+        A tool name (str) asks for our own grants for that tool unchanged; None asks for all of ours but
+        DECLASSIFY, which a child gets only by naming it.
         Quotas stay linked: a child's calls count against the grant it came from.
         """
-        if requested is None:
-            return Capabilities([_Held(h.grant, h) for h in self.held])
+        if requested is None:  # everything but the right to declassify, which is only ever given by name
+            return Capabilities([_Held(h.grant, h) for h in self.held if h.grant.tool != DECLASSIFY])
         items = requested.grants if isinstance(requested, Capabilities) else list(requested)
         out: list[_Held] = []
         for item in items:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from llmos.security.capabilities import DECLASSIFY
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -23,7 +25,6 @@ class Decision:
 
 
 ALLOW = Decision(True, "allowed")
-DECLASSIFY = "ifc.declassify"  # the capability to label values finer than the agent's context
 MAX_INT_BITS = 64  # integer arguments beyond a signed 64-bit range are refused, not converted
 MAX_DEPTH = 32  # how deeply arguments may nest
 ENDED_LABELS = 4096  # labels of ended agents kept for a later `flow` (wait) from them
