@@ -1,6 +1,8 @@
 """KV retention across tool calls: the policy's choice on scripted costs, and the engine's
 guarantees with the real model (reuse, exact tokens after a swap, memory pressure wins, TTL)."""
 
+import asyncio
+
 import pytest
 
 from llmos.engine import LLMEngine, SamplingParams
@@ -154,3 +156,30 @@ def test_ttl_expiry_frees_the_blocks(model):
     engine.step()
     assert engine.blocks.num_used_blocks == 0 and retained.contexts == {}
     assert retained.stats.expired == 1
+
+
+def test_a_process_next_call_reuses_its_kept_context_through_the_backend(llm):
+    from llmos.kernel import AgentScheduler, EngineBackend, LLMCall, SchedulerSettings
+    from llmos.kernel.backend import GenerationParams, new_call_id
+
+    backend = EngineBackend(llm)
+    backend.attach(AgentScheduler(SchedulerSettings(policy="las")), lambda call, started: None)
+    retained = llm.engine.scheduler.retained
+    params = GenerationParams(max_tokens=8, ignore_eos=True)
+
+    async def program() -> None:
+        prompt = list(range(3000, 3090))
+        first = LLMCall(new_call_id(), 7, max_tokens=8)
+        await backend.complete(first, prompt, params, lambda n: None, context="pid-7")
+        decision = await backend.between_calls("pid-7", "agent", "calc")
+        assert decision.action == "keep" and retained.contexts["pid-7"].expires < float("inf")
+        backend.tool_finished("agent", "calc", 0.01)
+        reused = retained.stats.reused_tokens
+        second = LLMCall(new_call_id(), 7, max_tokens=8)
+        await backend.complete(second, prompt + first.output_ids + list(range(4000, 4020)), params,
+                               lambda n: None, context="pid-7")
+        assert second.cached_tokens == 96 == retained.stats.reused_tokens - reused  # 98 tokens: 6 blocks
+        await backend.forget("pid-7")  # the second call's context is retained until the process ends
+        assert "pid-7" not in retained.contexts
+
+    asyncio.run(program())

@@ -56,7 +56,7 @@ class RetentionStats:
     captured: int = 0
     kept: int = 0
     swapped: int = 0
-    released: int = 0
+    released: int = 0  # by decision (the kernel's, or no room on the host)
     expired: int = 0
     reclaimed: int = 0  # released early because memory was needed
     swapped_in_blocks: int = 0
@@ -86,7 +86,7 @@ class RetainedContexts:
         self.claims.pop(seq.request_id, None)
         if key is None or seq.index != 0 or seq.status is not SequenceStatus.RUNNING:
             return
-        self.release(key)  # an older context under the same key is superseded
+        self._drop(key)  # an older context under the same key is superseded
         n = min(seq.num_cached_blocks, len(seq.block_table), len(seq.block_hashes))
         registered = self.blocks._block_hash
         table = list(itertools.takewhile(lambda b: b in registered, seq.block_table[:n]))
@@ -124,6 +124,12 @@ class RetainedContexts:
         return True
 
     def release(self, key: str) -> bool:
+        if not self._drop(key):
+            return False
+        self.stats.released += 1
+        return True
+
+    def _drop(self, key: str) -> bool:
         ctx = self.contexts.pop(key, None)
         if ctx is None:
             return False
@@ -131,7 +137,6 @@ class RetainedContexts:
             self._host_to_free += ctx.blocks
         else:
             self.blocks.unpin(ctx.blocks)
-        self.stats.released += 1
         return True
 
     def device_blocks(self) -> int:
@@ -146,7 +151,7 @@ class RetainedContexts:
         self._host_to_free = []
         now = self.clock()
         for key in [k for k, c in self.contexts.items() if c.expires <= now]:
-            self.release(key)
+            self._drop(key)
             self.stats.expired += 1
         pairs, self._swap_out = self._swap_out, []
         return pairs
@@ -156,7 +161,7 @@ class RetainedContexts:
         pinned = [c for c in self.contexts.values() if not c.on_host]
         if not pinned:
             return False
-        self.release(min(pinned, key=lambda c: c.expires).key)
+        self._drop(min(pinned, key=lambda c: c.expires).key)
         self.stats.reclaimed += 1
         return True
 
@@ -196,5 +201,4 @@ class RetainedContexts:
         self.stats.reused_tokens += seq.num_cached_tokens
         ctx = self.contexts.get(key)
         if ctx is not None and not ctx.on_host:
-            self.release(key)
-            self.stats.released -= 1  # handed over, not released
+            self._drop(key)  # handed over: the sequence's block table holds the blocks now
