@@ -181,5 +181,8 @@ def test_a_process_next_call_reuses_its_kept_context_through_the_backend(llm):
         assert second.cached_tokens == 96 == retained.stats.reused_tokens - reused  # 98 tokens: 6 blocks
         await backend.forget("pid-7")  # the second call's context is retained until the process ends
         assert "pid-7" not in retained.contexts
+        stats = await backend.stats()
+        assert stats["kv_retention_kept"] >= 1 and stats["kv_retention_reused_tokens"] >= 96
+        assert stats["kv_retained_contexts"] == len(retained.contexts)
 
     asyncio.run(program())

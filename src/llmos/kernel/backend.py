@@ -157,7 +157,15 @@ class EngineBackend:
         return await self.llm.call(fn)
 
     async def stats(self) -> dict[str, Any]:
-        return await self.llm.stats()
+        """The engine's metrics, and KV retention's: contexts and blocks held now, decisions so far."""
+
+        def retention() -> dict[str, int]:
+            retained = self.engine.scheduler.retained
+            return {"kv_retained_contexts": len(retained.contexts),
+                    "kv_retained_blocks": retained.device_blocks(),
+                    **{f"kv_retention_{k}": v for k, v in retained.stats.as_dict().items()}}
+
+        return {**await self.llm.stats(), **await self.llm.call(retention)}
 
     def set_kv_capacity(self, num_blocks: int) -> int:
         return self.engine.set_kv_capacity(num_blocks)
