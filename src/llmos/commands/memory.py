@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -28,6 +28,12 @@ def chat_with_agent(agent: str, model: str = "smollm2-135m-instruct", backend_ur
 
     if not agent or not agent.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"agent name must be letters, digits, '-' or '_', got {agent!r}")
+    if backend_url is None:
+        from llmos.commands.kernel import server_client
+
+        if (server := server_client()) is not None:
+            chat_on_server(server, agent)
+            return
 
     async def go() -> None:
         with console.status(f"loading {model} ..."):
@@ -64,6 +70,28 @@ def chat_with_agent(agent: str, model: str = "smollm2-135m-instruct", backend_ur
         asyncio.run(go())
     except KeyboardInterrupt:
         pass
+
+
+def chat_on_server(server: Any, agent: str) -> None:
+    """The same chat with the agent `agent` of the running llmos server (its agents API): the agent is
+    created there on first use, and each line is one message, scheduled by the server's kernel."""
+    found = server.call("GET", "/v1/agents/", params={"name": agent, "limit": 1})
+    agent_id = found[0]["id"] if found else server.call("POST", "/v1/agents/", json={"name": agent})["id"]
+    console.print(f"[dim]Agent [bold]{agent}[/bold] on {server.url}; type a message, /exit leaves.[/]")
+    while True:
+        console.print("[bold green]you>[/] ", end="")
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("/exit", "/quit"):
+            break
+        if not (line := line.strip()):
+            continue
+        with console.status("thinking ..."):
+            out = server.call("POST", f"/v1/agents/{agent_id}/messages",
+                              json={"messages": [{"role": "user", "content": line}]}, timeout=600)
+        replies = [m["content"] for m in out["messages"] if m.get("message_type") == "assistant_message"]
+        console.print(f"[bold cyan]{agent}>[/] ", end="")
+        console.print("\n".join(replies) if replies else "[dim](no message)[/]", markup=not replies,
+                      highlight=False)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
