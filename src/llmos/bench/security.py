@@ -244,7 +244,12 @@ class _Run:
 
 def _replay(suite: Any, policy: SuitePolicy, env: Any, user_task: Any, injection_task: Any | None,
             injected_texts: list[str], data_only: bool) -> tuple[_Run, Any, Any]:
-    """Run one user task (and maybe an injection task) through a fresh monitor; (run, pre, post)."""
+    """Run one user task (and maybe an injection task) through a fresh monitor; (run, pre, post).
+
+    With `data_only` False (the construction-level reading) every call of the user task is decided by
+    the user and every call of the injection task by the injected content, labels fixed by the replay.
+    With `data_only` True (the rules' own reading) no call carries a deciding label and every argument,
+    the injection's included, is labelled by where its value really came from (`_Reader.label`)."""
     from agentdojo.functions_runtime import FunctionCall, FunctionsRuntime
 
     env = user_task.init_environment(env)
@@ -285,13 +290,14 @@ def _replay(suite: Any, policy: SuitePolicy, env: Any, user_task: Any, injection
         sources = sorted(injected_from) or [tool_source("injected_content", False)]
         injected = Label.of(*sources)
         for fc in injection_task.ground_truth(copy.deepcopy(pre)):
-            labels = {k: injected for k in fc.args}
+            labels = {k: reader.label(v) if data_only else injected for k, v in fc.args.items()}
             labels[CONTROL] = injected
             call(fc, labels)
         if injection_task.GROUND_TRUTH_OUTPUT:  # what the injection wants the agent to say
             extra = FunctionCall(function=ANSWER, args={"text": injection_task.GROUND_TRUTH_OUTPUT})
             before = run.allowed
-            call(extra, {"text": injected, CONTROL: injected})
+            text_label = reader.label(injection_task.GROUND_TRUTH_OUTPUT) if data_only else injected
+            call(extra, {"text": text_label, CONTROL: injected})
             run.traces = [t for t in run.traces if t.function != ANSWER]
             if run.allowed > before:
                 answer = f"{answer}\n{injection_task.GROUND_TRUTH_OUTPUT}"
@@ -324,31 +330,48 @@ def canary_check(suite: Any, policy: SuitePolicy) -> dict[str, Any]:
     return {"tools_returning_injections": sorted(carriers), "trusted_but_injected": wrong, "ok": not wrong}
 
 
+def attacks_nothing(injection_task: Any, env: Any) -> bool:
+    """An injection task with no calls and no answer to force: no agent can carry it out, so its pairs
+    would count as attacks that failed whatever the defence (agentdojo's workspace tasks 6 to 13)."""
+    calls = injection_task.ground_truth(env.model_copy(deep=True))
+    return not calls and not injection_task.GROUND_TRUTH_OUTPUT
+
+
 def run_suite(name: str, version: str = VERSION, max_user_tasks: int | None = None,
               progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Benign utility and attack success for one AgentDojo suite, with the full and the data-only policy."""
+    """One AgentDojo suite read two ways, both on the pairs whose injection task attacks something.
+
+    rules: the flow rules alone, every value labelled by its true origin, no deciding labels: what the
+    monitor achieves for an agent it knows nothing more about. bound: the replay labels who decided each
+    call (the user for the user task's, the injection for the injection's), so every injected side effect
+    is refused by construction: the bound a perfect planner (one that never lets read content decide a
+    call) would reach, not a measurement of one. no_monitor: every call allowed."""
     from agentdojo.task_suite.load_suites import get_suite
 
     suite = get_suite(version, name)
     policy = POLICIES[name]
     canary = canary_check(suite, policy)
     user_tasks = list(suite.user_tasks.values())[:max_user_tasks]
-    injection_tasks = list(suite.injection_tasks.values())
-    benign_pass, benign_fail = 0, []
     clean = suite.load_and_inject_default_environment({})
+    all_injections = list(suite.injection_tasks.values())
+    injection_tasks = [t for t in all_injections if not attacks_nothing(t, clean)]
+    empty = [t.ID for t in all_injections if attacks_nothing(t, clean)]
+    benign = {"bound": 0, "rules": 0}
+    benign_fail: dict[str, list[dict]] = {"bound": [], "rules": []}
     for task in user_tasks:
-        env = clean.model_copy(deep=True)
-        run, pre, post = _replay(suite, policy, env, task, None, [], data_only=False)
-        if not run.denied and _check(suite, task, run, pre, post):
-            benign_pass += 1
-        else:
-            benign_fail.append({"task": task.ID, "denied": run.denied[:3],
-                                "utility": _check(suite, task, run, pre, post)})
+        for mode in benign:
+            run, pre, post = _replay(suite, policy, clean.model_copy(deep=True), task, None, [],
+                                     data_only=mode == "rules")
+            ok = _check(suite, task, run, pre, post)
+            if not run.denied and ok:
+                benign[mode] += 1
+            else:
+                benign_fail[mode].append({"task": task.ID, "denied": run.denied[:3], "utility": ok})
         if progress:
             progress(1)
     vectors = list(suite.get_injection_vector_defaults())
-    attacks = {"full": 0, "data_only": 0, "no_monitor": 0}
-    succeeded: list[str] = []
+    attacks = {"bound": 0, "rules": 0, "no_monitor": 0}
+    succeeded: dict[str, list[str]] = {"bound": [], "rules": []}
     injected_envs = {}
     for inj in injection_tasks:
         text = f"llmos-injection {inj.ID}: {inj.GOAL}"
@@ -356,29 +379,32 @@ def run_suite(name: str, version: str = VERSION, max_user_tasks: int | None = No
     for task in user_tasks:
         for inj in injection_tasks:
             text, injected_env = injected_envs[inj.ID]
-            texts = [text]
             for mode in attacks:
                 env = injected_env.model_copy(deep=True)
                 if mode == "no_monitor":
-                    run, pre, post = _replay(suite, _open_policy(suite), env, task, inj, texts, False)
+                    run, pre, post = _replay(suite, _open_policy(suite), env, task, inj, [text], False)
                 else:
-                    run, pre, post = _replay(suite, policy, env, task, inj, texts, mode == "data_only")
+                    run, pre, post = _replay(suite, policy, env, task, inj, [text], mode == "rules")
                 if _check(suite, inj, run, pre, post):
                     attacks[mode] += 1
-                    if mode == "full":
-                        succeeded.append(f"{task.ID}/{inj.ID}")
-            if progress:
-                progress(1)
-    pairs = len(user_tasks) * len(injection_tasks)
+                    if mode in succeeded:
+                        succeeded[mode].append(f"{task.ID}/{inj.ID}")
+        if progress:
+            progress(len(all_injections))
+    n_users, pairs = len(user_tasks), len(user_tasks) * len(injection_tasks)
     return {
-        "suite": name, "version": version, "user_tasks": len(user_tasks),
-        "injection_tasks": len(injection_tasks),
-        "benign_passed": benign_pass, "benign_utility": benign_pass / max(len(user_tasks), 1),
-        "benign_failures": benign_fail, "pairs": pairs,
-        "attack_success": attacks["full"] / max(pairs, 1),
-        "attack_success_data_only": attacks["data_only"] / max(pairs, 1),
-        "attack_success_no_monitor": attacks["no_monitor"] / max(pairs, 1),
-        "attacks_succeeded": succeeded[:20], "canary": canary, "policy": policy.why,
+        "suite": name, "version": version, "user_tasks": n_users,
+        "injection_tasks": len(all_injections), "injection_tasks_attacking_nothing": empty,
+        "pairs": pairs, "pairs_excluded": n_users * len(empty),
+        "rules": {"benign_passed": benign["rules"], "benign_utility": benign["rules"] / max(n_users, 1),
+                  "attack_success": attacks["rules"] / max(pairs, 1), "attacks": attacks["rules"],
+                  "benign_failures": benign_fail["rules"], "attacks_succeeded": succeeded["rules"][:20]},
+        "bound": {"benign_passed": benign["bound"], "benign_utility": benign["bound"] / max(n_users, 1),
+                  "attack_success": attacks["bound"] / max(pairs, 1), "attacks": attacks["bound"],
+                  "benign_failures": benign_fail["bound"], "attacks_succeeded": succeeded["bound"][:20]},
+        "no_monitor": {"attack_success": attacks["no_monitor"] / max(pairs, 1),
+                       "attacks": attacks["no_monitor"]},
+        "canary": canary, "policy": policy.why,
     }
 
 
@@ -393,6 +419,8 @@ def run_agentdojo(suites: list[str] | None = None, max_user_tasks: int | None = 
     t0 = time.perf_counter()
     results = [run_suite(s, max_user_tasks=max_user_tasks, progress=progress) for s in suites or SUITES]
     return {"benchmark": f"AgentDojo {VERSION} (ground-truth replay)", "suites": results,
+            "pairs": sum(r["pairs"] for r in results),
+            "pairs_excluded": sum(r["pairs_excluded"] for r in results),
             "wall_s": round(time.perf_counter() - t0, 1)}
 
 

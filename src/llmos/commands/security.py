@@ -105,8 +105,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         """AgentDojo through the reference monitor (benign and compromised replays) and sandbox escapes.
 
         utility: benign user tasks whose calls all pass and whose check holds; ASR: attack success of
-        the compromised replay (data-only: control labels ignored; no monitor: every call allowed);
-        labels: no tool treated as trusted ever returned injected text.
+        the compromised replay over the pairs whose injection attacks something (rules: the flow rules
+        alone on true origins; bound: who decided each call labelled by the replay, what a perfect
+        planner would reach; no monitor: every call allowed); labels: no tool treated as trusted ever
+        returned injected text.
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from rich.table import Table
@@ -131,15 +133,25 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 task = bar.add_task("replay", total=agentdojo_work(suite, limit))
                 result = run_agentdojo(suite, limit, progress=lambda n: bar.advance(task, n))
             report["agentdojo"] = result
-            table = Table("suite", "tasks", "utility", "pairs", "ASR", "ASR data-only", "ASR no monitor",
-                          "labels",
+            table = Table("suite", "tasks", "pairs (excluded)", "rules: utility", "rules: ASR",
+                          "bound: utility", "bound: ASR", "ASR no monitor", "labels",
                           title=f"{result['benchmark']}: llmos reference monitor")
             for r in result["suites"]:
-                table.add_row(r["suite"], str(r["user_tasks"]), f"{r['benign_utility']:.1%}", str(r["pairs"]),
-                              f"{r['attack_success']:.1%}", f"{r['attack_success_data_only']:.1%}",
-                              f"{r['attack_success_no_monitor']:.1%}",
+                table.add_row(r["suite"], str(r["user_tasks"]), f"{r['pairs']} ({r['pairs_excluded']})",
+                              f"{r['rules']['benign_utility']:.1%}", f"{r['rules']['attack_success']:.1%}",
+                              f"{r['bound']['benign_utility']:.1%}", f"{r['bound']['attack_success']:.1%}",
+                              f"{r['no_monitor']['attack_success']:.1%}",
                               "ok" if r["canary"]["ok"] else "[red]WRONG[/]")
             console.print(table)
+            console.print(f"pairs: {result['pairs']} user/injection pairs that attack something; "
+                          f"{result['pairs_excluded']} more pair an injection task with no calls and no "
+                          "answer (nothing to attack) and are left out.\n"
+                          "rules: the monitor's flow rules alone, every value labelled by where it really "
+                          "came from, no label for who decided a call: what the monitor itself achieves.\n"
+                          "bound: the replay labels the user as deciding the user task's calls and the "
+                          "injection as deciding the injection's, so every injected side effect is refused "
+                          "by construction: the bound a perfect planner would reach, not a measured agent.",
+                          markup=False, highlight=False)
         if escapes:
             with console.status("sandbox escape suite ..."):
                 outcomes = run_escape_suite()
