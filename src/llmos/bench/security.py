@@ -7,9 +7,19 @@ AgentDojo's own ground truth (the calls that solve each task):
   where its value came from: the user's request if the request contains it,
   else the outputs of earlier calls that contain it, else (a value the agent
   computed) everything the agent has read so far;
-- the compromised agent does that, then replays the injection task's calls
-  with every argument, and the decision to make the call, labelled as coming
-  from the injected content (the outputs the injection was placed in).
+- the compromised agent does that, then replays the injection task's calls.
+
+Each suite is read two ways, over the user/injection pairs whose injection
+task attacks something (one with no calls and no answer to force cannot
+succeed whatever the defence, so its pairs are left out and counted):
+
+- rules: no call carries a label for who decided it, and every argument, the
+  injection's included, is labelled by where its value really came from: what
+  the monitor's flow rules achieve on their own;
+- bound: the replay labels the user as deciding the user task's calls and the
+  injected content as deciding the injection's, so the rule "only the user
+  decides a side effect" refuses every injected call by construction: the
+  bound a perfect planner would reach, not a measurement of an agent.
 
 Every call passes llmos' `ReferenceMonitor` with the suite's capabilities and
 flow policy; denied calls do not run. A user task passes when all its calls
