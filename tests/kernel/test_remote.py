@@ -111,6 +111,18 @@ def test_a_process_token_names_one_process_of_one_user(served: Served):
     kernel = served.system.kernel
     assert (kernel.process(a["pid"]).tool_calls, kernel.process(b["pid"]).tool_calls) == (1, 0)
     assert call(admin, a["token"], "spawn", {}).status_code == 400  # no remote spawn
+    r = call(admin, a["token"], "kernel_stats", {})  # privileged syscalls pass the monitor, as in-process
+    assert r.status_code == 400 and "no capability for tool 'kernel.stats'" in r.json()["error"]["message"]
+    r = call(admin, a["token"], "signal", {"pid": b["pid"], "signal": "kill"})
+    assert r.status_code == 400 and "no capability for tool 'kernel.signal'" in r.json()["error"]["message"]
+    assert call(admin, a["token"], "wait", {}).status_code == 400
+
+    async def quick(sys) -> dict:
+        return {"answer": 42}
+
+    child = served.run(kernel.spawn(quick, "quick"))
+    r = call(admin, a["token"], "wait", {"pid": child})
+    assert r.status_code == 200 and r.json()["result"] == {"answer": 42}
     r = call(admin, a["token"], "llm_chat", {"messages": "not a list"})
     assert r.status_code == 400 and "messages must be a list" in r.json()["error"]["message"]
     assert call(admin, a["token"], "exit", {"result": "bye"}).status_code == 200

@@ -27,7 +27,8 @@ class ProcessEnded(Exception):
 
 
 class RemoteSyscalls:
-    """A remote agent's handle: the same syscalls as `Syscalls`, over HTTP (spawn excepted)."""
+    """A remote agent's handle: the same syscalls as `Syscalls`, over HTTP (spawn and configure
+    excepted)."""
 
     def __init__(self, http: httpx.AsyncClient, pid: int, token: str, name: str) -> None:
         self._http, self._pid, self._token, self._name = http, pid, token, name
@@ -67,6 +68,24 @@ class RemoteSyscalls:
 
     async def sleep(self, seconds: float) -> None:
         await self._call("sleep", {"seconds": seconds})
+
+    async def wait(self, pid: int) -> Any:
+        """Wait for an agent of the same kernel to end; its result (as JSON)."""
+        return await self._call("wait", {"pid": pid})
+
+    async def kernel_stats(self) -> dict[str, Any]:
+        """Needs `kernel.stats`, as in-process."""
+        return await self._call("kernel_stats", {})
+
+    async def kill(self, pid: int, reason: str = "") -> str:
+        """Needs `kernel.signal`, as in-process."""
+        return await self._call("signal", {"pid": pid, "signal": "kill", "reason": reason})
+
+    async def suspend(self, pid: int) -> str:
+        return await self._call("signal", {"pid": pid, "signal": "suspend"})
+
+    async def resume(self, pid: int) -> str:
+        return await self._call("signal", {"pid": pid, "signal": "resume"})
 
     def print(self, text: str) -> None:
         """Write to the process's output (kept in the process table); sent in the background."""

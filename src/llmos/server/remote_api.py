@@ -41,7 +41,8 @@ from llmos.server.auth import CurrentUser
 from llmos.server.kernel_api import KernelAPIError
 
 router = APIRouter(prefix="/v1/remote", tags=["remote"])
-SYSCALLS = ("llm_chat", "llm_generate", "tool_call", "sleep", "print", "exit")
+SYSCALLS = ("llm_chat", "llm_generate", "tool_call", "sleep", "print", "wait", "kernel_stats", "signal",
+            "exit")
 
 
 class SpawnBody(BaseModel):
@@ -96,6 +97,16 @@ async def _dispatch(sys: Syscalls, name: str, args: dict[str, Any]) -> Any:
             return await sys.sleep(float(args.get("seconds", 0)))
         if name == "print":
             return sys.print(str(args.get("text", "")))
+        if name == "wait":
+            return jsonable_encoder(await sys.wait(int(args["pid"])))
+        if name == "kernel_stats":
+            return jsonable_encoder(await sys.kernel_stats())
+        if name == "signal" and args.get("signal") in ("kill", "suspend", "resume"):
+            method = getattr(sys, args["signal"])
+            return await (method(int(args["pid"]), str(args.get("reason", ""))) if args["signal"] == "kill"
+                          else method(int(args["pid"])))
+    except (KeyError, ValueError) as e:
+        raise SyscallError(f"bad arguments for {name}: {type(e).__name__}: {e}") from None
     except TypeError as e:
         raise SyscallError(f"bad arguments for {name}: {e}") from None
     raise SyscallError(f"no remote syscall named {name!r} (remote programs have {', '.join(SYSCALLS)})")
