@@ -110,8 +110,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         planner would reach; no monitor: every call allowed); labels: no tool treated as trusted ever
         returned injected text.
         """
+        from rich import box
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.table import Table
+        from rich.table import Column, Table
 
         from llmos.bench.engine import write_report
         from llmos.bench.security import SUITES, agentdojo_work, run_adversarial, run_agentdojo
@@ -133,16 +134,19 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                 task = bar.add_task("replay", total=agentdojo_work(suite, limit))
                 result = run_agentdojo(suite, limit, progress=lambda n: bar.advance(task, n))
             report["agentdojo"] = result
-            table = Table("suite", "tasks", "pairs (excluded)", "rules: utility", "rules: ASR",
-                          "bound: utility", "bound: ASR", "ASR no monitor", "labels",
+            table = Table(Column("suite", no_wrap=True), "tasks", "pairs", "left\nout", "rules\nutility",
+                          "rules\nASR", "bound\nutility", "bound\nASR", "no mon.\nASR",
+                          box=box.SIMPLE_HEAD, pad_edge=False,
                           title=f"{result['benchmark']}: llmos reference monitor")
             for r in result["suites"]:
-                table.add_row(r["suite"], str(r["user_tasks"]), f"{r['pairs']} ({r['pairs_excluded']})",
+                table.add_row(r["suite"], str(r["user_tasks"]), str(r["pairs"]), str(r["pairs_excluded"]),
                               f"{r['rules']['benign_utility']:.1%}", f"{r['rules']['attack_success']:.1%}",
                               f"{r['bound']['benign_utility']:.1%}", f"{r['bound']['attack_success']:.1%}",
-                              f"{r['no_monitor']['attack_success']:.1%}",
-                              "ok" if r["canary"]["ok"] else "[red]WRONG[/]")
+                              f"{r['no_monitor']['attack_success']:.1%}")
             console.print(table)
+            wrong = [r["suite"] for r in result["suites"] if not r["canary"]["ok"]]
+            verdict = f"[red]WRONG in {', '.join(wrong)}[/]" if wrong else "ok"
+            console.print(f"labels: {verdict} (no tool treated as trusted ever returned injected text)")
             console.print(f"pairs: {result['pairs']} user/injection pairs that attack something; "
                           f"{result['pairs_excluded']} more pair an injection task with no calls and no "
                           "answer (nothing to attack) and are left out.\n"
