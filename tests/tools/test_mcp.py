@@ -106,7 +106,7 @@ def test_mcp_tools_pinned_granted_untrusted_and_rug_pulls_refused(server: dict[s
         kernel, audit, mcp = _kernel(tmp_path)
         try:
             defs = await mcp.add("local", "fx", **server["kwargs"])
-            assert sorted(d.name for d in defs) == ["add", "lookup"]
+            assert sorted(d.name for d in defs) == ["add", "hang", "lookup"]
             assert {"mcp.fx.add", "mcp.fx.lookup"} <= set(kernel.tools.tools)
             spec = kernel.tools.get("mcp.fx.lookup")
             assert spec.untrusted_output and "untrusted" in spec.description
@@ -153,7 +153,8 @@ def test_mcp_tools_pinned_granted_untrusted_and_rug_pulls_refused(server: dict[s
                                          "schema": "v2"}))
             status, reason, _, _ = await _run(kernel, lookup, GRANTED, lang="fr")
             assert status == "denied" and "changed the input schema of mcp.fx.lookup" in reason
-            assert (await mcp.refresh("fx"))[1]["changed"] == ["input schema"]
+            refreshed = {row["tool"]: row["changed"] for row in await mcp.refresh("fx")}
+            assert refreshed == {"add": [], "hang": [], "lookup": ["input schema"]}
             mcp.approve("fx", "lookup", "user:local")
             status, _, _, content = await _run(kernel, lookup, GRANTED, lang="fr")
             assert status == "allowed" and content.startswith("cat (fr): a word.")
@@ -164,6 +165,7 @@ def test_mcp_tools_pinned_granted_untrusted_and_rug_pulls_refused(server: dict[s
                      if r["tool"].startswith("mcp.") and r["tool"] != "mcp.fx.add"]
             pins = [s for s in steps if s[0] == "mcp.pin"]
             assert [s[2] for s in pins] == ["pinned the definition of mcp.fx.add",
+                                            "pinned the definition of mcp.fx.hang",
                                             "pinned the definition of mcp.fx.lookup"]
             changes = [s[2] for s in steps if s[0] in ("mcp.changed", "mcp.approve")]
             assert changes == ["the server changed the description of mcp.fx.lookup",
@@ -206,6 +208,32 @@ def test_mcp_tools_pinned_granted_untrusted_and_rug_pulls_refused(server: dict[s
 def test_registration_is_validated(name, command, url, why):
     with pytest.raises(MCPError, match=why):
         validate(name, command, url)
+
+
+def test_a_hung_server_holds_nobody_after_the_request_timeout(tmp_path: Path, monkeypatch):
+    import llmos.tools.mcp as mcp_module
+
+    monkeypatch.setattr(mcp_module, "REQUEST_TIMEOUT_S", 1.0)
+
+    async def hang_then_add(sys: Syscalls) -> list[tuple[str, Any]]:
+        out = []
+        for tool, args in (("mcp.fx.hang", {}), ("mcp.fx.add", {"a": 2, "b": 3})):
+            r = await sys.tool_call(tool, args)
+            out.append((r.status, r.content if r.ok else r.reason))
+        return out
+
+    async def go() -> None:
+        kernel, _, mcp = _kernel(tmp_path)
+        try:
+            await mcp.add("local", "fx", command=[sys.executable, SERVER, "stdio"])
+            out = await _run(kernel, hang_then_add, [{"tool": "mcp.fx.*"}])
+            assert out == [("error", "MCP server 'fx' (stdio) failed: MCPError: no answer within 1 s"),
+                           ("allowed", "5")]  # a fresh session
+        finally:
+            await mcp.aclose()
+            await kernel.shutdown()
+
+    asyncio.run(go())
 
 
 def test_an_unreachable_server_is_not_registered(tmp_path: Path):

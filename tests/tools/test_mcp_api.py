@@ -59,7 +59,7 @@ def test_mcp_over_the_api_and_the_cli(served: Served, tmp_path: Path):
     assert r.status_code == 400 and "loopback" in r.json()["error"]["message"]
     r = admin.post("/v1/mcp/servers", json=body)
     assert r.status_code == 200, r.text
-    assert [t["syscall"] for t in r.json()["tools"]] == ["mcp.fx.add", "mcp.fx.lookup"]
+    assert [t["syscall"] for t in r.json()["tools"]] == ["mcp.fx.add", "mcp.fx.hang", "mcp.fx.lookup"]
     assert admin.post("/v1/mcp/servers", json=body).status_code == 400  # the name is taken
 
     assert alice.get("/v1/mcp/servers").json()["data"] == []
@@ -88,7 +88,7 @@ def test_mcp_over_the_api_and_the_cli(served: Served, tmp_path: Path):
     # the CLI registers a stdio server too, and removes it
     r = _cli(home, "mcp", "add", "fx2", "--", sys.executable, SERVER, "stdio")
     assert r.returncode == 0, r.stderr
-    assert "registered fx2: 2 tools pinned" in r.stdout and "mcp.fx2.lookup  sha256 " in r.stdout
+    assert "registered fx2: 3 tools pinned" in r.stdout and "mcp.fx2.lookup  sha256 " in r.stdout
     assert "mcp.fx2.add" in served.system.kernel.tools
     r = _cli(home, "mcp", "remove", "fx2")
     assert r.returncode == 0 and "mcp.fx2.add" not in served.system.kernel.tools
@@ -96,7 +96,8 @@ def test_mcp_over_the_api_and_the_cli(served: Served, tmp_path: Path):
     rows = [(r["tool"], r["agent"], r["reason"])
             for r in admin.get("/v1/kernel/audit", params={"limit": 300}).json()["data"]
             if r["tool"] in ("mcp.pin", "mcp.changed", "mcp.approve")]
-    assert rows[:4] == [("mcp.pin", "user:local", "pinned the definition of mcp.fx.add"),
+    assert rows[:5] == [("mcp.pin", "user:local", "pinned the definition of mcp.fx.add"),
+                        ("mcp.pin", "user:local", "pinned the definition of mcp.fx.hang"),
                         ("mcp.pin", "user:local", "pinned the definition of mcp.fx.lookup"),
                         ("mcp.changed", "mcp", "the server changed the description of mcp.fx.lookup"),
                         ("mcp.approve", "user:local", "approved the definition of mcp.fx.lookup")]

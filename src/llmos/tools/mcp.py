@@ -43,6 +43,7 @@ SERVER_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 CONNECT_TIMEOUT_S = 30.0  # starting a server and its initialize handshake
+REQUEST_TIMEOUT_S = 120.0  # one request on a session; past it the session is dropped (a hung server)
 PREFIX = "mcp."
 MAX_DESCRIPTION = 2000  # characters of a server's description shown to the model
 
@@ -209,8 +210,9 @@ async def _session(server: Server) -> AsyncIterator[Any]:
 
 class _Connection:
     """One long-lived session with a server, served by its own task (the SDK's transports must be
-    entered and left in one task); requests run one at a time. A session that breaks fails the
-    requests waiting on it, and the next request connects afresh."""
+    entered and left in one task); requests run one at a time. A session that breaks, or a request
+    the server does not answer within REQUEST_TIMEOUT_S, fails the requests waiting on it and ends
+    the session, so a hung server holds nobody after that; the next request connects afresh."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -227,6 +229,7 @@ class _Connection:
         return await fut
 
     async def _serve(self, queue: asyncio.Queue) -> None:
+        fut: asyncio.Future | None = None  # the request in progress
         try:
             async with _session(self.server) as session:
                 while True:
@@ -234,12 +237,19 @@ class _Connection:
                     if fut.done():
                         continue
                     try:
-                        fut.set_result(await fn(session))
+                        result = await asyncio.wait_for(fn(session), REQUEST_TIMEOUT_S)
+                    except TimeoutError:
+                        raise MCPError(f"no answer within {REQUEST_TIMEOUT_S:g} s") from None
                     except Exception as e:
                         if not fut.done():
                             fut.set_exception(e)
-        except BaseException as e:  # the session broke (or was closed): fail whoever waits
+                    else:
+                        if not fut.done():
+                            fut.set_result(result)
+        except BaseException as e:  # the session broke, hung or was closed: fail whoever waits
             why = MCPError(f"MCP server {self.server.name!r} ({self.server.transport}) failed: {_cause(e)}")
+            if fut is not None and not fut.done():
+                fut.set_exception(why)
             while not queue.empty():
                 _, fut = queue.get_nowait()
                 if not fut.done():
