@@ -228,3 +228,23 @@ def test_parse_call_names_what_is_wrong():
         with pytest.raises(ValueError) as e:
             memgpt.parse_call(text, known)
         assert why in str(e.value)
+
+
+def test_paging_in_task_scores_what_the_agent_did(tmp_path, count_tokens, embedder):
+    """The bench's paging-in task on a scripted agent: one that searches and answers from the result
+    scores on every count; one that answers without searching scores on none."""
+    from llmos.bench.virtual_context import paging_trials, run_paging
+
+    trial = paging_trials(1, 12)[0]
+    fact_turns = [say(f"Noted ({i}).") for i in range(13)]
+    search = {"function": "conversation_search",
+              "arguments": {"query": trial["question"], "request_heartbeat": True}}
+    good = ScriptedBackend(count_tokens, [*fact_turns, search, say(f"It is {' '.join(trial['answer'])}.")])
+    console = Console(file=open(tmp_path / "log.txt", "w"))
+    r = run_paging("scripted", tmp_path / "good", console, trials=1, filler=12, backend=good)
+    scores = ("evicted_before_question", "searched", "search_found_fact", "answered")
+    assert [r[k] for k in scores] == [1, 1, 1, 1]
+    assert r["per_trial"][0]["calls"] == ["conversation_search", "send_message"]
+    guess = ScriptedBackend(count_tokens, [*fact_turns, say("I don't remember.")])
+    r = run_paging("scripted", tmp_path / "guess", console, trials=1, filler=12, backend=guess)
+    assert [r[k] for k in scores] == [1, 0, 0, 0]

@@ -372,6 +372,94 @@ def run_context(model: str, home: Path, console: Console, messages: int = 2000, 
             "wall_s": wall}
 
 
+SEARCHES = ("conversation_search", "conversation_search_date", "archival_memory_search")
+
+
+def paging_trials(trials: int, filler: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Seeded paging-in trials: a fact told first, `filler` ordinary user turns, then the question; the
+    answer is the fact's values the question does not name (all must appear in the reply)."""
+    import string
+
+    rng = random.Random(seed)
+    out = []
+    for k in range(trials):
+        statement, question = FACTS[k % len(FACTS)]
+        asked = {f for _, f, _, _ in string.Formatter().parse(question) if f}
+        fields = [f for _, f, _, _ in string.Formatter().parse(statement) if f and f not in asked]
+        values = {f: str(rng.randint(1, 28)) if f == "day" else str(rng.randint(2, 60) * 5) if f == "amount"
+                  else f"{rng.randint(1000, 9999)}" if f == "code" else rng.choice(SLOTS[f]) for f in fields}
+        name = rng.choice(NAMES)
+        out.append({"fact": _fill(statement, rng, n=name, **values), "question": _fill(question, rng, n=name),
+                    "answer": list(values.values()),
+                    "filler": [_fill(rng.choice(FILLER_USER), rng) for _ in range(filler)]})
+    return out
+
+
+def run_paging(model: str, home: Path, console: Console, trials: int = 10, filler: int = 12,
+               window: int = 576, seed: int = 0, backend: Any = None) -> dict[str, Any]:
+    """The paging-in task: each trial is a new MemGPT agent on `model` told a fact, then ordinary turns
+    until the fact has been evicted from its main context, then asked about it. It can only answer
+    right by searching its recall or archival storage; reported: how often the fact was evicted before
+    the question (the task's precondition), the agent searched, a search returned the fact, and the
+    reply held every value of the answer."""
+    from llmos.agents import memgpt
+    from llmos.kernel import EngineBackend, Kernel
+    from llmos.memory import open_store
+    from llmos.tools.base import ToolRegistry
+    from llmos.tools.memory import memory_tools
+
+    tools = ToolRegistry()
+    tools.register(*memory_tools())
+    settings = {"context_window": window, "reply_tokens": 64, "max_string": 100, "summary_tokens": 96,
+                "block_limit": 400}
+    store = open_store(home)
+    rows: list[dict[str, Any]] = []
+
+    async def go() -> None:
+        nonlocal backend
+        if backend is None:
+            with console.status(f"loading {model} ..."):
+                backend = EngineBackend(model)
+        kernel = Kernel(backend, home=home, tools=tools)
+        try:
+            for k, trial in enumerate(paging_trials(trials, filler, seed)):
+                name = f"paging-{k}"
+                with console.status(f"paging-in task: trial {k + 1} of {trials} ..."):
+                    for batch, steps in (([trial["fact"], *trial["filler"]], 2), ([trial["question"]], 3)):
+                        if steps == 3:
+                            first = store.query("SELECT max(id) FROM messages WHERE agent = ?", (name,))[0][0]
+                            evicted = store.query("SELECT count(*) FROM messages WHERE agent = ? AND role = "
+                                                  "'user' AND content = ? AND in_context = 0",
+                                                  (name, trial["fact"]))[0][0] > 0
+                        pid = await kernel.spawn(memgpt.main, name=name,
+                                                 args={"message": batch, "max_steps": steps, **settings})
+                        reply = await kernel.wait(pid)
+                        if kernel.process(pid).exit_reason != "exited":
+                            raise RuntimeError(f"the agent ended with {kernel.process(pid).exit_reason}")
+                after = store.query("SELECT role, content, name FROM messages WHERE agent = ? AND id > ? "
+                                    "ORDER BY id", (name, first))
+                calls = [json.loads(c)["function"] for r, c, fn in after if r == "assistant" and fn]
+                found = any(r == "tool" and trial["fact"] in c for r, c, _ in after)
+                text = (reply or "").lower()
+                rows.append({"evicted": evicted, "calls": calls, "search_found_fact": found,
+                             "searched": any(c in SEARCHES for c in calls),
+                             "answered": all(v.lower() in text for v in trial["answer"]),
+                             "question": trial["question"], "answer": trial["answer"], "reply": reply})
+        finally:
+            await kernel.shutdown(close_backend=False)
+
+    t0 = time.perf_counter()
+    asyncio.run(go())
+    n = len(rows)
+    return {"model": model, "context_window": window, "trials": n, "filler_turns": filler,
+            "evicted_before_question": sum(r["evicted"] for r in rows),
+            "searched": sum(r["searched"] for r in rows),
+            "search_found_fact": sum(r["search_found_fact"] for r in rows),
+            "answered": sum(r["answered"] for r in rows),
+            "answered_after_searching": sum(r["answered"] and r["searched"] for r in rows),
+            "per_trial": rows, "wall_s": time.perf_counter() - t0}
+
+
 def run_memory_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
                      json_path: str | None = None, context: bool = True, messages: int | None = None,
                      window: int = 2048, seed: int = 0) -> dict[str, Any]:
@@ -400,6 +488,8 @@ def run_memory_bench(console: Console, quick: bool = False, model: str = "smollm
         if context:
             report["context"] = run_context(model, home, console, messages or (60 if quick else 2000), window,
                                             seed=seed)
+            report["paging"] = run_paging(model, home / "paging", console, trials=2 if quick else 10,
+                                          seed=seed)
     _print(console, report)
     write_report(report, json_path, "docs/bench/memory.json", console)
     return report
@@ -440,4 +530,14 @@ def _print(console: Console, report: dict[str, Any]) -> None:
                     "every_message_in_recall", "wall_s"):
             value = c[key]
             t.add_row(key, f"{value:.1f}" if isinstance(value, float) else str(value))
+        console.print(t)
+    if "paging" in report:
+        p = report["paging"]
+        t = Table(title=f"paging-in task: the MemGPT agent on {p['model']}, {p['context_window']}-token "
+                        f"window, a fact, {p['filler_turns']} turns, then the question")
+        t.add_column("measure")
+        t.add_column(f"of {p['trials']} trials", justify="right")
+        for key in ("evicted_before_question", "searched", "search_found_fact", "answered",
+                    "answered_after_searching"):
+            t.add_row(key, str(p[key]))
         console.print(t)
