@@ -113,10 +113,13 @@ def test_continue_rule_keeps_the_turn_going():
     assert r.after("search", calls("search"), heartbeat=False) == "reply"
 
 
-def test_requires_approval_tools_are_never_offered():
+def test_requires_approval_tools_are_offered_but_never_the_reply():
+    """The kernel's approval queue holds each call for a person; the rules only keep such a tool from
+    being the turn's terminal tool or holding the turn open."""
     r = rules({"type": "requires_approval", "tool_name": "save"}, {"type": "run_first", "tool_name": "save"})
-    assert "save" not in allowed(r, [])  # not even when an init rule names it
-    assert "save" not in allowed(r, calls("search"))
+    assert r.requiring_approval() == ["save"]
+    assert allowed(r, []) == ["save"]  # an init rule may name it
+    assert "save" in allowed(r, calls("search"))
     with pytest.raises(ToolRuleError, match="no terminal tool can be called"):
         rules({"type": "requires_approval", "tool_name": "send_message"}).check(TOOLS)
     # a required tool that needs approval cannot hold the turn open

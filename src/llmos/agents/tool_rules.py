@@ -20,8 +20,10 @@ Letta agent) and written back with `to_letta`:
   calls of it per turn;
 - `required_before_exit` (RequiredBeforeExitToolRule): the turn cannot end
   before it has been called;
-- `requires_approval` (RequiresApprovalToolRule): never offered (llmos has no
-  approval flow yet, so such a tool is never called without one).
+- `requires_approval` (RequiresApprovalToolRule): offered like any tool, but each
+  call waits in the kernel's approval queue for a person (the agents API sets the
+  rule on the run's process); it never counts as the turn's terminal tool nor holds
+  the turn open, so the reply guarantee does not depend on a person's answer.
 
 The solver (`ToolRules.plan`) is a pure function of the rules, the agent's
 tools and the calls that succeeded so far in this turn (a failed call changes
@@ -210,6 +212,10 @@ class ToolRules:
     def _named(self, kind: str) -> set[str]:
         return {r.tool_name for r in self._of(kind)}
 
+    def requiring_approval(self) -> list[str]:
+        """The tools whose every call waits for a person (requires_approval rules), sorted."""
+        return sorted(self._named("requires_approval"))
+
     def terminal(self, tools: Iterable[str]) -> list[str]:
         """The tools that end a turn, in `tools` order: those of exit_loop rules, else send_message."""
         ends = self._named("exit_loop") or {REPLY_TOOL}
@@ -244,7 +250,7 @@ class ToolRules:
 
     def by_rules(self, tools: Sequence[str], history: Sequence[Call]) -> list[str]:
         """The tools the rules allow next (before the reply guarantee), in `tools` order."""
-        allowed = set(tools) - self._named("requires_approval")
+        allowed = set(tools)
         if not history:
             init = self._named("run_first")
             if init:
@@ -322,7 +328,7 @@ class ToolRules:
             "conditional": "After {t}, the next function depends on its result.",
             "max_count_per_step": "Call {t} at most {n} time(s) per turn.",
             "required_before_exit": "Call {t} before you end your turn.",
-            "requires_approval": "{t} needs approval and is not available.",
+            "requires_approval": "{t} runs only after a person approves the call.",
         }
         return [lines[r.type].format(t=r.tool_name, c=", ".join(r.children), n=r.max_count_limit)
                 for r in self.rules]

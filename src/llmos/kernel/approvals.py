@@ -79,6 +79,10 @@ class ApprovalQueue:
         """Make calls of `tools` (names or globs) need approval: of every agent, or only of `pid`."""
         (self._tools if pid is None else self._per_pid.setdefault(pid, set())).update(tools)
 
+    def release(self, pid: int) -> None:
+        """The process `pid` ended: drop the approval rules that were only its own."""
+        self._per_pid.pop(pid, None)
+
     def needed(self, proc: Any, tool: str, grants: list[Any] = ()) -> bool:  # type: ignore[assignment]
         """Whether `proc`'s call of `tool` waits for a person: one of the `grants` it holds for the tool
         says so (any of them: a grant that would not allow the call cannot waive it), or a rule does."""

@@ -18,9 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llmos.agents.memgpt import _CALL_FORMAT, DEFAULT_MAX_STEPS, MEMORY_FUNCTIONS, MemGPTAgent
+from llmos.agents import memgpt
+from llmos.agents.memgpt import DEFAULT_MAX_STEPS, MEMORY_FUNCTIONS, MemGPTAgent
 from llmos.agents.messages import AgentMessage
 from llmos.agents.tool_rules import ToolRules
+from llmos.kernel.approvals import approvals_of
 from llmos.memory import ContextConfig, MainContext, open_store
 from llmos.memory.agents import AgentDef, AgentStore, Run
 
@@ -31,7 +33,7 @@ CANCELLED = "cancelled by the API"
 
 def instructions(agent: AgentDef) -> str:
     """The system prompt the model sees: the agent's own, how to call functions, and its tool rules."""
-    return " ".join([agent.system, _CALL_FORMAT, *ToolRules.from_letta(agent.tool_rules).describe()])
+    return memgpt.instructions(agent.system, ToolRules.from_letta(agent.tool_rules))
 
 
 class _StepContext(MainContext):
@@ -169,8 +171,15 @@ class AgentRuntime:
             context.end_step()
 
         first = self.store.last_message(agent.id) + 1
+        rules = ToolRules.from_letta(agent.tool_rules)
         active.pid = await kernel.spawn(program, name=agent.id, owner=run.owner)
-        await kernel.wait(active.pid)
+        approvals = approvals_of(kernel)
+        if needs := rules.requiring_approval():  # set before the process first runs
+            approvals.require(*needs, pid=active.pid)
+        try:
+            await kernel.wait(active.pid)
+        finally:
+            approvals.release(active.pid)
         proc = kernel.process(active.pid)
         self.store.rollback_step(agent.id)  # a step left open (killed, crashed) did not happen
         context, turn = outcome.get("context"), outcome.get("turn")
