@@ -437,6 +437,8 @@ def bench_sched(
     quick: Annotated[bool, typer.Option(help="Shrink the work (the tests' form).")] = False,
     model: Annotated[str, typer.Option("--model", "-m")] = "smollm2-135m-instruct",
     policy: Annotated[list[str] | None, typer.Option(help="Run only these policies (repeatable).")] = None,
+    repeats: Annotated[int | None, typer.Option(min=1, help="Runs per policy, interleaved (default 3; "
+                                                "quick 1).")] = None,
     output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
 ) -> None:
     """Agent scheduling policies side by side: throughput, interactive latency, fairness.
@@ -449,7 +451,8 @@ def bench_sched(
     bad = [p for p in policy or [] if p not in POLICIES]
     if bad:
         fail(f"unknown policy {bad[0]!r}; choose from {', '.join(POLICIES)}")
-    run_sched_bench(console, quick=quick, model=model, json_path=output, policies=tuple(policy or POLICIES))
+    run_sched_bench(console, quick=quick, model=model, json_path=output, policies=tuple(policy or POLICIES),
+                    repeats=repeats)
 
 
 def bench_service(
