@@ -60,3 +60,22 @@ def test_cache_clear_names_an_unknown_kind(tmp_path):
     r = llmos(tmp_path, "cache", "clear", "models")
     assert (r.returncode, r.stderr.strip()) == (2, "error: unknown cache 'models'; choose one of weights, "
                                                    "scratch")
+
+
+def test_bench_results_go_to_the_llmos_home_unless_a_path_is_named(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from llmos.bench.engine import write_report
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.setenv("LLMOS_HOME", str(home))
+    monkeypatch.chdir(cwd)
+    console = Console(record=True, width=200)
+    write_report({"n": 1}, None, "docs/bench/security.json", console)
+    write_report({"n": 2}, None, "bench-results/prefix.json", console)
+    write_report({"n": 3}, str(tmp_path / "mine.json"), "bench-results/prefix.json", console)
+    assert list(cwd.iterdir()) == []
+    assert sorted(p.name for p in (home / "bench-results").iterdir()) == ["prefix.json", "security.json"]
+    assert (tmp_path / "mine.json").read_text() == '{\n  "n": 3\n}'
+    assert f"results written to {home / 'bench-results' / 'security.json'}" in console.export_text()

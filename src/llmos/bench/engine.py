@@ -187,8 +187,11 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
 
 
 def write_report(report: dict[str, Any], json_path: str | None, default: str, console: Console) -> None:
-    """Write a bench's results as JSON (to `json_path`, else `default`) and say where."""
-    path = Path(json_path or default)
+    """Write a bench's results as JSON (to `json_path`, else the file named like `default` in the
+    llmos home's bench-results/: never the current directory unasked) and say where."""
+    from llmos.home import llmos_home
+
+    path = Path(json_path) if json_path else llmos_home() / "bench-results" / Path(default).name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, default=str))
     console.print(f"[dim]results written to {path}[/]")
