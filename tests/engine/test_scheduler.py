@@ -144,11 +144,21 @@ class Sim:
             self.sched.running.append(child)
 
     def check(self) -> None:
-        sched, bm = self.sched, self.bm
-        bm.check_invariants([s.block_table for s in sched.running])
+        sched, bm, retained = self.sched, self.bm, self.sched.retained
+        paused = [s for s in sched.paused if s.status is SequenceStatus.RUNNING]
+        pinned = [c for c in retained.contexts.values() if not c.on_host]
+        bm.check_invariants([s.block_table for s in sched.running + paused] + [c.blocks for c in pinned])
         held = [b for s in sched.swapped for b in s.block_table]
+        held += [b for c in retained.contexts.values() if c.on_host for b in c.blocks]
+        held += retained._host_to_free
         assert len(set(held)) == len(held)
         assert sched.swap.num_free_blocks + len(held) == sched.swap.num_blocks
+        for ctx in retained.contexts.values():  # a retained context's blocks hold its tokens' KV
+            store = self.host if ctx.on_host else self.device
+            tokens = [t for _, block_tokens in ctx.block_keys for t in block_tokens]
+            for pos in range(len(tokens)):
+                block = ctx.blocks[pos // bm.block_size]
+                assert store[block][pos % bm.block_size] == tuple(tokens[: pos + 1])
         assert all(not s.block_table and not s.num_computed_tokens for s in sched.waiting)
         bs = bm.block_size
         for seqs, store in ((sched.running, self.device), (sched.swapped, self.host)):
@@ -500,3 +510,51 @@ def test_random_workloads_finish_and_free_every_block(workload) -> None:
     assert sim.sched.swap.num_free_blocks == swap_blocks
     sim.bm.check_invariants([])
     assert not sim.sched.running and not sim.sched.waiting and not sim.sched.swapped
+
+
+# -- KV retained across an agent's tool call (retained.py) --------------------------
+
+
+def finished_context(sim: Sim, key: str, prompt: int = 8) -> Sequence:
+    """A call registered for retention, run to its end: its full blocks stay pinned under `key`."""
+    seq = make_seq(prompt, max_tokens=1)
+    sim.sched.retained.retain_on_finish[seq.request_id] = key
+    sim.add(seq)
+    sim.run()
+    return seq
+
+
+def test_a_retained_context_is_reclaimed_before_a_paused_sequence_loses_its_blocks() -> None:
+    sched = make_scheduler(num_blocks=8, swap_blocks=8)
+    sim = Sim(sched)
+    finished_context(sim, "a")
+    assert sched.retained.device_blocks() == 2 and sched.retained.keep("a", ttl=3600)
+    b = make_seq(12, max_tokens=8)
+    sim.add(b)
+    sim.step()
+    sched.pause(b)  # an agent preempted by the kernel: it keeps its 3 blocks for now
+    c = make_seq(16, max_tokens=2)  # needs 4 blocks; 3 are free
+    sim.add(c)
+    out = sim.step()
+    assert out.scheduled == {c: 16} and out.swap_out == [] and not out.preempted
+    assert sched.retained.contexts == {} and sched.retained.stats.reclaimed == 1
+    assert len(b.block_table) == 3 and b.status is SequenceStatus.RUNNING
+
+
+def test_a_swapped_context_comes_back_with_its_kv_and_only_new_tokens_are_computed() -> None:
+    sched = make_scheduler(num_blocks=8, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.swap_out("a")
+    sim.step()  # copies the context to host blocks (checked by Sim.check)
+    sched.blocks.reset_prefix_cache()  # its device copy is lost
+    d = make_seq(a.token_ids + [7000, 7001, 7002], max_tokens=1)
+    sched.retained.claims[d.request_id] = "a"
+    sim.add(d)
+    out = sim.step()
+    assert len(out.swap_in) == 2 and out.scheduled == {d: 4}  # 8 of 12 tokens swapped in
+    assert d.num_cached_tokens == 8 and sched.retained.contexts == {}
+    sim.run()
+    assert sched.swap.num_free_blocks == 6  # the host blocks a swap-in read are freed a step later
+    sim.step()
+    assert sched.swap.num_free_blocks == 8 and sched.blocks.num_used_blocks == 0
