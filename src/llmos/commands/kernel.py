@@ -280,8 +280,9 @@ def _requested(kernel, main) -> Any:
 
 
 async def _run(kernel, programs, args, live: bool) -> int:
-    """Run the programs to their end; the exit status: 0 when every agent exited, 130 after Ctrl-C,
-    1 when an agent crashed, was killed or failed its task (each crash shown with its traceback)."""
+    """Run the programs to their end; the exit status: 0 when every agent exited (or was killed by a
+    user's signal), 130 after Ctrl-C, 1 when an agent crashed, failed its task or exceeded a quota
+    (each crash shown with its traceback)."""
     from llmos.agents import TaskFailed
 
     interrupted = False
@@ -327,7 +328,9 @@ async def _run(kernel, programs, args, live: bool) -> int:
     console.print(table)
     if interrupted:
         return 130
-    return 0 if all(r["exit_reason"] == "exited" for r in summary) else 1
+    # a kill the user sent (llmos kill) is their decision; a crash, a failed task or a quota is a failure
+    return 0 if all(r["exit_reason"] == "exited" or (r["exit_reason"] or "").startswith("killed:")
+                    for r in summary) else 1
 
 
 def _table():
