@@ -558,3 +558,19 @@ def test_a_swapped_context_comes_back_with_its_kv_and_only_new_tokens_are_comput
     assert sched.swap.num_free_blocks == 6  # the host blocks a swap-in read are freed a step later
     sim.step()
     assert sched.swap.num_free_blocks == 8 and sched.blocks.num_used_blocks == 0
+
+
+def test_a_context_expires_after_its_ttl_unless_a_queued_request_claims_it() -> None:
+    now = [0.0]
+    sched = make_scheduler(num_blocks=8, swap_blocks=8)
+    sched.retained.clock = lambda: now[0]
+    sim = Sim(sched)
+    finished_context(sim, "a")
+    finished_context(sim, "b")
+    sched.retained.keep("a", ttl=1.0)
+    sched.retained.keep("b", ttl=1.0)
+    sched.retained.claims["queued"] = "b"  # b's next call is in the queue, not yet admitted
+    now[0] = 1.0
+    sim.step()
+    assert list(sched.retained.contexts) == ["b"] and sched.retained.stats.expired == 1
+    assert sched.blocks.num_used_blocks == 2  # a's blocks are free (still in the prefix cache)

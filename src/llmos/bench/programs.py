@@ -1,8 +1,9 @@
 """`llmos bench programs`: scheduling agent programs, not requests, with KV kept across tool calls.
 
 A seeded multi-agent trace: programs arrive over time; each is a chain of LLM
-calls (ReAct-like: a call's prompt is the previous context, its answer and a
-tool result), with tool calls between them whose durations come from a
+calls, their number long-tailed (Pareto: most programs short, a few long),
+ReAct-like: a call's prompt is the previous context, its answer and a tool
+result, with tool calls between them whose durations come from a
 long-tailed (log-normal) distribution. Greedy decoding to a fixed length, so
 every configuration does the same work and should produce the same tokens.
 The three configurations run one after the other on the same engine, under
@@ -39,18 +40,19 @@ from llmos.kernel.backend import GenerationParams, new_call_id
 
 @dataclass
 class ProgramsWorkload:
-    programs: int = 24
-    calls: tuple[int, int] = (3, 8)  # LLM calls per program
-    first_prompt: tuple[int, int] = (64, 160)  # tokens of the task
-    tool_tokens: tuple[int, int] = (32, 96)  # new tokens a tool result adds
-    answer_tokens: int = 12
+    programs: int = 16
+    calls: tuple[int, int] = (3, 10)  # LLM calls per program, from a Pareto tail
+    calls_alpha: float = 1.2
+    first_prompt: tuple[int, int] = (48, 96)  # tokens of the task
+    tool_tokens: tuple[int, int] = (24, 64)  # new tokens a tool result adds
+    answer_tokens: int = 8
     tool_median_s: float = 0.4  # log-normal tool time, clipped to [tool_min_s, tool_max_s]
     tool_sigma: float = 1.3
     tool_min_s: float = 0.01
     tool_max_s: float = 10.0
     arrival_span_s: float = 10.0  # programs arrive uniformly at random over this span
-    max_running: int = 6  # LLM calls on the engine at once
-    kv_blocks: int = 96  # the KV capacity every configuration runs under (16 tokens a block)
+    max_running: int = 4  # LLM calls on the engine at once
+    kv_blocks: int = 40  # the KV capacity every configuration runs under (16 tokens a block)
     seed: int = 0
 
 
@@ -91,7 +93,8 @@ def make_trace(w: ProgramsWorkload) -> list[Program]:
 
     programs = []
     for i in range(w.programs):
-        calls = rng.randint(*w.calls)
+        lo, hi = w.calls  # long-tailed, as in agent traces: most programs short, a few long
+        calls = min(hi, lo - 1 + int(rng.paretovariate(w.calls_alpha)))
         steps = []
         for _ in range(calls - 1):
             tool = rng.choice(_TOOLS)
@@ -209,7 +212,7 @@ def run_programs_bench(console: Console, quick: bool = False, full: bool = False
                 row, run = asyncio.run(run_config(backend, config, w, trace))
             rows.append(row)
             runs.append(run)
-            console.print(f"{config}: mean {row['mean_completion_s']:.2f} s, "
+            console.print(f"{config} ({row['seconds']:.0f} s): mean {row['mean_completion_s']:.2f} s, "
                           f"p99 {row['p99_completion_s']:.2f} s, "
                           f"{row['prompt_tokens_recomputed']} prompt tokens recomputed")
     finally:

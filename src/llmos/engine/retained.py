@@ -18,7 +18,9 @@ is dropped: the request's own block table holds the blocks.
 
 Guarantees: memory pressure always wins, since `reclaim` releases pinned
 contexts (soonest expiry first) before the scheduler swaps or preempts any
-sequence; expired contexts are released at the next schedule; pinned and
+sequence; expired contexts are released at the next schedule, unless a
+queued request already claims them (its wait in the queue is not the tool's
+time); pinned and
 host blocks are counted by the allocators like any others; host blocks a
 swap-in read are freed only after the step that reads them.
 """
@@ -149,8 +151,8 @@ class RetainedContexts:
         decided since the last step (the engine copies them before this step writes any KV)."""
         self.swap.free(self._host_to_free)
         self._host_to_free = []
-        now = self.clock()
-        for key in [k for k, c in self.contexts.items() if c.expires <= now]:
+        now, claimed = self.clock(), set(self.claims.values())
+        for key in [k for k, c in self.contexts.items() if c.expires <= now and k not in claimed]:
             self._drop(key)
             self.stats.expired += 1
         pairs, self._swap_out = self._swap_out, []
