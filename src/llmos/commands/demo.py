@@ -13,6 +13,7 @@ the audit log); a failed check is marked and the command exits 1.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import shutil
 import sys
 import tempfile
@@ -165,9 +166,12 @@ def where_next() -> None:
                       f"[bold]{_short(bin_dir)}/llmos[/])")
     console.print("  [bold]llmos serve[/]  the whole OS as a server on http://127.0.0.1:8000 "
                   "(OpenAI API at /v1, agents API, kernel API; `llmos top` watches it)")
+    if importlib.util.find_spec("llmos.server.dashboard") is not None:
+        console.print("  [bold]http://127.0.0.1:8000/dashboard[/]  while it serves: the KV block map, "
+                      "agents, context windows and monitor decisions, live")
     if "lab" in commands:
-        console.print("  [bold]llmos lab paging[/]  figures drawn from live measurements "
-                      "(`llmos lab --help` lists them)")
+        console.print("  [bold]llmos lab paging[/]  a figure drawn from live measurements "
+                      "(`llmos lab --help` lists the labs)")
     console.print("  [bold]llmos run react --arg task=\"What is 2 ** 10?\"[/]  one agent, with the live "
                   "process view")
     console.print("  [bold]llmos chat[/]  talk to the model; [bold]llmos chat --agent sam[/] a MemGPT "
