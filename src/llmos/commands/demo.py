@@ -146,7 +146,7 @@ async def injection_step(kernel: Any, home: Path, check: _Checks) -> None:
     result = await kernel.wait(pid)
     check(result["status"] == "denied" and "untrusted data from tool:read_file" in (result["reason"] or ""),
           "the reference monitor denied the injected run_shell call, with its reason")
-    rows = [r for r in kernel.monitor.audit.tail(20) if r["tool"] == "run_shell"]
+    rows = [r for r in kernel.monitor.audit.tail(20) if r["tool"] == "run_shell" and r["agent"] == "hijacked"]
     check([r["decision"] for r in rows] == ["deny"],
           f"the audit log holds the decision: {rows[-1]['decision'] if rows else 'nothing'} "
           f"{rows[-1]['tool'] if rows else ''} ({rows[-1]['reason'] if rows else ''})")
