@@ -54,6 +54,37 @@ def test_paging_removes_the_three_kinds_of_waste(model, tmp_path, monkeypatch):
     assert "paged" in result.summary and "waste" in result.summary
 
 
+def test_sharing_copy_on_write_and_the_prefix_cache_hold_fewer_blocks(model, tmp_path):
+    d = _check_files(run_lab("sharing", tmp_path, "small", model=model))
+    a, b = d["samples"], d["system_prompt"]
+    full_prompt_blocks = a["prompt_tokens"] // 16
+    assert a["peak_blocks_copy_on_write"] < a["peak_blocks_without_sharing"]
+    assert a["peak_blocks_without_sharing"] <= a["n"] * -(-(a["prompt_tokens"] + a["max_tokens"]) // 16)
+    assert a["peak_shared_blocks"] >= full_prompt_blocks  # every full prompt block is shared by all samples
+    assert a["distinct_samples"] >= 2  # they are different samples, not copies
+    assert b["peak_blocks_prefix_cache"] < b["peak_blocks_no_cache"]
+    assert b["prompt_tokens_computed_no_cache"] == b["prompt_tokens"]
+    shared = (b["k"] - 1) * 16 * (b["system_prompt_tokens"] // 16)  # the system prompt's full blocks
+    assert b["prompt_tokens_computed_prefix_cache"] <= b["prompt_tokens"] - shared
+    assert b["outputs_identical"] is True
+
+
+def test_switch_resumes_with_identical_tokens_whether_kv_is_kept_swapped_or_recomputed(model, tmp_path):
+    d = _check_files(run_lab("switch", tmp_path, "small", model=model))
+    m = d["modes"]
+    modes = ("kept", "swapped", "recomputed")
+    assert {k: r["tokens_identical"] for k, r in m.items()} == dict.fromkeys(modes, True)
+    assert [m[k]["status_while_suspended"] for k in modes] == [
+        "kept", "swapped", "dropped"]
+    blocks = -(-(d["prompt_tokens"] + d["suspended_after"] - 1) // 16)  # KV of the tokens so far
+    assert m["kept"]["device_blocks_held"] == m["swapped"]["host_blocks_held"] == blocks
+    assert m["swapped"]["device_blocks_held"] == m["recomputed"]["device_blocks_held"] == 0
+    assert m["kept"]["bytes_moved"] == m["recomputed"]["bytes_moved"] == 0 < m["swapped"]["bytes_moved"]
+    assert m["recomputed"]["tokens_recomputed"] >= d["prompt_tokens"] + d["suspended_after"] - 1
+    assert m["kept"]["tokens_recomputed"] == m["swapped"]["tokens_recomputed"] == 0
+    assert d["generated_tokens"] > d["suspended_after"]
+
+
 def test_lab_command_rejects_an_unknown_lab_and_writes_nothing(tmp_path):
     r = subprocess.run([LLMOS, "lab", "pagin"], capture_output=True, text=True, cwd=tmp_path,
                        env={"LLMOS_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})

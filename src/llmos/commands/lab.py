@@ -23,7 +23,7 @@ def lab(name: Annotated[str, typer.Argument(help="paging, sharing or switch")],
         fail(f"--size must be small or full, got {size!r}")
     with console.status(f"running lab {name} ({size}) on the embedded model…"):
         result = run_lab(name, out, size)
-    console.print(result.summary)
+    console.print(result.summary, soft_wrap=True, highlight=False)
     console.print(f"wrote {result.png_path} and {result.json_path}")
 
 

@@ -34,7 +34,7 @@ SCHEMES = ("max-length reservation", "exact reservation", "paged")
 PARTS = ("used", "reservation", "internal", "external")
 SIZE = {  # requests, prompt tokens (min, max), output tokens (min, max), pool blocks, max_len
     "small": {"requests": 8, "prompt": (192, 320), "output": (8, 32), "pool_blocks": 64, "max_len": 512},
-    "full": {"requests": 32, "prompt": (128, 448), "output": (16, 128), "pool_blocks": 160, "max_len": 640},
+    "full": {"requests": 16, "prompt": (128, 448), "output": (16, 96), "pool_blocks": 128, "max_len": 576},
 }
 _TEXT = ("An operating system multiplexes scarce hardware among programs that each believe they own it. "
          "Virtual memory gives every process its own address space, mapped page by page onto physical "

@@ -23,8 +23,8 @@ from llmos.lab._common import MODEL, engine, pyplot
 SIZE = {  # n samples, their max tokens; k requests, their max tokens; system prompt repeats; pool blocks
     "small": {"n": 4, "sample_tokens": 24, "k": 4, "answer_tokens": 8, "system_repeats": 3,
               "pool_blocks": 96},
-    "full": {"n": 8, "sample_tokens": 96, "k": 12, "answer_tokens": 32, "system_repeats": 6,
-             "pool_blocks": 256},
+    "full": {"n": 6, "sample_tokens": 48, "k": 8, "answer_tokens": 16, "system_repeats": 5,
+             "pool_blocks": 192},
 }
 _SYSTEM = ("You are the assistant of an operating-systems course. Answer in one short sentence, "
            "precisely, with the term the lecture uses. The lecture covers processes, scheduling, "
@@ -92,7 +92,8 @@ def _system_prompt(loaded: Any, p: dict[str, Any]) -> dict[str, Any]:
                        "prompt_tokens_computed": s["prompt_tokens"] - s["prefix_cache_hits"],
                        "hit_rate": s["prefix_cache_hit_rate"], "steps": s["steps"],
                        "tokens": [tokens[str(i)] for i in range(len(prompts))]}
-    system_tokens = len(loaded.tokenizer.encode_chat([{"role": "system", "content": system}]))
+    system_tokens = len(loaded.tokenizer.encode_chat([{"role": "system", "content": system}],
+                                                     add_generation_prompt=False))
     return {"k": p["k"], "system_prompt_tokens": system_tokens, "max_tokens": p["answer_tokens"],
             "peak_blocks_no_cache": runs[False]["peak_blocks"],
             "peak_blocks_prefix_cache": runs[True]["peak_blocks"],

@@ -26,7 +26,7 @@ from llmos.lab._common import MODEL, block_bytes, engine, pyplot
 MODES = ("kept", "swapped", "recomputed")
 SIZE = {  # prompt repeats, tokens generated, suspended after, pool blocks
     "small": {"repeats": 4, "max_tokens": 24, "suspend_after": 8, "pool_blocks": 40},
-    "full": {"repeats": 12, "max_tokens": 96, "suspend_after": 48, "pool_blocks": 96},
+    "full": {"repeats": 8, "max_tokens": 48, "suspend_after": 24, "pool_blocks": 64},
 }
 _PROMPT = ("Explain, step by step, how an operating system switches from one process to another: "
            "what it saves, where it keeps it, and what it restores. ")
@@ -105,13 +105,13 @@ def _suspend(e: Any, seq: Any, mode: str, pool_blocks: int) -> dict[str, Any]:
 def plot(data: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     m = data["modes"]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4.2))
     colours = ["#2e7d32", "#ef6c00", "#c62828"]
-    moved = [m[k]["bytes_moved"] / 1024 if k != "recomputed" else m[k]["tokens_recomputed"] for k in MODES]
-    held = [m[k]["device_blocks_held"] for k in MODES]
-    panels = [("device KV blocks held while suspended", held, "{:.0f}"),
-              ("KiB moved (swap out + in) / tokens recomputed", moved, "{:.0f}"),
-              ("resume to next token (ms)", [1000 * m[k]["resume_to_next_token_s"] for k in MODES], "{:.1f}")]
+    panels = [("device KV blocks held while suspended", [m[k]["device_blocks_held"] for k in MODES],
+               "{:.0f}"),
+              ("KV copied to host and back (MiB)", [m[k]["bytes_moved"] / 2**20 for k in MODES], "{:.1f}"),
+              ("tokens recomputed on resume", [m[k]["tokens_recomputed"] for k in MODES], "{:.0f}"),
+              ("resume to next token (ms)", [1000 * m[k]["resume_to_next_token_s"] for k in MODES], "{:.0f}")]
     for ax, (title, values, fmt) in zip(axes, panels, strict=True):
         ax.bar(MODES, values, color=colours, width=0.6)
         for i, v in enumerate(values):
