@@ -231,8 +231,8 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.text(i, bottom[i] + 1.5, f"waste {waste:.1f}%", ha="center", fontsize=9)
     ax.set_xticks(list(x), [s.replace(" reservation", "\nreservation") for s in SCHEMES])
     ax.set_ylabel("share of the KV pool (time average, %)")
-    ax.set_ylim(0, 110)
-    ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylim(0, 130)
+    ax.legend(loc="upper left", ncol=2, fontsize=8)
     ax.set_title(f"{len(data['requests'])} requests on a {data['pool_slots']}-token KV pool "
                  f"(block {data['block_size']}, max length {data['max_len']})", fontsize=10)
     mean = [data["schemes"][s]["mean_running"] for s in SCHEMES]
