@@ -72,6 +72,8 @@ class Syscalls:
     """
 
     __slots__ = ("_pid", "_token")
+    _pid: int
+    _token: str
 
     def __init__(self, pid: int, token: str) -> None:
         object.__setattr__(self, "_pid", pid)

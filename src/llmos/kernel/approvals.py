@@ -88,18 +88,19 @@ class ApprovalQueue:
         says so (any of them: a grant that would not allow the call cannot waive it), or a rule does."""
         if any(getattr(g, "approval", False) for g in grants):
             return True
-        globs = self._tools | self._per_pid.get(getattr(proc, "pid", None), set())
+        pid = getattr(proc, "pid", None)
+        globs = self._tools | (self._per_pid.get(pid, set()) if isinstance(pid, int) else set())
         return any(glob_match(g, tool) for g in globs)
 
     async def ask(self, proc: Any, tool: str, args: dict[str, Any]) -> Approval:
         """Park the call until it is approved (returns the approval); ToolDenied on a denial or timeout."""
+        future = asyncio.get_running_loop().create_future()
         item = Approval(secrets.token_hex(8), proc.pid, str(proc.name), str(getattr(proc, "owner", "local")),
-                        tool, args, time.time(), self.timeout_s,
-                        _future=asyncio.get_running_loop().create_future())
+                        tool, args, time.time(), self.timeout_s, _future=future)
         self._items[item.id] = item
         self._audit(item, "ask", f"waiting for a person's approval (at most {self.timeout_s:g} s)")
         try:
-            await asyncio.wait_for(asyncio.shield(item._future), self.timeout_s)
+            await asyncio.wait_for(asyncio.shield(future), self.timeout_s)
         except TimeoutError:
             self._settle(item, "expired", None, f"no decision within {self.timeout_s:g} s")
         except asyncio.CancelledError:

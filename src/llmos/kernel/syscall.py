@@ -382,7 +382,8 @@ async def _tool_call(kernel: Kernel, proc: Process, tool: str, args: dict[str, A
     if (why := kernel.over_quota(proc, before="tool_calls")) is not None:
         raise Terminated(why)
     kernel.charge(proc, tool_calls=1)
-    ctx = ToolContext(proc.pid, proc.name, proc.workdir, kernel.home, proc)
+    ctx = ToolContext(proc.pid, proc.name, proc.workdir or kernel.home / "scratch" / str(proc.pid),
+                      kernel.home, proc)
     proc.set_state(ProcessState.WAITING)
     try:
         return await call_tool(kernel.monitor, kernel.tools, proc, tool, args, labels, ctx,

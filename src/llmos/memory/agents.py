@@ -16,6 +16,7 @@ is failed with a reason saying so, and runs still queued keep their place.
 
 from __future__ import annotations
 
+import builtins
 import json
 import sqlite3
 import threading
@@ -202,7 +203,7 @@ class AgentStore:
 
     def list(self, owner: str | None = None, *, after: str | None = None, before: str | None = None,
              limit: int | None = None, descending: bool = False, name: str | None = None,
-             tags: list[str] | None = None, match_all_tags: bool = False) -> list[AgentDef]:
+             tags: list[str] | None = None, match_all_tags: bool = False) -> builtins.list[AgentDef]:
         """Agents (of `owner`, or all for None) in creation order (newest first if `descending`);
         `after`/`before` are agent ids, meaning after/before in that order."""
         where, params = ["1 = 1"], []
@@ -277,7 +278,7 @@ class AgentStore:
         return _run(rows[0]) if rows else None
 
     def runs(self, owner: str | None = None, agent_id: str | None = None,
-             statuses: tuple[str, ...] | None = None) -> list[Run]:
+             statuses: tuple[str, ...] | None = None) -> builtins.list[Run]:
         where, params = ["1 = 1"], []
         if owner is not None:
             where.append("owner = ?")
@@ -344,7 +345,7 @@ class AgentStore:
         self.end_step(agent_id)
         return True
 
-    def recover(self) -> list[str]:
+    def recover(self) -> builtins.list[str]:
         """After a restart: roll back open steps, fail the runs that were running; returns the ids of
         runs still queued (in order), for the caller to run again."""
         for row in self._query("SELECT agent_id FROM step_journal"):

@@ -391,7 +391,7 @@ class MCPTools:
         self._register(server, d)
         if self.audit is not None:
             what = "mcp.approve" if approved is not None else "mcp.pin"
-            args = {"server": server.name, "tool": d.name, "digest": d.digest}
+            args: dict[str, Any] = {"server": server.name, "tool": d.name, "digest": d.digest}
             if approved is not None:
                 args |= {"previous_digest": approved.digest, "changed": approved.changes(d)}
             self.audit.append(by, what, args, None, "allow",
