@@ -220,9 +220,10 @@ def serve(
 
     import uvicorn
 
+    from llmos.home import llmos_home
     from llmos.kernel import POLICIES
     from llmos.server import create_app, serve_config
-    from llmos.server.system import boot
+    from llmos.server.system import boot, find_server
 
     given = {k: v for k, v in ctx.params.items() if k != "model_arg"}
     given["model"] = model_arg or model
@@ -247,6 +248,10 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if policy not in POLICIES:
         fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    running = find_server(llmos_home())
+    if running is not None:  # two servers on one home would each recover (fail) the other's runs
+        fail(f"llmos already serves this home ({llmos_home()}) at {running['url']} (pid {running['pid']}); "
+             "stop it, or set LLMOS_HOME to another directory")
     llm = None
     with console.status(f"booting llmos on {backend_url or model} ..."), _user_errors():
         try:
