@@ -11,7 +11,8 @@ TYPED := src/llmos/db.py src/llmos/security/fs.py src/llmos/security/audit.py sr
 	src/llmos/security/monitor.py src/llmos/kernel/users.py src/llmos/kernel/syscall.py src/llmos/kernel/api.py \
 	src/llmos/kernel/approvals.py src/llmos/kernel/remote.py src/llmos/agents/tool_rules.py \
 	src/llmos/agents/messages.py src/llmos/tools/mcp.py src/llmos/tools/host.py src/llmos/memory/agents.py \
-	src/llmos/server/auth.py src/llmos/server/system.py src/llmos/server/kernel_api.py
+	src/llmos/server/auth.py src/llmos/server/system.py src/llmos/server/kernel_api.py \
+	src/llmos/server/dashboard.py src/llmos/lab/*.py src/llmos/commands/lab.py
 MYPY := $(BIN)/mypy --ignore-missing-imports --follow-imports=silent
 
 $(STAMP): pyproject.toml

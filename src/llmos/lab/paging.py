@@ -32,7 +32,8 @@ from llmos.lab._common import MODEL, engine, pyplot
 
 SCHEMES = ("max-length reservation", "exact reservation", "paged")
 PARTS = ("used", "reservation", "internal", "external")
-SIZE = {  # requests, prompt tokens (min, max), output tokens (min, max), pool blocks, max_len
+# requests, prompt tokens (min, max), output tokens (min, max), pool blocks, max_len
+SIZE: dict[str, dict[str, Any]] = {
     "small": {"requests": 8, "prompt": (192, 320), "output": (8, 32), "pool_blocks": 64, "max_len": 512},
     "full": {"requests": 16, "prompt": (128, 448), "output": (16, 96), "pool_blocks": 128, "max_len": 576},
 }

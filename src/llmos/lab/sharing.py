@@ -20,7 +20,8 @@ from typing import Any
 
 from llmos.lab._common import MODEL, engine, pyplot
 
-SIZE = {  # n samples, their max tokens; k requests, their max tokens; system prompt repeats; pool blocks
+# n samples, their max tokens; k requests, their max tokens; system prompt repeats; pool blocks
+SIZE: dict[str, dict[str, Any]] = {
     "small": {"n": 4, "sample_tokens": 24, "k": 4, "answer_tokens": 8, "system_repeats": 3,
               "pool_blocks": 96},
     "full": {"n": 6, "sample_tokens": 48, "k": 8, "answer_tokens": 16, "system_repeats": 5,
@@ -59,6 +60,7 @@ def _samples(loaded: Any, p: dict[str, Any]) -> dict[str, Any]:
             physical.append(e.blocks.num_used_blocks)
             private.append(sum(len(s.block_table) for s in seqs))
             shared.append(sum(1 for r in e.blocks.ref_counts if r > 1))
+    assert outputs is not None, "the engine gave no output"
     texts = [c.text for c in outputs.outputs]
     return {"n": p["n"], "prompt_tokens": len(ids), "max_tokens": p["sample_tokens"],
             "steps": len(physical), "distinct_samples": len(set(texts)),

@@ -24,7 +24,7 @@ from typing import Any
 from llmos.lab._common import MODEL, block_bytes, engine, pyplot
 
 MODES = ("kept", "swapped", "recomputed")
-SIZE = {  # prompt repeats, tokens generated, suspended after, pool blocks
+SIZE: dict[str, dict[str, Any]] = {  # prompt repeats, tokens generated, suspended after, pool blocks
     "small": {"repeats": 4, "max_tokens": 24, "suspend_after": 8, "pool_blocks": 40},
     "full": {"repeats": 8, "max_tokens": 48, "suspend_after": 24, "pool_blocks": 64},
 }

@@ -83,8 +83,8 @@ class Snapshotter:
     """Takes successive snapshots for one viewer; keeps what rates are computed from."""
 
     def __init__(self, app: Any, user: User) -> None:
-        self.system = getattr(app.state, "system", None)
-        self.llm = getattr(app.state, "dashboard_llm", None)
+        self.system: Any = getattr(app.state, "system", None)
+        self.llm: Any = getattr(app.state, "dashboard_llm", None)
         self.user = user
         self._last: tuple[float, int] | None = None  # (time, generation tokens) of the last snapshot
         self._verdict: dict[str, Any] | None = None
