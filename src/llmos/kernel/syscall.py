@@ -125,7 +125,7 @@ _QUERIES: dict[str, Callable[..., Any]] = {
     "workdir": lambda k, p: p.workdir,
     "home": lambda k, p: k.home,
     "context_window": lambda k, p: k.backend.context_window,
-    "tools": lambda k, p: k.tools.specs(),
+    "tools": lambda k, p: k.tools.specs(user=p.owner),  # another user's MCP tools stay unseen
     "count_tokens": lambda k, p, messages: k.backend.count_tokens(messages),
     "settings": lambda k, p: k.settings(),
     "print": lambda k, p, text: k.emit(p.pid, str(text)),

@@ -188,9 +188,15 @@ def _window(system: Any) -> int:
     return int(system.backend.context_window)
 
 
+def _tools(request: Request) -> dict[str, Any]:
+    """The kernel's tools the caller may see (another user's MCP tools are not among them)."""
+    user = _user(request)
+    return request.app.state.system.kernel.tools.visible(None if user.admin else user.id)
+
+
 def _tool_names(request: Request, names: list[str]) -> list[str]:
-    """Tool names (a Letta tool id `tool-NAME` or a name) checked against the kernel's registry."""
-    known = request.app.state.system.kernel.tools.tools
+    """Tool names (a Letta tool id `tool-NAME` or a name) checked against the tools the caller sees."""
+    known = _tools(request)
     out = []
     for n in names:
         name = n.removeprefix("tool-")
@@ -762,8 +768,7 @@ async def delete_passage(agent_id: str, memory_id: str, request: Request) -> dic
 @_route("GET", "/v1/tools/")
 async def list_tools(request: Request, after: str | None = None, limit: int | None = None,
                      name: str | None = None) -> list[dict[str, Any]]:
-    _user(request)
-    tools = sorted(request.app.state.system.kernel.tools.tools.values(), key=lambda t: t.name)
+    tools = sorted(_tools(request).values(), key=lambda t: t.name)
     if name is not None:
         tools = [t for t in tools if t.name == name]
     return _page([_tool_json(t, set(DEFAULT_TOOLS)) for t in tools], after, limit)
@@ -771,8 +776,7 @@ async def list_tools(request: Request, after: str | None = None, limit: int | No
 
 @router.get("/v1/tools/{tool_id}")
 async def retrieve_tool(tool_id: str, request: Request) -> dict[str, Any]:
-    _user(request)
-    tool = request.app.state.system.kernel.tools.tools.get(tool_id.removeprefix("tool-"))
+    tool = _tools(request).get(tool_id.removeprefix("tool-"))
     if tool is None:
         raise _not_found("tool", tool_id)
     return _tool_json(tool, set(DEFAULT_TOOLS))

@@ -43,6 +43,11 @@ class Tool:
     untrusted_output: bool = False  # its result carries outside content (files, web, mail)
     destructive: bool = False
     timeout_s: float | None = None  # the kernel's bound on one call (None: the kernel's default)
+    owner: str | None = None  # the user whose tool it is (an MCP server's); None: every user's
+
+    def visible_to(self, user: str | None) -> bool:
+        """Whether `user` may see this tool (None: an admin, who sees every tool)."""
+        return self.owner is None or user is None or self.owner == user
 
     def spec(self) -> dict[str, Any]:
         """The OpenAI `tools` entry for this tool."""
@@ -71,5 +76,11 @@ class ToolRegistry:
     def __contains__(self, name: str) -> bool:
         return name in self.tools
 
-    def specs(self, names: list[str] | None = None) -> list[dict[str, Any]]:
-        return [t.spec() for n, t in sorted(self.tools.items()) if names is None or n in names]
+    def specs(self, names: list[str] | None = None, user: str | None = None) -> list[dict[str, Any]]:
+        """The specs of the tools (of `names`) that `user` may see (None: all of them)."""
+        return [t.spec() for n, t in sorted(self.tools.items())
+                if (names is None or n in names) and t.visible_to(user)]
+
+    def visible(self, user: str | None) -> dict[str, Tool]:
+        """The tools `user` may see, by name (None: all of them)."""
+        return {n: t for n, t in self.tools.items() if t.visible_to(user)}

@@ -418,7 +418,7 @@ class MCPTools:
         description = (f"[MCP tool {d.name!r} of server {server.name!r}; its description is the server's "
                        f"own words, untrusted] {d.description[:MAX_DESCRIPTION]}")
         tool = Tool(name, description, d.input_schema or {"type": "object"},
-                    self._runner(server.name, d.name), untrusted_output=True)
+                    self._runner(server.name, d.name), untrusted_output=True, owner=server.owner)
         self.tools.tools[name] = tool  # replaces the tool's earlier (pinned) definition
         untrusted = getattr(self.monitor, "untrusted_output", None)
         if untrusted is not None:
