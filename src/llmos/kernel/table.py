@@ -53,7 +53,8 @@ _PROCESS_FIELDS = ("name", "parent", "state", "priority", "weight", "quotas", "t
 ARG_LIMIT = 200  # characters of a syscall's arguments kept in the log
 
 
-def _alive(os_pid: int) -> bool:
+def os_pid_alive(os_pid: int) -> bool:
+    """Whether an OS process with this pid exists (another user's counts)."""
     try:
         os.kill(os_pid, 0)
     except ProcessLookupError:
@@ -83,7 +84,7 @@ class ProcessTable:
     def start_boot(self) -> int:
         """Register this kernel; agents of boots whose kernel died are ended first."""
         for row in self.db.execute("SELECT boot, os_pid FROM boots WHERE ended IS NULL").fetchall():
-            if not _alive(row["os_pid"]):
+            if not os_pid_alive(row["os_pid"]):
                 self.end_boot(row["boot"], reason=f"kernel exited (boot {row['boot']})")
         now = time.time()
         self.boot = self._tx("INSERT INTO boots (os_pid, started, heartbeat) VALUES (?, ?, ?)",
@@ -162,7 +163,8 @@ class ProcessTable:
 
     def live_boots(self) -> list[dict[str, Any]]:
         rows = self.db.execute("SELECT * FROM boots WHERE ended IS NULL ORDER BY boot").fetchall()
-        return [dict(r) | {"status": json.loads(r["status"] or "{}")} for r in rows if _alive(r["os_pid"])]
+        return [dict(r) | {"status": json.loads(r["status"] or "{}")} for r in rows
+                if os_pid_alive(r["os_pid"])]
 
     def send_signal(self, pid: int, signal: str) -> int:
         return self._tx("INSERT INTO signals (pid, signal, sent) VALUES (?, ?, ?)",

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmos.kernel.table import os_pid_alive
 from llmos.kernel.users import UserStore
 
 SERVER_FILE = "server.json"
@@ -196,19 +197,9 @@ def read_server_file(home: Path | str) -> dict[str, Any] | None:
         return None
 
 
-def _alive(os_pid: int) -> bool:
-    try:
-        os.kill(os_pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def find_server(home: Path | str) -> dict[str, Any] | None:
     """The running server of `home` ({"url", "pid", "local_key", ...}), or None (none, or a stale file)."""
     info = read_server_file(home)
-    if info is None or not isinstance(info.get("pid"), int) or not _alive(info["pid"]):
+    if info is None or not isinstance(info.get("pid"), int) or not os_pid_alive(info["pid"]):
         return None
     return info
