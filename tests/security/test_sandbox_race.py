@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from llmos.security.capabilities import Capabilities
+from llmos.security.escapes import SWAPPER
 from llmos.security.sandbox import SandboxLimits, isolation
 from llmos.tools.base import ToolContext, ToolError, ToolRegistry
 from llmos.tools.files import file_tools
@@ -28,31 +29,6 @@ from llmos.tools.shell import shell_tool
 SECRET = "ROOT-ONLY-SECRET-4711"
 SWAPS = 4_000  # the swapping loop's fixed number of iterations
 
-# Runs in the sandbox as nobody: swap d for a link to the host directory and back, again and again.
-SWAPPER = """
-import os, time
-def restore(i):  # the kernel made a new d in the gap: move it aside, put the real one back
-    for _ in range(1000):
-        try:
-            if os.path.islink('d'):
-                os.unlink('d')
-            if os.path.isdir('d.real'):
-                if os.path.lexists('d'):
-                    os.rename('d', 'trash%d' % i)
-                os.rename('d.real', 'd')
-            return
-        except OSError:
-            time.sleep(0.001)
-for i in range({n}):
-    try:
-        os.rename('d', 'd.real')
-        os.symlink({host!r} if i % 2 else '../host', 'd')
-        os.unlink('d')
-        os.rename('d.real', 'd')
-    except OSError:
-        restore(i)
-print('swapped', {n})
-"""
 
 root_sandbox = pytest.mark.skipif(os.getuid() != 0 or not isolation()["namespaces"],
                                   reason="the race needs root and a namespaced sandbox that drops to nobody")

@@ -154,7 +154,7 @@ def _background(scratch: Path, work: Path, token: str) -> tuple[SandboxResult, b
 
 # --- attacks on the kernel's file tools and on the totals (issue 13) -----------------------------------
 
-_SWAPPER = """
+SWAPPER = """  # runs in the sandbox as nobody: swap d for a link to the host and back, n times
 import os, time
 def restore(i):  # the kernel made a new d in the gap: move it aside, put the real one back
     for _ in range(1000):
@@ -176,6 +176,7 @@ for i in range({n}):
         os.rename('d.real', 'd')
     except OSError:
         restore(i)
+print('swapped', {n})
 """
 RACE_SWAPS = 10_000
 _Counted = tuple[SandboxResult, bool, str, tuple[int, int]]  # ..., (cases tried, cases held)
@@ -225,7 +226,7 @@ def _symlink_race(scratch: Path, work: Path, token: str) -> _Counted:
     _tool_call(reg, ctx, "write_file", {"path": "d/secret", "content": "decoy"})
     before = _host_state(host)
     swapper: dict[str, SandboxResult] = {}
-    code = _SWAPPER.format(n=RACE_SWAPS, host=str(host))
+    code = SWAPPER.format(n=RACE_SWAPS, host=str(host))
     t = threading.Thread(target=lambda: swapper.update(r=run_sandboxed(
         _python(code), work, SandboxLimits(cpu_s=60, wall_s=120))))
     t.start()
