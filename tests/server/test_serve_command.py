@@ -89,5 +89,8 @@ def test_tuned_settings_and_config_errors(tmp_path):
         serve_config.read(tmp_path / "serve.ini")
     with pytest.raises(serve_config.ServeConfigError, match="No such file"):
         serve_config.read(tmp_path / "missing.toml")
+    (tmp_path / "broken.yaml").write_text("port: [1, 2\n")  # malformed YAML is an error, not a traceback
+    with pytest.raises(serve_config.ServeConfigError, match="broken.yaml does not parse"):
+        serve_config.read(tmp_path / "broken.yaml")
     assert serve_config.merge({"port": 1, "host": "a"}, {"port"}, {"port": 2, "host": "b"}, "f") == \
         {"port": 1, "host": "b"}

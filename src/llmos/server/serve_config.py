@@ -19,6 +19,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from llmos.engine.config import EngineConfig
 
 
@@ -40,12 +42,10 @@ def read(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
             data = yaml.safe_load(text) or {}
         else:
             raise ServeConfigError(f"config file {path} must end in .toml, .yaml or .yml")
-    except (tomllib.TOMLDecodeError, ValueError) as e:
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, ValueError) as e:
         if isinstance(e, ServeConfigError):
             raise
         raise ServeConfigError(f"config file {path} does not parse: {e}") from None
