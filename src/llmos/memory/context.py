@@ -50,6 +50,9 @@ _SUMMARY_SYSTEM = (
 )
 
 TRUNCATED = "... [truncated; the full text is in recall storage]"
+RECALL_FUNCTIONS = ("conversation_search", "conversation_search_date")
+# A recall hit: a search whose function return showed messages (the memory tools' "Showing messages ...").
+_HIT = '%"message": "Showing messages%'
 
 
 class ContextError(ValueError):
@@ -147,6 +150,38 @@ class MainContext:
                 "evictions": row["evictions"], "summaries": row["summaries"], "warned": bool(row["warned"]),
                 "llm_calls": row["llm_calls"], "largest_prompt": row["largest_prompt"],
                 "overflows": row["overflows"], "tokens": self.pressure().tokens, "budget": self.config.budget}
+
+    def recall_searches(self) -> tuple[int, int]:
+        """(searches of recall storage, hits): the agent's conversation searches so far, and those that
+        paged evicted or earlier messages back into its context (read from their stored returns)."""
+        marks = ", ".join("?" * len(RECALL_FUNCTIONS))
+        row = self.store.query(
+            f"SELECT count(*), coalesce(sum(content LIKE ?), 0) FROM messages WHERE agent = ? "
+            f"AND role = 'tool' AND name IN ({marks})", (_HIT, self.agent, *RECALL_FUNCTIONS))[0]
+        return row[0], row[1]
+
+    def view(self, count_tokens: CountTokens | None = None) -> dict[str, Any]:
+        """A read-only picture of this main context (what a dashboard draws): the tokens its prompt
+        takes now (split into instructions with core memory, summary and queue) against the budget
+        and window, the warning and flush points, core memory, the queue's length, the summary and
+        the counters of memory pressure. Writes nothing; `count_tokens` defaults to the agent's own."""
+        count = count_tokens or self.count_tokens
+        row = self._row()
+        queue = [to_chat(m) for m in self.queue()]
+        fixed = count([self.system_message(summary="")])
+        with_summary = count([self.system_message()]) if row["summary"] else fixed
+        tokens = count([self.system_message(), *queue]) if queue else with_summary
+        searches, hits = self.recall_searches()
+        c = self.config
+        return {"tokens": tokens, "fixed_tokens": fixed, "summary_tokens": with_summary - fixed,
+                "queue_tokens": tokens - with_summary, "budget": c.budget, "window": c.context_window,
+                "reply_tokens": c.reply_tokens, "warning_at": int(c.budget * c.warning_fraction),
+                "flush_at": int(c.budget * c.flush_fraction),
+                "core": [{"label": b.label, "value": b.value, "limit": b.limit} for b in self.core.blocks()],
+                "queue": len(queue), "messages": self.recall.count(), "summary": row["summary"],
+                "summaries": row["summaries"], "evictions": row["evictions"], "warned": bool(row["warned"]),
+                "recall_searches": searches, "recall_hits": hits, "llm_calls": row["llm_calls"],
+                "overflows": row["overflows"]}
 
     def note_prompt(self, prompt_tokens: int, max_tokens: int) -> None:
         """Record a prompt the backend was sent (its own token count): the largest, and any that with

@@ -27,6 +27,7 @@ from llmos.memory import ContextConfig, MainContext, open_store
 from llmos.memory.agents import AgentDef, AgentStore, Run
 
 DEFAULT_REPLY_TOKENS = 128
+RECENT_CONTEXTS = 16  # main contexts kept for the dashboard: those of the agents that ran last
 DEFAULT_TOOLS = list(MEMORY_FUNCTIONS)
 CANCELLED = "cancelled by the API"
 
@@ -105,6 +106,7 @@ class AgentRuntime:
         self.memory = open_store(system.home)
         self.store = AgentStore(system.home / "agents.db", self.memory)
         self.active: dict[str, ActiveRun] = {}
+        self.recent: dict[str, MainContext] = {}  # agent id -> its latest run's context, oldest first
         self._tasks: set[asyncio.Task] = set()
         for run_id in self.store.recover():  # queued before a restart: they keep their order
             run = self.store.get_run(run_id)
@@ -163,6 +165,10 @@ class AgentRuntime:
             context = _StepContext(self.memory, agent.id, sys.count_tokens, config,
                                    system=instructions(agent), journal=self.store, run_id=run.id)
             outcome["context"] = context
+            self.recent.pop(agent.id, None)
+            self.recent[agent.id] = context
+            while len(self.recent) > RECENT_CONTEXTS:
+                self.recent.pop(next(iter(self.recent)))
             specs = {s["function"]["name"]: s for s in sys.tools()}
             loop = MemGPTAgent(sys, context, [specs[n] for n in agent.tools if n in specs],
                                tool_rules=ToolRules.from_letta(agent.tool_rules), max_steps=max_steps,

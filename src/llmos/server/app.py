@@ -283,6 +283,8 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: SamplingParams, shape: _Shape):
+    owners = dashboard.owners_of(request.app)  # the dashboard names whose blocks these are
+    owners.add(shape.rid, request.state.user)
     streams = [llm.generate(p, params, f"{shape.rid}-{i}") for i, p in enumerate(prompts)]
     if req.stream:
         return _EventStream(_sse(request, shape, streams, req.include_usage), media_type="text/event-stream")
@@ -299,6 +301,7 @@ async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: Sampli
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        owners.discard(shape.rid)
         if work.done() and not work.cancelled():
             work.exception()  # retrieved: raised above when it matters
     body = shape.full(finals)
@@ -391,6 +394,7 @@ async def _sse(request: Request, shape: _Shape, streams, include_usage: bool) ->
                                 "param": None, "code": None}})
     finally:  # a client that left closes this generator: abort every prompt at once
         await merged.aclose()
+        dashboard.owners_of(request.app).discard(shape.rid)
 
 
 def _event(body: dict[str, Any]) -> str:

@@ -2,8 +2,8 @@
 // and draws each snapshot. Every figure here comes from the server's snapshot; nothing is made up.
 "use strict";
 
-const HISTORY = 120; // samples kept for the charts and the timeline
-const series = { tok: [], ttft: [], running: [] };
+const HISTORY = 120; // samples kept for the scheduler timeline
+const series = { running: [] };
 const $ = (id) => document.getElementById(id);
 
 function apiKey() {
@@ -132,22 +132,89 @@ function push(series, value) {
   if (series.length > HISTORY) series.shift();
 }
 
-function line(canvas, values, fmt) {
+// A time series from the server's ring buffer: x is time (the buffer's span), gaps where a value is null
+// (no request reached its first token, or its first step, in that interval: then a dot marks none).
+function line(canvas, t, values, span, fmt) {
   const g = canvas.getContext("2d");
   const w = canvas.width, h = canvas.height;
   g.clearRect(0, 0, w, h);
-  const max = Math.max(1e-9, ...values.filter((v) => v != null));
+  const known = values.filter((v) => v != null);
+  const max = Math.max(1e-9, ...known);
+  const x = (i) => w - 2 - ((t[t.length - 1] - t[i]) / span) * (w - 4);
+  const y = (v) => h - 4 - (v / max) * (h - 16);
   g.strokeStyle = "#1976d2";
+  g.fillStyle = "#1976d2";
   g.lineWidth = 2;
   g.beginPath();
+  let open = false;
   values.forEach((v, i) => {
-    const x = (i / (HISTORY - 1)) * w, y = h - 4 - ((v ?? 0) / max) * (h - 16);
-    i ? g.lineTo(x, y) : g.moveTo(x, y);
+    if (v == null) { open = false; return; }
+    open ? g.lineTo(x(i), y(v)) : g.moveTo(x(i), y(v));
+    if (!open && (i + 1 >= values.length || values[i + 1] == null)) g.fillRect(x(i) - 1.5, y(v) - 1.5, 3, 3);
+    open = true;
   });
   g.stroke();
   g.fillStyle = "#5b6475";
   g.font = "11px system-ui";
-  g.fillText("max " + fmt(max), 4, 11);
+  g.fillText(known.length ? "max " + fmt(max) : "no samples yet", 4, 11);
+  g.fillText(`last ${Math.round(span)} s`, w - 70, 11);
+}
+
+const ms = (v) => (1000 * v).toFixed(v < 0.01 ? 1 : 0) + " ms";
+const lastKnown = (values) => { for (let i = values.length - 1; i >= 0; i--) if (values[i] != null) return values[i]; return null; };
+
+function drawSeries(s) {
+  const span = s.every_s * s.size; // the ring buffer's length in seconds, at the most frequent sampling
+  line($("tok-chart"), s.t, s.tok_s, span, (v) => v.toFixed(1) + " tok/s");
+  line($("ttft-chart"), s.t, s.ttft_s, span, ms);
+  line($("queue-chart"), s.t, s.queue_s, span, ms);
+  const ttft = lastKnown(s.ttft_s), queue = lastKnown(s.queue_s);
+  $("tok-now").textContent = s.tok_s.length ? s.tok_s[s.tok_s.length - 1].toFixed(1) : "0";
+  $("ttft-now").textContent = ttft == null ? "–" : ms(ttft);
+  $("queue-now").textContent = queue == null ? "–" : ms(queue);
+  $("series-summary").textContent = `${s.t.length} samples, one per ${s.every_s} s; ` +
+    "TTFT and queue time: mean over the requests that got there in each interval";
+}
+
+// One agent's main context: a bar of its prompt's tokens against the window, then its memory.
+function drawContexts(rows) {
+  if (!rows.length) return;
+  $("contexts").innerHTML = rows.map((c) => {
+    const pct = (n) => (100 * n / c.window).toFixed(2) + "%";
+    const bar = `<div class="occupancy" title="${c.tokens} of ${c.budget} prompt tokens (window ${c.window}, ${c.reply_tokens} kept for the reply)">` +
+      `<i class="seg-fixed" style="width:${pct(c.fixed_tokens)}"></i><i class="seg-summary" style="width:${pct(c.summary_tokens)}"></i>` +
+      `<i class="seg-queue" style="width:${pct(c.queue_tokens)}"></i>` +
+      `<i class="seg-reply" style="left:${pct(c.budget)};width:${pct(c.reply_tokens)}"></i>` +
+      `<b class="mark warn" style="left:${pct(c.warning_at)}"></b><b class="mark flush" style="left:${pct(c.flush_at)}"></b></div>`;
+    const core = c.core.map((b) => `<div class="block"><b>${esc(b.label)}</b> <small>${b.chars} / ${b.limit} chars</small> ${esc(b.value)}</div>`).join("");
+    return `<div class="context" data-agent="${esc(c.agent_id)}" data-queue="${c.queue}" data-tokens="${c.tokens}" data-evictions="${c.evictions}">` +
+      `<div class="context-head"><b>${esc(c.name)}</b> <small>${esc(c.agent_id)}</small> ` +
+      `<span class="pill ${c.pid != null ? "running" : ""}">${c.pid != null ? "running, pid " + c.pid : "idle"}</span> ` +
+      `<span class="occ">${c.tokens} / ${c.budget} tokens (${(100 * c.tokens / c.budget).toFixed(0)}% of the prompt budget)</span></div>` +
+      bar +
+      `<div class="counters"><span>queue <b class="queue-len">${c.queue}</b> messages</span>` +
+      `<span>recall storage <b>${c.messages}</b></span>` +
+      `<span>evictions <b class="evictions">${c.evictions}</b> in <b>${c.summaries}</b> summaries</span>` +
+      `<span>recall hits <b class="recall-hits">${c.recall_hits}</b> of ${c.recall_searches} searches</span>` +
+      `<span>LLM calls ${c.llm_calls}${c.overflows ? `, <b class="bad">${c.overflows} overflows</b>` : ""}</span>` +
+      (c.warned ? `<span class="warned">memory-pressure warning given</span>` : "") + "</div>" +
+      `<div class="core">${core}</div>` +
+      `<div class="summary"><b>summary</b> ${c.summary ? esc(c.summary) : "<small>(none yet: nothing evicted)</small>"}</div></div>`;
+  }).join("");
+}
+
+function drawOperator(op, admin) {
+  const body = $("operator").tBodies[0];
+  if (!op) {
+    $("operator-summary").textContent = admin ? "not running (start it with llmos serve --operator)"
+      : "its log is shown to admins only";
+    body.innerHTML = "";
+    return;
+  }
+  $("operator-summary").textContent = `pid ${op.pid}, ${op.state}: ${op.findings} findings, ${op.actions} actions ` +
+    `(${op.events} events; newest first)`;
+  body.innerHTML = op.log.slice().reverse().map((e) =>
+    `<tr class="op-${esc(e.step)}"><td>${esc(e.step)}</td><td>${esc(e.subject)}</td><td class="reason">${esc(e.text)}</td></tr>`).join("");
 }
 
 function timeline(canvas, samples, names) {
@@ -169,16 +236,10 @@ function timeline(canvas, samples, names) {
 }
 
 function draw(snap) {
-  if (snap.engine) {
-    drawKV(snap.engine);
-    push(series.tok, snap.engine.tok_s);
-    const t = snap.engine.ttft_recent_s.slice().sort((a, b) => a - b);
-    push(series.ttft, t.length ? t[Math.floor(t.length / 2)] : null);
-    $("tok-now").textContent = snap.engine.tok_s.toFixed(1);
-    $("ttft-now").textContent = t.length ? (1000 * t[Math.floor(t.length / 2)]).toFixed(0) + " ms" : "–";
-    line($("tok-chart"), series.tok, (v) => v.toFixed(1) + " tok/s");
-    line($("ttft-chart"), series.ttft, (v) => (1000 * v).toFixed(0) + " ms");
-  }
+  if (snap.engine) drawKV(snap.engine);
+  if (snap.series) drawSeries(snap.series);
+  if (snap.contexts) drawContexts(snap.contexts);
+  if ("operator" in snap) drawOperator(snap.operator, snap.user.admin);
   if (snap.processes) {
     drawProcs(snap.processes, snap.kernel);
     push(series.running, snap.kernel ? snap.kernel.running_pids : []);
