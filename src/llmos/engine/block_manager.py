@@ -23,6 +23,21 @@ from llmos.engine.sequence import Sequence
 _NO_PARENT = -1
 
 
+def block_hash(parent: int, tokens: tuple[int, ...]) -> int:
+    """The prefix cache's key of one full block: its tokens and, through its parent's key, all before it."""
+    return hash((parent, tokens))
+
+
+def prefix_hashes(token_ids: list[int], block_size: int) -> list[int]:
+    """The keys of the full blocks of `token_ids`, as the prefix cache will look them up (a router
+    placing requests where their prefix is cached computes them without an engine)."""
+    hashes: list[int] = []
+    for i in range(len(token_ids) // block_size):
+        tokens = tuple(token_ids[i * block_size : (i + 1) * block_size])
+        hashes.append(block_hash(hashes[-1] if hashes else _NO_PARENT, tokens))
+    return hashes
+
+
 @dataclass
 class PrefixCacheStats:
     queries: int = 0  # prompt tokens looked up
@@ -82,7 +97,7 @@ class BlockManager:
     def _hashes(self, seq: Sequence, upto_block: int) -> list[int]:
         """Chained hashes of the first `upto_block` full blocks, extended on the sequence."""
         for i in range(len(seq.block_hashes), upto_block):
-            seq.block_hashes.append(hash(self._key(seq, i)))
+            seq.block_hashes.append(block_hash(*self._key(seq, i)))
         return seq.block_hashes
 
     def match_prefix(self, seq: Sequence) -> list[int]:
