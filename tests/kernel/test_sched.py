@@ -150,10 +150,39 @@ def simulate_programs(settings: dict, programs: dict[str, tuple[int, list[int], 
 
 
 def test_las_runs_a_newcomers_first_call_before_a_long_programs_next_call():
-    # A has had 4 tokens of service when its second call and newcomer B's first arrive together.
+    # A has had 4 tokens of service (level 1 with a quantum of 2) when its second call and
+    # newcomer B's first (level 0) arrive together.
     programs = {"A": (0, [4, 4], 0), "B": (4, [3], 0)}
     assert simulate_programs(dict(policy="fifo", max_running=1), programs, 12) == "A A A A A A A A B B B -"
-    assert simulate_programs(dict(policy="las", max_running=1), programs, 12) == "A A A A B B B A A A A -"
+    got = simulate_programs(dict(policy="las", max_running=1, quantum=2), programs, 12)
+    assert got == "A A A A B B B A A A A -"
+
+
+def test_las_levels_double_and_age():
+    sched = AgentScheduler(SchedulerSettings(policy="las", quantum=4, aging=10))
+    call = LLMCall("x", 1)
+    sched.submit(call)
+    levels = []
+    for served in (0, 3, 4, 11, 12, 27, 28, 60):
+        sched.attained[1] = served
+        levels.append(sched.level(call))
+    assert levels == [0, 0, 1, 1, 2, 2, 3, 4]  # thresholds 4, 12, 28, 60: quantum x (2^k - 1)
+    call.waited = 25
+    assert sched.level(call) == 2  # two levels lifted by 25 ticks of waiting
+
+
+def test_las_runs_programs_of_one_level_depth_first_in_arrival_order():
+    # Three programs arrive together, each 3 calls of 2 tokens with a 1-tick tool between calls.
+    programs = {"A": (0, [2, 2, 2], 1), "B": (0, [2, 2, 2], 1), "C": (0, [2, 2, 2], 1)}
+    fifo = simulate_programs(dict(policy="fifo", max_running=1), programs, 20).split()
+    las = simulate_programs(dict(policy="las", max_running=1, quantum=100), programs, 20).split()
+    assert " ".join(fifo) == "A A B B C C A A B B C C A A B B C C - -"  # every program advances together
+    assert " ".join(las) == "A A B B A A B B A A B B C C - C C - C C"  # A's next call before C's first
+
+    def done(timeline: list[str]) -> list[int]:
+        return [max(i for i, c in enumerate(timeline) if c == name) + 1 for name in "ABC"]
+
+    assert done(fifo) == [14, 16, 18] and done(las) == [10, 12, 20]  # mean completion 16 -> 14
 
 
 def test_las_counts_service_across_all_of_a_programs_calls():
@@ -163,17 +192,19 @@ def test_las_counts_service_across_all_of_a_programs_calls():
     assert got == "B B B B B B C C C B B -"
 
 
-def test_las_preempts_a_program_that_has_had_a_quantum_more_service():
+def test_las_preempts_a_program_of_a_higher_level_once_it_ran_a_quantum():
     programs = {"A": (0, [10], 0), "B": (3, [2], 0)}
     got = simulate_programs(dict(policy="las", max_running=1, quantum=2), programs, 12)
-    assert got == "A A A B B A A A A A A A"  # B arrives at tick 3 with 0 against A's 3 > 0 + quantum
+    assert got == "A A A B B A A A A A A A"  # B (level 0) arrives at tick 3; A has 3 tokens: level 1
+    same_level = simulate_programs(dict(policy="las", max_running=1, quantum=16), programs, 13)
+    assert same_level == "A A A A A A A A A A B B -"  # both in level 0: FCFS, no preemption
 
 
 def test_las_aging_lets_a_long_program_finish_under_a_stream_of_newcomers():
     newcomers = string.ascii_lowercase  # a new one-call program every 2 ticks keeps the engine busy
     programs = {"L": (0, [2, 2, 2], 0)} | {c: (2 * i, [2], 0) for i, c in enumerate(newcomers)}
-    starved = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=10**6), programs, 56)
-    assert starved.endswith("y y z z L L L")  # one token, then nothing until every newcomer is done
-    aged = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=2), programs, 56).split()
-    # Each waiting tick takes half a token off L's service: it gets a token every few newcomers.
-    assert [i for i, c in enumerate(aged) if c == "L"] == [0, 5, 12, 17, 30, 35]
+    starved = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=10**6), programs, 60)
+    assert [i for i, c in enumerate(starved.split()) if c == "L"] == [0, 52, 53, 55, 56, 57]
+    aged = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=4), programs, 60).split()
+    # Each 4 ticks of waiting lift L a level: it gets a token every few newcomers and ends at tick 23.
+    assert [i for i, c in enumerate(aged) if c == "L"] == [0, 4, 8, 13, 22, 23]

@@ -17,13 +17,17 @@ cap); every tick (one engine step) the policy picks who holds those slots:
   (`LengthPredictor`); a call that outlived its prediction is expected to run
   to its max_tokens. A running call yields to one predicted to need less
   than half of what it still needs, once it has run a quantum.
-- `las`: least attained service over whole programs (Autellix's PLAS): the
-  call whose process has been served the fewest tokens so far, across all its
-  LLM calls, runs first, so a program's tenth call does not jump ahead of a
-  newcomer's first, and short programs finish early. Aging: every `aging`
-  ticks of waiting take one `quantum` off a call's attained service, so long
-  programs still finish. A running call yields, once it has run a quantum, to
-  a waiting one whose key is lower by more than a quantum.
+- `las`: least attained service over whole programs, discretized as in
+  Autellix's PLAS: a process's service is the tokens it has been served across
+  all its LLM calls; it sits in level 0 below `quantum` tokens, and each next
+  level's threshold doubles (quantum, 3x, 7x, ...), as in a multi-level
+  feedback queue. Lower levels run first, so short programs finish early and a
+  long program's tenth call does not jump ahead of a newcomer's first; within a
+  level programs run in the order they arrived (FCFS over programs), so a
+  program's next call goes before a later program's, and programs run
+  depth-first instead of all advancing together. Aging: every `aging` ticks of
+  waiting lift a call one level, so long programs still finish. A running call
+  yields only to a call of a lower level, once it has run a quantum.
 
 Preemption is a pause: the engine keeps the call's KV blocks (or swaps them
 when memory runs short) and resumes it exactly where it stopped. The
@@ -108,6 +112,7 @@ class AgentScheduler:
     vruntime: dict[int, float] = field(default_factory=dict)  # pid -> tokens / weight (fair)
     min_vruntime: float = 0.0
     attained: dict[int, int] = field(default_factory=dict)  # pid -> tokens served, all its calls (las)
+    arrived: dict[int, int] = field(default_factory=dict)  # pid -> order of its first call (las)
     held: set[int] = field(default_factory=set)  # suspended pids
     tick: int = 0
     preemptions: int = 0
@@ -119,6 +124,7 @@ class AgentScheduler:
 
     def submit(self, call: LLMCall) -> None:
         call.order = next(self._order)
+        self.arrived.setdefault(call.pid, call.order)
         call.enqueued = self.tick
         call.held = call.pid in self.held
         call.predicted = self.predictor.predict(call.pid, call.max_tokens)
@@ -184,7 +190,14 @@ class AgentScheduler:
         self.preemptions += sum(1 for c in paused if not c.held)
         return started, paused
 
-    def _key(self, call: LLMCall) -> tuple[float, int]:
+    def level(self, call: LLMCall) -> int:
+        """las: the queue of `call`'s program: attained service below `quantum` is level 0, each
+        next threshold doubles (quantum, 3 quanta, 7 ...); `aging` ticks of waiting lift it one."""
+        s = self.settings
+        level = (self.attained.get(call.pid, 0) // s.quantum + 1).bit_length() - 1
+        return max(0, level - call.waited // s.aging)
+
+    def _key(self, call: LLMCall) -> tuple[float, ...]:
         policy, s = self.settings.policy, self.settings
         if policy == "rr":
             return (call.enqueued, call.order)
@@ -195,7 +208,7 @@ class AgentScheduler:
         if policy == "sjf":
             return (self._remaining(call) - call.waited * s.quantum / s.aging, call.order)
         if policy == "las":
-            return (self.attained.get(call.pid, 0) - call.waited * s.quantum / s.aging, call.order)
+            return (self.level(call), self.arrived.get(call.pid, call.order), call.order)
         return (call.order, 0)
 
     def _preempt(self) -> list[LLMCall]:
@@ -227,7 +240,7 @@ class AgentScheduler:
             return worst if self._key(best)[0] < self._key(worst)[0] else None
         if policy == "las":
             ran = worst.generated - worst.slice_start >= q
-            return worst if ran and self._key(best)[0] < self._key(worst)[0] - q else None
+            return worst if ran and self.level(best) < self.level(worst) else None
         # fair: yield once the gap exceeds the granularity and the victim has run at all
         gap = self.vruntime[worst.pid] - self.vruntime[best.pid]
         return worst if gap > q / best.weight and worst.generated > worst.slice_start else None

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SETTINGS = ("policy", "quantum", "max_running", "kv_blocks")
-POLICIES = ("fifo", "rr", "priority", "fair", "sjf")
+POLICIES = ("fifo", "rr", "priority", "fair", "sjf", "las")
 _Reason = Annotated[str, Field(max_length=80, description="why, in a few words")]
 
 
