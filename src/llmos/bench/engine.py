@@ -171,6 +171,8 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         f"in this budget of {budget_tokens} tokens: {kv['paged_concurrency']} concurrent requests "
         f"paged vs {kv['static_concurrency']} static. Peak running {ours.extra['peak_running']}, "
         f"{ours.extra['preemptions']} preemptions.")
+    side_by_side = _llamacpp_rows(console, model, loaded, requests, quick, **engine_kwargs) \
+        if name == "C" and peers_too else {}
     report = {
         "bench": "engine",
         "workload": name,
@@ -181,9 +183,19 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         "threads": torch.get_num_threads(),
         "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
         "kv": kv,
+        **side_by_side,
     }
     write_report(report, json_path, f"bench-results/engine-{name}{'-quick' if quick else ''}.json", console)
     return report
+
+
+def _llamacpp_rows(console: Console, model: str, loaded: LoadedModel, requests: list[BenchRequest],
+                   quick: bool, **engine_kwargs: Any) -> dict[str, Any]:
+    """One stream, then the workload through the HTTP server: llmos and llama.cpp on the same GGUF."""
+    from llmos.bench import llamacpp
+
+    return llamacpp.run_side_by_side(console, resolve_model(model), loaded.config, requests, quick,
+                                     torch.get_num_threads(), **engine_kwargs)
 
 
 def write_report(report: dict[str, Any], json_path: str | None, default: str, console: Console) -> None:
