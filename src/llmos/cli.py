@@ -208,6 +208,13 @@ def serve(
     = "info",
     config: Annotated[str | None, typer.Option(help="Read these options from a YAML or TOML file (an "
                                                "[engine] table as `llmos tune` writes is read too).")] = None,
+    replicas: Annotated[int, typer.Option(help="Engine replicas, each a Ray actor on its own cores or GPU "
+                                          "(needs the replicas extra); 1: the one embedded engine, no Ray.")]
+    = 1,
+    ray_address: Annotated[str | None, typer.Option(help="Run the replicas on this Ray cluster (host:port or "
+                                                    "ray://...) instead of a local Ray.")] = None,
+    router: Annotated[str, typer.Option(help="Where requests go over replicas: prefix (the replica holding "
+                                        "their prefix), least-loaded or round-robin.")] = "prefix",
 ) -> None:
     """Boot the whole OS once and serve it: the OpenAI API, the agents API (Letta's), the kernel API.
 
@@ -222,6 +229,7 @@ def serve(
 
     from llmos.home import llmos_home
     from llmos.kernel import POLICIES
+    from llmos.replicas.router import POLICIES as ROUTERS
     from llmos.server import create_app, serve_config
     from llmos.server.system import boot, find_server
 
@@ -248,6 +256,8 @@ def serve(
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if policy not in POLICIES:
         fail(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    if replicas < 1 or router not in ROUTERS:
+        fail(f"--replicas must be at least 1 and --router one of {', '.join(ROUTERS)}")
     running = find_server(llmos_home())
     if running is not None:  # two servers on one home would each recover (fail) the other's runs
         fail(f"llmos already serves this home ({llmos_home()}) at {running['url']} (pid {running['pid']}); "
@@ -255,17 +265,27 @@ def serve(
     llm = None
     with console.status(f"booting llmos on {backend_url or model} ..."), _user_errors():
         try:
-            if not backend_url:
+            engine_kwargs = {"kv_budget": kv_budget, "dtype": dtype, **engine_settings,
+                             **{k: v for k, v in (("max_model_len", max_model_len),
+                                                  ("max_num_seqs", max_num_seqs)) if v is not None}}
+            if not backend_url and (replicas > 1 or ray_address):
+                from llmos.replicas import ReplicaPool
+
+                pool = ReplicaPool(model, replicas, router=router, ray_address=ray_address, **engine_kwargs)
+                if template is not None:
+                    pool.tokenizer.chat_template = template
+                system = boot(pool=pool, policy=policy, max_running=max_running, quantum=quantum,
+                              grants=grants, api_key=api_key)
+            elif not backend_url:
                 from llmos.engine import AsyncLLM
 
-                llm = AsyncLLM(model, kv_budget=kv_budget, dtype=dtype, **engine_settings,
-                               **{k: v for k, v in (("max_model_len", max_model_len),
-                                                    ("max_num_seqs", max_num_seqs)) if v is not None})
+                llm = AsyncLLM(model, **engine_kwargs)
                 if template is not None:
                     llm.tokenizer.chat_template = template
-            system = boot(model=model, llm=llm, backend_url=backend_url, backend_api_key=backend_api_key,
-                          backend_model=backend_model, kv_budget=kv_budget, policy=policy,
-                          max_running=max_running, quantum=quantum, grants=grants, api_key=api_key)
+            if llm is not None or backend_url:
+                system = boot(model=model, llm=llm, backend_url=backend_url, backend_api_key=backend_api_key,
+                              backend_model=backend_model, kv_budget=kv_budget, policy=policy,
+                              max_running=max_running, quantum=quantum, grants=grants, api_key=api_key)
         except ValueError as e:
             fail(str(e))
     system.model_name = served_model_name or system.model_name
@@ -278,7 +298,8 @@ def serve(
             while not server.started:
                 await asyncio.sleep(0.05)
             system.publish(url)
-            console.print(serve_config.banner(system.model_name, url, llm) + f"; policy {policy}, "
+            on = f"; {replicas} replicas ({router} routing)" if system.llm is not llm else ""
+            console.print(serve_config.banner(system.model_name, url, llm) + f"{on}; policy {policy}, "
                           f"home {system.home}", markup=False, highlight=False, soft_wrap=True)
 
         announcer = asyncio.create_task(announce())

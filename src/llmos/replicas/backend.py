@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from llmos.engine import SamplingParams
@@ -31,7 +32,8 @@ class ReplicaBackend:
 
     def __init__(self, pool: ReplicaPool) -> None:
         self.pool = pool
-        self.model = pool.model_name
+        name = pool.model_name  # a file or directory is named by its stem, as the embedded engine's
+        self.model = Path(name).stem if name.endswith(".gguf") or "/" in name else name
         self.tokenizer = pool.tokenizer
         self.context_window = pool.engine.max_model_len
         self.sched: AgentScheduler | None = None

@@ -36,6 +36,7 @@ from llmos.engine import RequestOutput, SamplingParams
 from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.block_manager import prefix_hashes
 from llmos.engine.histograms import Histogram
+from llmos.replicas import metrics
 from llmos.replicas.replica import Replica
 from llmos.replicas.router import NoReplicaError, Router
 
@@ -301,11 +302,16 @@ class ReplicaPool:
 
     def _replica_view(self, i: int, s: dict[str, Any] | None) -> dict[str, Any]:
         r = self.router.replicas[i]
-        view = {"replica": i, "up": r.up, "pid": self.pids[i], "in_flight": r.in_flight, "routed": r.routed,
-                "served": self.served[i], "restarts": self.restarts[i], "cached_blocks_known": len(r.blocks)}
+        view = {"replica": i, "up": int(r.up), "pid": self.pids[i], "in_flight": r.in_flight,
+                "routed": r.routed, "served": self.served[i], "restarts": self.restarts[i],
+                "cached_blocks_known": len(r.blocks)}
         if s is not None:
             view.update({k: v for k, v in s.items() if k not in ("histograms", "pid")})
         return view
+
+    def replica_metrics(self) -> bytes:
+        """Each replica's metrics as of the last `refresh`, in Prometheus' text format."""
+        return metrics.render([self._replica_view(i, s) for i, s in enumerate(self.replica_stats)])
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """`AsyncLLM.call` for the pool: `fn` runs here, on metrics refreshed from every replica."""

@@ -137,7 +137,8 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
         approvals_api.install(app)  # /v1/approvals: human approval of parked tool calls
         mcp_api.install(app)  # /v1/mcp: MCP servers' tools as pinned syscalls
         remote_api.install(app)  # /v1/remote: agent programs in other processes
-    dashboard.install(app, llm)  # GET /dashboard: the live view of this OS (server/dashboard.py)
+    pool = hasattr(llm, "generate_final")  # a replica pool (replicas/): no one engine's block map to draw
+    dashboard.install(app, None if pool else llm)  # GET /dashboard: the live view of this OS
     if llm is None:
         return app
     tokenizer = llm.tokenizer
@@ -172,6 +173,8 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
     async def prometheus() -> Response:
         histograms = await llm.call(llm.engine.histograms.snapshot)
         body, content_type = metrics.render(await llm.stats(), histograms)
+        if pool:  # and each replica's, labelled replica="i"
+            body += llm.replica_metrics()
         return Response(body, media_type=content_type)
 
     @app.post("/tokenize")
@@ -288,7 +291,10 @@ async def _respond(llm: AsyncLLM, request: Request, req, prompts, params: Sampli
     streams = [llm.generate(p, params, f"{shape.rid}-{i}") for i, p in enumerate(prompts)]
     if req.stream:
         return _EventStream(_sse(request, shape, streams, req.include_usage), media_type="text/event-stream")
-    tasks = [asyncio.ensure_future(_last(s)) for s in streams]
+    # a replica pool re-runs a whole answer from its prompt elsewhere if its replica dies
+    final = getattr(llm, "generate_final", None)
+    tasks = [asyncio.ensure_future(final(p, params, f"{shape.rid}-{i}") if final else _last(s))
+             for i, (p, s) in enumerate(zip(prompts, streams, strict=True))]
     work = asyncio.gather(*tasks)
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:

@@ -139,6 +139,7 @@ def boot(
     *,
     model: str = "smollm2-135m-instruct",
     llm: Any = None,
+    pool: Any = None,
     backend: Any = None,
     backend_url: str | None = None,
     backend_api_key: str | None = None,
@@ -152,7 +153,8 @@ def boot(
 ) -> System:
     """Bring up the OS on `home` (default: the llmos home).
 
-    The model comes from, in order: `backend` (any kernel Backend, e.g. a
+    The model comes from, in order: `pool` (a `ReplicaPool` of engine replicas: the API serves on it and
+    the kernel's calls go to it; closed with the system), `backend` (any kernel Backend, e.g. a
     scripted one), `backend_url` (an OpenAI-compatible server), `llm` (an
     AsyncLLM already loaded; the caller keeps it), else the embedded engine
     loads `model`. `grants`: a capability policy file for agents (default:
@@ -167,7 +169,12 @@ def boot(
     home = Path(home) if home is not None else llmos_home()
     home.mkdir(parents=True, exist_ok=True)
     owns_backend = True
-    if backend is not None:
+    if pool is not None:
+        from llmos.replicas import ReplicaBackend
+
+        backend, engine_llm = ReplicaBackend(pool), pool
+        model_name = backend.model
+    elif backend is not None:
         model_name, engine_llm, owns_backend = getattr(backend, "model", None) or "scripted", None, False
     elif backend_url:
         backend = OpenAIBackend(backend_url, backend_api_key, backend_model)
