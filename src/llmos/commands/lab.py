@@ -8,14 +8,15 @@ from typing import Annotated
 import typer
 
 from llmos.commands._common import console, fail
+from llmos.lab import LABS
 
 
-def lab(name: Annotated[str, typer.Argument(help="paging, sharing or switch")],
+def lab(name: Annotated[str, typer.Argument(help=f"One of: {', '.join(LABS)}.")],
         out: Annotated[Path | None, typer.Option(
             "--out", "-o", help="Directory for NAME.json and NAME.png (default: <llmos home>/lab).")] = None,
         size: Annotated[str, typer.Option(help="small (what the tests run) or full.")] = "full") -> None:
     """Redraw a lecture figure from a live run: writes NAME.png and NAME.json (every number in it)."""
-    from llmos.lab import LABS, run_lab
+    from llmos.lab import run_lab
 
     if name not in LABS:
         fail(f"no lab named {name!r}; the labs are {', '.join(LABS)}")
