@@ -185,7 +185,7 @@ class PagedMemory(RuleBasedStateMachine):
 
     @rule(i=st.integers(0, 99))
     def preempt_swap(self, i: int) -> None:
-        """Swap a sequence's blocks out to host memory, as Scheduler._preempt does."""
+        """Swap a sequence's blocks out to host memory (BlockManager.swap_out, as Scheduler._preempt)."""
         seq = self._pick(self.running, i)
         if seq is None:
             return
@@ -193,13 +193,14 @@ class PagedMemory(RuleBasedStateMachine):
             event("swap space full")
             return
         event("swap out")
-        host = self.swap.allocate(len(seq.block_table))
+        device = list(seq.block_table)
+        copies = self.bm.swap_out(seq, self.swap)
+        host = seq.block_table
+        assert [d for d, _ in copies] == device and [h for _, h in copies] == host
         assert len(set(host)) == len(host)
-        for d, h in zip(seq.block_table, host, strict=True):
+        for d, h in copies:
             self.host[h] = list(self.device[d])
         self.running.remove(seq)
-        self.bm.free(seq)
-        seq.block_table = host
         self.swapped.append(seq)
 
     @rule(i=st.integers(0, 99))
@@ -212,15 +213,15 @@ class PagedMemory(RuleBasedStateMachine):
         if self.bm.num_free_blocks < len(host):
             return
         event("swap in")
-        device = self.bm.allocate_blocks(len(host))
-        assert len(set(device)) == len(device)
-        for table in self._tables():
-            assert not set(device) & set(table), "swap-in destination is in use"
-        for h, d in zip(host, device, strict=True):
+        in_use = [b for table in self._tables() for b in table]
+        host = list(host)
+        copies = self.bm.swap_in(seq, self.swap)
+        device = seq.block_table
+        assert [h for h, _ in copies] == host and [d for _, d in copies] == device
+        assert len(set(device)) == len(device) and seq.num_cached_blocks == 0
+        assert not set(device) & set(in_use), "swap-in destination is in use"
+        for h, d in copies:
             self.device[d] = list(self.host[h])
-        self.swap.free(host)
-        seq.block_table = device
-        seq.num_cached_blocks = 0
         self.swapped.remove(seq)
         self.running.append(seq)
 
@@ -229,8 +230,8 @@ class PagedMemory(RuleBasedStateMachine):
         seq = self._pick(self.swapped, i)
         if seq is None:
             return
-        self.swap.free(seq.block_table)
-        seq.block_table = []
+        self.bm.free_swapped(seq, self.swap)
+        assert seq.block_table == []
         self.swapped.remove(seq)
 
     @rule()

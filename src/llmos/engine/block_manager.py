@@ -1,7 +1,9 @@
 """Paged KV memory: the block allocator (PagedAttention's physical memory manager).
 
 The KV cache is cut into fixed-size blocks; each sequence maps its logical
-blocks to physical ones through its block table, like a page table.
+blocks to physical ones through its block table, like a page table. This
+module is the one writer of block tables: allocate, append, fork, swap out
+and in, free.
 
 Guarantees (checked by the property tests):
 - a block is free exactly when its reference count is zero, and its reference
@@ -227,6 +229,30 @@ class BlockManager:
         child.num_computed_tokens = parent.num_computed_tokens
         child.block_hashes = list(parent.block_hashes)
         child.num_cached_blocks = parent.num_cached_blocks
+
+    def swap_out(self, seq: Sequence, swap: SwapSpace) -> list[tuple[int, int]]:
+        """Move the sequence's table to host blocks: the (device, host) copies the caller runs
+        before the device blocks are reused; the device blocks are dropped as by `free`."""
+        host = swap.allocate(len(seq.block_table))
+        copies = list(zip(seq.block_table, host, strict=True))
+        self.free(seq)
+        seq.block_table = host
+        return copies
+
+    def swap_in(self, seq: Sequence, swap: SwapSpace) -> list[tuple[int, int]]:
+        """Move a swapped-out sequence's table to fresh private device blocks: the (host, device)
+        copies the caller runs before the step; the host blocks go back to the swap space."""
+        host = seq.block_table
+        device = self.allocate_blocks(len(host))
+        swap.free(host)
+        seq.block_table = device
+        seq.num_cached_blocks = 0
+        return list(zip(host, device, strict=True))
+
+    def free_swapped(self, seq: Sequence, swap: SwapSpace) -> None:
+        """Drop a swapped-out sequence's host blocks."""
+        swap.free(seq.block_table)
+        seq.block_table = []
 
     def free(self, seq: Sequence) -> None:
         """Drop the sequence's blocks; the tail goes first so prefixes stay cached longest."""

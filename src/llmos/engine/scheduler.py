@@ -130,12 +130,7 @@ class Scheduler:
                 if self._reclaim_paused(out):
                     continue
                 break
-            host = seq.block_table
-            device = self.blocks.allocate_blocks(len(host))
-            out.swap_in += zip(host, device, strict=True)
-            self.swap.free(host)
-            seq.block_table = device
-            seq.num_cached_blocks = 0
+            out.swap_in += self.blocks.swap_in(seq, self.swap)
             self.swapped.pop(0)
             self._run(seq)
             out.copies += self.blocks.allocate(seq, n)
@@ -180,10 +175,7 @@ class Scheduler:
         if mode == "swap" and not can_swap:
             raise MemoryError("swap space is full; raise swap_space or use preemption_mode=auto")
         if mode != "recompute" and can_swap:
-            host = self.swap.allocate(len(seq.block_table))
-            out.swap_out += zip(seq.block_table, host, strict=True)
-            self.blocks.free(seq)
-            seq.block_table = host
+            out.swap_out += self.blocks.swap_out(seq, self.swap)
             seq.status = SequenceStatus.SWAPPED
             self.stats.swap_outs += 1
         else:
@@ -199,8 +191,7 @@ class Scheduler:
                 queue.remove(seq)
         self.retained.capture(seq)  # pins its context when it was registered for retention
         if seq.status is SequenceStatus.SWAPPED:
-            self.swap.free(seq.block_table)
-            seq.block_table = []
+            self.blocks.free_swapped(seq, self.swap)
         else:
             self.blocks.free(seq)
         seq.status = SequenceStatus.FINISHED
