@@ -103,18 +103,53 @@ def test_snapshot_shows_each_user_only_their_own(served):
         assert times == sorted(times) and times[2] - times[0] >= 0.15
 
 
+def test_an_api_request_is_named_by_the_user_who_sent_it(served):
+    users = UserStore.of_home(served.system.home)
+    _, alice_key = users.add("alice")
+    _, bob_key = users.add("bob")
+    owners = served.server.config.app.state.dashboard_owners
+    body = {"model": served.system.model_name, "messages": COUNT, "max_tokens": 200, "stream": True}
+    with served.client(alice_key) as a, served.client(bob_key) as b, \
+            served.client(served.system.local_key) as admin, b.stream("POST", "/v1/chat/completions",
+                                                                     json=body) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")  # the request is in the engine
+
+        def labels(client) -> set[tuple]:
+            return {(h["label"], h["request_id"] is not None) for h in
+                    client.get("/v1/dashboard/snapshot").json()["engine"]["holders"]}
+
+        assert labels(b) == {("API: bob", True)}
+        assert labels(admin) == {("API: bob", True)}
+        assert labels(a) == {("other", False)}  # alice sees that blocks are held, never whose
+        assert len(owners) == 1
+    _wait(lambda: len(owners) == 0, what="the finished request to leave the owners' table")
+
+
 def _png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     return struct.unpack(">II", data[16:24])
 
 
+def _greedy_quota(served: Served, max_tokens: int) -> int:
+    """An llm_tokens quota that a talker generating `max_tokens` uses 95% of (the operator's rule
+    fires at 90%, the kernel's at 100%)."""
+    return int((served.system.backend.count_tokens(COUNT) + max_tokens) / 0.95)
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium)")
-def test_dashboard_in_a_real_browser(served, tmp_path):
+def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
     playwright = pytest.importorskip("playwright.sync_api")
+    from llmos.agents.operator import agent as operator_agent
+    from llmos.kernel import Quotas
+
+    monkeypatch.setattr(operator_agent, "default_approvals_path", lambda: tmp_path / "approvals.db")
     users = UserStore.of_home(served.system.home)
     _, key = users.add("viewer", admin=True)
     num_blocks = served.system.llm.engine.blocks.num_blocks
     shot = tmp_path / "dashboard.png"
+    http = served.client(key)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=[
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -128,37 +163,84 @@ def test_dashboard_in_a_real_browser(served, tmp_path):
             assert page.locator("#blockmap .cell").count() == num_blocks
             assert page.locator("#procs tbody tr").count() == 0
             assert page.locator("#blockmap .cell.used, #blockmap .cell.shared").count() == 0
+            assert page.locator("#contexts .context").count() == 0
+            assert "not running" in page.locator("#operator-summary").inner_text()
+            assert page.locator("#queue-now").inner_text() == "–"
 
-            # three agents, two at a time (round robin): the same prompt, so its blocks are shared
-            pids = [_spawn(served, f"talker-{i}", max_tokens=160, then_sleep=3600) for i in range(3)]
+            # an API agent's message: its context appears, and changes while the message runs
+            human = {"label": "human", "value": "The user is learning how operating systems work."}
+            agent = http.post("/v1/agents", json={"name": "notes", "context_window_limit": 1024,
+                                                  "memory_blocks": [human]}).json()
+            run = http.post(f"/v1/agents/{agent['id']}/messages/async", json={
+                "messages": [{"role": "user", "content": "Hello! What do you remember about me?"}]}).json()
+            context = f'#contexts .context[data-agent="{agent["id"]}"]'
+            page.wait_for_selector(f"{context} .pill.running", timeout=60000)
+            before = page.get_attribute(context, "data-queue"), page.get_attribute(context, "data-tokens")
+            assert "notes" in page.locator(context).inner_text()
+            assert "learning how operating systems work" in page.locator(f"{context} .core").inner_text()
+            assert f"notes ({agent['id'][:14]}…)" in page.locator("#procs").inner_text()  # its process
             page.wait_for_function(
-                "document.querySelectorAll('#procs tbody tr').length === 3 && "
+                f"(e => e && (e.dataset.queue !== {before[0]!r} || e.dataset.tokens !== {before[1]!r}))"
+                f"(document.querySelector('{context}'))", timeout=120000)
+            assert int(page.get_attribute(context, "data-tokens")) > 0
+
+            # an agent near its token quota; three talkers, two at a time (round robin) on the same
+            # prompt, so its blocks are shared
+            greedy = served.run(served.system.kernel.spawn(
+                _talker, "greedy", args={"max_tokens": 40, "then_sleep": 3600},
+                quotas=Quotas(llm_tokens=_greedy_quota(served, 40))))
+            pids = [_spawn(served, f"talker-{i}", max_tokens=160, then_sleep=3600) for i in range(3)]
+            talkers = "[...document.querySelectorAll('#procs tbody tr')].filter(r => " \
+                      "r.textContent.includes('talker-')).length"
+            page.wait_for_function(
+                f"{talkers} === 3 && "
                 "document.querySelectorAll('#blockmap .cell.shared').length > 0 && "
                 "document.querySelectorAll('#blockmap .cell.used, #blockmap .cell.shared').length >= 8",
                 timeout=60000)
             rows = page.locator("#procs tbody tr")
-            assert sorted(int(rows.nth(i).get_attribute("data-pid")) for i in range(3)) == sorted(pids)
+            shown = {int(rows.nth(i).get_attribute("data-pid")) for i in range(rows.count())}
+            assert set(pids) | {greedy} <= shown
             assert page.locator("#queue-running span").count() == 2
             titles = page.eval_on_selector_all("#blockmap .cell.used", "cs => cs.map(c => c.title)")
             assert any("talker-" in t for t in titles)
-            page.wait_for_function("document.querySelectorAll('#audit tbody tr').length >= 6", timeout=30000)
-            assert "calculator" in page.locator("#audit").inner_text()
+            page.wait_for_function("document.querySelector('#audit').textContent.includes('calculator')",
+                                   timeout=30000)
+            # the operator (as `llmos serve --operator` runs it) finds the greedy agent near its quota
+            # and suspends it
+            served.run(served.system.start_operator())
+            page.wait_for_function("document.querySelectorAll('#operator tr.op-finding').length > 0 && "
+                                   "document.querySelectorAll('#operator tr.op-acted').length > 0",
+                                   timeout=60000)
+            assert page.locator("#operator tr.op-acted td").all_inner_texts()[:3] == [
+                "acted", f"agent:{greedy}", f"suspend_agent pid={greedy}"]
+            _wait(lambda: served.system.kernel.process(greedy).state.value == "suspended",
+                  what="the operator's suspension")
+            # each agent's allowed-then-done calculator call is one folded row; the operator's polls too
+            calls = page.eval_on_selector_all("#audit tbody tr", "rs => rs.map(r => r.cells[2].textContent + "
+                                              "' ' + r.cells[3].textContent + ' ' + r.cells[4].textContent)")
+            for name in ("greedy", "talker-0", "talker-1", "talker-2"):
+                assert f"{name} calculator ×2 allow, done" in calls
             chain_ok = "document.querySelector('#chain').textContent.startsWith('audit chain: ok')"
             page.wait_for_function(chain_ok, timeout=30000)
-            page.wait_for_function("Number(document.querySelector('#tok-now').textContent) > 0",
+            page.wait_for_function("Number(document.querySelector('#tok-now').textContent) > 0 && "
+                                   "document.querySelector('#queue-now').textContent.endsWith(' ms') && "
+                                   "document.querySelector('#ttft-now').textContent.endsWith(' ms')",
                                    timeout=60000)
             page.screenshot(path=str(shot), full_page=True)
 
             # the generations end: their blocks are freed (cached prefix or free) and the list changes
-            for pid in pids:
+            http.post(f"/v1/agents/{agent['id']}/messages/cancel", json={"run_ids": [run["id"]]})
+            for pid in [*pids, greedy]:
                 served.run(served.system.kernel.kill(pid, "test over"))
             page.wait_for_function(
-                "document.querySelectorAll('#procs tbody tr').length === 0 && "
+                "document.querySelectorAll('#procs tbody tr').length === 1 && "  # the operator
                 "document.querySelectorAll('#blockmap .cell.used, #blockmap .cell.shared').length === 0",
                 timeout=60000)
             assert page.locator("#blockmap .cell.cached").count() > 0  # the prompt's blocks stay cached
+            assert page.locator(f"{context} .pill").inner_text() == "idle"  # its context stays listed
         finally:
             browser.close()
+            http.close()
     data = shot.read_bytes()
     width, height = _png_size(data)
     assert width == 1280 and height >= 600 and len(data) > 20_000

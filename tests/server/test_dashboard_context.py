@@ -17,7 +17,7 @@ from llmos.kernel.users import User
 from llmos.memory import open_store
 from llmos.memory.context import RECALL_FUNCTIONS
 from llmos.server import create_app
-from llmos.server.dashboard import RequestOwners, Throughput
+from llmos.server.dashboard import RequestOwners, Throughput, _operator_line
 from tests.server.scripted_server import say, scripted_system, serve
 
 
@@ -176,3 +176,18 @@ def test_request_owners_name_an_engine_request_by_its_api_request():
     assert owners.of("chatcmpl-1-0") is None and len(owners) == 2
     owners.discard("chatcmpl-2")
     assert owners.of("chatcmpl-2-0") is None and len(owners) == 1
+
+
+def test_the_operators_lines_are_split_into_step_subject_action_and_detail():
+    # the lines agents/operator/agent.py prints: "STEP SUBJECT [ACTION] DETAIL"
+    acted = ("acted agent:2 {'reason': 'over_quota on agent:2 (a } inside)', 'kind': 'suspend_agent', "
+             "'pid': 2} agent 2 suspended")
+    assert _operator_line(acted) == {"step": "acted", "subject": "agent:2", "action": "suspend_agent pid=2",
+                                     "text": "agent 2 suspended"}
+    assert _operator_line("finding llmos kv_thrashing on llmos: rate=30.00 > 20.00 (rule)") == {
+        "step": "finding", "subject": "llmos", "action": "",
+        "text": "kv_thrashing on llmos: rate=30.00 > 20.00 (rule)"}
+    assert _operator_line("refused pid:7 {not a dict} rate limit") == {  # an action that does not parse
+        "step": "refused", "subject": "pid:7", "action": "", "text": "{not a dict} rate limit"}
+    assert _operator_line("something else") == {"step": "", "subject": "", "action": "",
+                                                "text": "something else"}

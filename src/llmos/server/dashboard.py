@@ -26,6 +26,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import hashlib
 import json
@@ -47,6 +48,7 @@ PAGE_PATHS = frozenset({"/dashboard", "/dashboard/dashboard.js", "/dashboard/das
 FREE, USED, SHARED, CACHED, OFF = "f", "u", "s", "c", "x"  # block-map cell states
 OTHER = "other"  # the holder of a block the viewer may not name
 _VERIFY_EVERY_S = 2.0  # the audit chain is re-verified at most this often per stream
+AUDIT_ROWS = 60  # the audit log's latest rows shown (the page folds runs of routine ones)
 SAMPLES = 240  # the time series keep this many samples...
 SAMPLE_EVERY_S = 0.5  # ...taken at most this often (by whichever viewer asks first): two minutes
 SUMMARY_CHARS = 400  # a context's recursive summary, cut to this many characters
@@ -178,7 +180,7 @@ class Snapshotter:
     async def _audit(self) -> dict[str, Any]:
         system, user = self.system, self.user
         if user.admin:
-            rows = await run_in_threadpool(system.audit.tail, 20)
+            rows = await run_in_threadpool(system.audit.tail, AUDIT_ROWS)
             if time.monotonic() - self._verified_at > _VERIFY_EVERY_S:
                 v = await run_in_threadpool(system.audit.verify)
                 self._verdict = {"ok": v.ok, "status": v.status, "rows": v.rows, "message": v.message}
@@ -186,7 +188,7 @@ class Snapshotter:
             chain = self._verdict
         else:
             names = await run_in_threadpool(system.kernel.table.names_only_of, user.id)
-            rows = await run_in_threadpool(system.audit.tail, 20, names)
+            rows = await run_in_threadpool(system.audit.tail, AUDIT_ROWS, names)
             chain = {"ok": None, "status": "admin only", "rows": None,
                      "message": "verifying needs an admin key"}
         keep = ("id", "ts", "agent", "tool", "args_preview", "labels", "decision", "reason")
@@ -263,12 +265,25 @@ _OPERATOR_STEPS = frozenset({"finding", "proposal", "refused", "queued", "dry_ru
 
 
 def _operator_line(text: str) -> dict[str, str]:
-    """One line the operator printed ("STEP SUBJECT [ACTION] DETAIL", agents/operator/agent.py)."""
+    """One line the operator printed ("STEP SUBJECT [ACTION] DETAIL", agents/operator/agent.py), the
+    action (a dict's repr) shown as its kind and arguments."""
     step, _, rest = text.partition(" ")
     if step not in _OPERATOR_STEPS:
-        return {"step": "", "subject": "", "text": text}
+        return {"step": "", "subject": "", "action": "", "text": text}
     subject, _, rest = rest.partition(" ")
-    return {"step": step, "subject": subject, "text": rest}
+    action = ""
+    end = rest.find("}") if rest.startswith("{") else -1
+    while end >= 0:
+        try:
+            fields = ast.literal_eval(rest[:end + 1])
+        except (ValueError, SyntaxError):
+            end = rest.find("}", end + 1)
+            continue
+        if isinstance(fields, dict):
+            args = " ".join(f"{k}={v}" for k, v in fields.items() if k not in ("kind", "reason"))
+            action, rest = f"{fields.get('kind', '')} {args}".strip(), rest[end + 1:].strip()
+        break
+    return {"step": step, "subject": subject, "action": action, "text": rest}
 
 
 class RequestOwners:

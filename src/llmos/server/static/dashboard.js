@@ -4,6 +4,7 @@
 
 const HISTORY = 120; // samples kept for the scheduler timeline
 const series = { running: [] };
+const seenNames = {}; // pid -> the name it was shown with, so an ended process keeps its name in the timeline
 const $ = (id) => document.getElementById(id);
 
 function apiKey() {
@@ -89,14 +90,20 @@ function drawKV(e) {
     `KV slots holding a token ${(100 * s.kv_utilization).toFixed(1)}%`;
 }
 
-function drawProcs(procs, kernel) {
+// An API agent's process is named by the agent's id: show the agent's own name beside it.
+function agentName(name, contexts) {
+  const c = (contexts || []).find((c) => c.agent_id === name);
+  return c ? `${c.name} (${name.slice(0, 14)}…)` : name;
+}
+
+function drawProcs(procs, kernel, contexts) {
   const running = new Set(kernel ? kernel.running_pids : []);
   $("procs").tBodies[0].innerHTML = procs.map((p) => {
     const quota = p.quotas && p.quotas.llm_tokens;
     const share = quota ? Math.min(1, p.tokens_used / quota) : 0;
     const bar = quota ? `<span class="bar" style="width:${Math.round(60 * share)}px"></span>` : "";
     return `<tr data-pid="${p.pid}" data-state="${esc(p.state)}"><td>${p.pid}</td>` +
-      `<td><i class="cell used" style="display:inline-block;background:${colour(p.pid)}"></i> ${esc(p.name)}</td>` +
+      `<td><i class="cell used" style="display:inline-block;background:${colour(p.pid)}"></i> ${esc(agentName(p.name, contexts))}</td>` +
       `<td>${esc(p.state)}${running.has(p.pid) ? " ▶" : ""}</td><td>${p.priority}</td>` +
       `<td>${bar}${p.tokens_used}${quota ? " / " + quota : ""}</td><td>${esc(p.current_syscall || "")}</td></tr>`;
   }).join("");
@@ -114,11 +121,30 @@ function labels(l) {
   return tainted.length ? tainted.join("; ") : "trusted";
 }
 
+// Newest first; a run of allowed or completed calls of one agent to one tool (an operator polling the
+// kernel, say) is folded into one row that counts them, so a denial is never pushed out of sight by them.
+function foldAudit(rows) {
+  const out = [];
+  const routine = (r) => r.decision === "allow" || r.decision === "done";
+  for (const r of rows.slice().reverse()) {
+    const last = out[out.length - 1];
+    if (last && routine(r) && routine(last.row) && last.row.agent === r.agent && last.row.tool === r.tool) {
+      last.count++;
+      last.first = r.id;
+      last.decisions.add(r.decision);
+    } else {
+      out.push({ row: r, count: 1, first: r.id, decisions: new Set([r.decision]) });
+    }
+  }
+  return out;
+}
+
 function drawAudit(audit) {
-  $("audit").tBodies[0].innerHTML = audit.rows.slice().reverse().map((r) =>
-    `<tr class="${esc(r.decision)}"><td>${r.id}</td><td>${new Date(r.ts * 1000).toLocaleTimeString()}</td>` +
-    `<td>${esc(r.agent)}</td><td>${esc(r.tool)}</td><td class="decision-${esc(r.decision)}">${esc(r.decision)}</td>` +
-    `<td class="reason">${esc(r.reason)}</td><td>${esc(labels(r.labels))}</td></tr>`).join("");
+  $("audit").tBodies[0].innerHTML = foldAudit(audit.rows).map(({ row: r, count, first, decisions }) =>
+    `<tr class="${esc(r.decision)}"><td>${count > 1 ? first + "–" : ""}${r.id}</td><td>${new Date(r.ts * 1000).toLocaleTimeString()}</td>` +
+    `<td>${esc(r.agent)}</td><td>${esc(r.tool)}${count > 1 ? ` <small class="folded">×${count}</small>` : ""}</td>` +
+    `<td class="decision-${esc(r.decision)}">${esc([...decisions].sort().join(", "))}</td>` +
+    `<td class="reason">${count > 1 ? "" : esc(r.reason)}</td><td>${esc(labels(r.labels))}</td></tr>`).join("");
   const c = audit.chain;
   const chain = $("chain");
   if (!c) { chain.textContent = ""; return; }
@@ -214,7 +240,8 @@ function drawOperator(op, admin) {
   $("operator-summary").textContent = `pid ${op.pid}, ${op.state}: ${op.findings} findings, ${op.actions} actions ` +
     `(${op.events} events; newest first)`;
   body.innerHTML = op.log.slice().reverse().map((e) =>
-    `<tr class="op-${esc(e.step)}"><td>${esc(e.step)}</td><td>${esc(e.subject)}</td><td class="reason">${esc(e.text)}</td></tr>`).join("");
+    `<tr class="op-${esc(e.step)}"><td>${esc(e.step)}</td><td>${esc(e.subject)}</td><td>${esc(e.action)}</td>` +
+    `<td class="reason">${esc(e.text)}</td></tr>`).join("");
 }
 
 function timeline(canvas, samples, names) {
@@ -241,10 +268,10 @@ function draw(snap) {
   if (snap.contexts) drawContexts(snap.contexts);
   if ("operator" in snap) drawOperator(snap.operator, snap.user.admin);
   if (snap.processes) {
-    drawProcs(snap.processes, snap.kernel);
+    drawProcs(snap.processes, snap.kernel, snap.contexts);
     push(series.running, snap.kernel ? snap.kernel.running_pids : []);
-    const names = Object.fromEntries(snap.processes.map((p) => [p.pid, p.name]));
-    timeline($("timeline"), series.running, names);
+    for (const p of snap.processes) seenNames[p.pid] = agentName(p.name, snap.contexts);
+    timeline($("timeline"), series.running, seenNames);
   }
   if (snap.audit) drawAudit(snap.audit);
   $("model").textContent = (snap.user.admin ? "admin" : "user " + snap.user.id);
