@@ -101,3 +101,11 @@ def test_the_map_is_trimmed_to_the_reported_capacity_least_recent_first() -> Non
 def test_an_unknown_policy_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown router 'random'"):
         Router(2, "random")
+
+
+def test_prefix_places_a_new_session_where_fewer_blocks_are_held() -> None:
+    r = Router(2, "prefix")
+    r.routed(0, A)
+    r.finished(0)
+    assert r.choose(B, session="new") == 1  # both idle; 0 holds 4 blocks, 1 none
+    assert Router(2, "least-loaded").choose(B) == 0  # least-loaded alone: the lower index

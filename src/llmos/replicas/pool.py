@@ -260,6 +260,16 @@ class ReplicaPool:
             while self._recovering:
                 await asyncio.gather(*list(self._recovering.values()), return_exceptions=True)
 
+    async def reset(self, router: str | None = None) -> None:
+        """Empty every replica's prefix cache and counters, and start a fresh router (under `router`, or
+        the same policy): runs that follow start equal. Call it with no request in flight."""
+        infos = await asyncio.gather(*(a.info.remote() for a in self.actors))
+        await asyncio.gather(*(a.reset.remote() for a in self.actors))
+        self.router = Router(self.num_replicas, router or self.router.policy, self.router.max_imbalance)
+        for i, info in enumerate(infos):
+            self.router.finished(i, 0.0, info["num_blocks"])
+        self.served = [0] * self.num_replicas
+
     # -- metrics --------------------------------------------------------------
 
     async def refresh(self) -> list[dict[str, Any] | None]:

@@ -50,6 +50,16 @@ class Replica:
     async def abort(self, request_id: str) -> None:
         await self.llm.abort(request_id)
 
+    async def reset(self) -> None:
+        """Start afresh with an empty prefix cache and zeroed counters (between benchmark runs)."""
+        engine = self.llm.engine
+
+        def reset() -> None:
+            engine.blocks.reset_prefix_cache()
+            engine.reset_metrics()
+
+        await self.llm.call(reset)
+
     async def stats(self) -> dict[str, Any]:
         """The engine's metrics, with its pid and its latency histograms under "histograms"."""
         histograms = await self.llm.call(self.llm.engine.histograms.snapshot)

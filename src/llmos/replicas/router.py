@@ -13,7 +13,8 @@ after each request and emptied when the replica is lost. Policies:
   usage, then the lower index);
 - `prefix`: the replica holding the longest prefix of the prompt's blocks;
   with none held anywhere, the replica the session (an agent, a conversation)
-  last ran on; else least loaded. A replica more than `max_imbalance`
+  last ran on; else the fewest in flight, then the fewest blocks held (new
+  sessions spread over the replicas' memory). A replica more than `max_imbalance`
   requests in flight above the least loaded one is overloaded and is passed
   over, whatever it holds.
 
@@ -90,7 +91,9 @@ class Router:
         if self.replicas[best].match(hashes):
             return best
         home = self.sessions.get(session) if session is not None else None
-        return home if home in fit else least
+        if home in fit:
+            return home
+        return min(fit, key=lambda i: (self.replicas[i].in_flight, len(self.replicas[i].blocks), i))
 
     def _load(self, i: int) -> tuple[int, float, int]:
         r = self.replicas[i]
