@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from llmos.lab._common import LabResult, default_out_dir, run_lab
 
-LABS = ("paging", "sharing", "switch", "inject")
+LABS = ("paging", "sharing", "switch", "sched", "inject")
 
 __all__ = ["LABS", "LabResult", "default_out_dir", "run_lab"]
