@@ -101,6 +101,21 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         escapes: Annotated[bool, typer.Option(help="Run the sandbox escape suite.")] = True,
         agentdojo: Annotated[bool, typer.Option(help="Run the AgentDojo replay.")] = True,
         output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
+        planner: Annotated[bool, typer.Option(
+            help="Only reading (b): the planner agent end to end on a model, on a sample of pairs "
+                 "(JSON: bench-results/security_planner.json).")] = False,
+        limit: Annotated[int, typer.Option(min=1, help="--planner: pairs per suite.")] = 12,
+        injections: Annotated[int, typer.Option(min=1, help="--planner: injection tasks per sampled user "
+                                                "task.")] = 3,
+        seed: Annotated[int, typer.Option(help="--planner: seed of the sample.")] = 0,
+        retries: Annotated[int, typer.Option(min=0, help="--planner: rewrites of a failed plan.")] = 0,
+        model: Annotated[str, typer.Option("--model", "-m", help="--planner: the embedded engine's model (a "
+                                           "name or a GGUF file).")] = "smollm2-135m-instruct",
+        backend_url: Annotated[str | None, typer.Option(help="--planner: an OpenAI-compatible server instead."
+                                                        )] = None,
+        api_key: Annotated[str | None, typer.Option(envvar="OPENAI_API_KEY", help="Key for --backend-url.")]
+        = None,
+        backend_model: Annotated[str | None, typer.Option(help="Model name on --backend-url.")] = None,
     ) -> None:
         """AgentDojo through the reference monitor (benign and compromised replays) and sandbox escapes.
 
@@ -122,6 +137,10 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         bad = [s for s in suite or [] if s not in SUITES]
         if bad:
             fail(f"unknown suite(s) {bad}; choose from {list(SUITES)}")
+        if planner:
+            _bench_planner(suite, limit, injections, seed, retries, model, backend_url, api_key,
+                           backend_model, output)
+            return
         report: dict = {"isolation": describe_isolation()}
         if agentdojo:
             try:
@@ -172,3 +191,51 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
             table.add_row(r["class"], str(r["tried"]), f"[{colour}]{r['held']}[/]")
         console.print(table)
         write_report(report, output, "docs/bench/security.json", console)
+
+
+def _bench_planner(suites: list[str] | None, limit: int, injections: int, seed: int, retries: int, model: str,
+                   backend_url: str | None, api_key: str | None, backend_model: str | None,
+                   output: str | None) -> None:
+    """Reading (b): the planner agent on a seeded sample of pairs, printed per suite and written as JSON."""
+    from rich import box
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from llmos.bench.engine import write_report
+    from llmos.bench.security_planner import planner_work, run_planner_bench
+    from llmos.commands.kernel import _backend
+
+    try:
+        import agentdojo as _  # noqa: F401
+    except ImportError:
+        fail("AgentDojo is not installed: pip install agentdojo")
+    name = f"{backend_model or 'default model'} at {backend_url}" if backend_url else model
+    with console.status(f"loading {name} ..."):
+        backend = _backend(model, backend_url, api_key, backend_model, "0.5")
+    try:
+        with Progress(TextColumn("planner on AgentDojo"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("runs", total=planner_work(suites, limit, seed, injections))
+            result = run_planner_bench(backend, name, suites, limit, seed, lambda n: bar.advance(task, n),
+                                       retries, injections)
+    finally:
+        backend.close()
+    table = Table("suite", "user tasks", "pairs", "valid plans", "runs denied", "utility",
+                  "utility\nattacked", "ASR", "audit", box=box.SIMPLE_HEAD,
+                  title=f"{result['benchmark']}: {result['model']}")
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    for r in result["suites"]:
+        table.add_row(r["suite"], str(r["user_tasks"]), f"{r['pairs']} of {r['pairs_in_suite']}",
+                      f"{r['plans_valid']}/{r['runs']}", str(r["runs_denied"]),
+                      f"{pct(r['utility'])} ({r['utility_passed']})", pct(r["utility_under_attack"]),
+                      f"{pct(r['attack_success'])} ({r['attacks']})",
+                      f"{r['audit']['rows']} rows, {'ok' if r['audit']['verified'] else 'TAMPERED'}")
+    console.print(table)
+    console.print(f"all: utility {pct(result['utility'])} over {result['user_tasks']} user tasks, attack "
+                  f"success {pct(result['attack_success'])} over {result['pairs']} pairs; "
+                  f"{result['plans_valid']} of {result['runs']} runs had a valid plan; {result['wall_s']} s. "
+                  f"Sample: {result['sample']['how']} (seed {seed}).", markup=False, highlight=False)
+    write_report(result, output, "docs/bench/security_planner.json", console)
