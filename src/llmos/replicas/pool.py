@@ -2,7 +2,7 @@
 
 `ReplicaPool` starts N replicas (replica.py) as Ray actors, each with its
 own CPU share or GPU, and serves requests with `AsyncLLM`'s interface
-(`generate`, `abort`, `stats`, `call`, `tokenizer`, `engine.max_model_len`),
+(`generate`, leaving which aborts, `stats`, `call`, `tokenizer`, `engine.max_model_len`),
 so the OpenAI routes and the kernel's backend run on it unchanged. The
 router (router.py) places each request.
 
@@ -172,10 +172,6 @@ class ReplicaPool:
             except _Lost:
                 logger.warning("request %s: replica %d died; re-running it from its prompt", request_id, i)
                 tried.append(i)
-
-    async def abort(self, request_id: str) -> None:
-        """Abort on every replica (only the one serving it has it)."""
-        await asyncio.gather(*(a.abort.remote(request_id) for a in self.actors), return_exceptions=True)
 
     def _prepare(self, prompt: str | list[int], request_id: str | None) -> tuple[list[int], list[int], str]:
         if self._closed:

@@ -47,9 +47,6 @@ class Replica:
         used, capacity = await self.llm.call(lambda: (bm.num_used_blocks, bm.capacity))
         return {"kv_usage": used / capacity if capacity else 0.0, "kv_blocks": capacity}
 
-    async def abort(self, request_id: str) -> None:
-        await self.llm.abort(request_id)
-
     async def reset(self) -> None:
         """Start afresh with an empty prefix cache and zeroed counters (between benchmark runs)."""
         engine = self.llm.engine
