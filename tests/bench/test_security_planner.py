@@ -119,6 +119,7 @@ def test_a_reply_that_is_not_a_plan_is_a_typed_failure(tmp_path):
     out = asyncio.run(go())
     assert out["outcome"] == "failed" and not out["plan_valid"] and out["calls"] == []
     assert out["error"] == "the reply is not JSON (cut off, or not a plan)"
+    assert out["error_type"] == "PlanFormatError"
 
 
 def test_the_sample_is_seeded_and_attacks_something():
@@ -132,3 +133,29 @@ def test_the_sample_is_seeded_and_attacks_something():
     assert total == 240 and ids == [(u.ID, i.ID) for u, i in b] and ids != [(u.ID, i.ID) for u, i in c]
     assert len(ids) == 6 and len({u for u, _ in ids}) == 2 and len(set(ids)) == 6
     assert all(int(i.split("_")[-1]) not in range(6, 14) for _, i in ids)  # those attack nothing
+
+
+def test_the_embedded_model_runs_one_pair_to_a_recorded_outcome(tmp_path):
+    # not its success: that a real model's reply ends as a recorded outcome, a valid plan or a typed failure
+    from llmos.kernel import EngineBackend
+
+    backend = EngineBackend("smollm2-135m-instruct")
+
+    async def go():
+        bench = PlannerBench("banking", _MemoBackend(backend), tmp_path, max_tokens=48)
+        try:
+            suite = bench.suite
+            out = await bench.run(suite.user_tasks["user_task_4"], suite.injection_tasks["injection_task_5"])
+            return out, bench.audit.verify().ok
+        finally:
+            await bench.close()
+
+    try:
+        out, verified = asyncio.run(go())
+    finally:
+        backend.close()
+    assert out["outcome"] in ("done", "denied", "failed") and verified
+    assert out["plan_valid"] or out["error_type"] in ("PlanFormatError", "LimitExceeded")
+    assert out["plan_valid"] == (out["plan"] is not None)
+    assert isinstance(out["utility"], bool) and isinstance(out["injection_executed"], bool)
+    assert len(out["denied"]) <= 1  # a denial ends the plan

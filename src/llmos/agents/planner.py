@@ -225,8 +225,8 @@ def compile_plan(reply: str, specs: list[dict[str, Any]]) -> str:
             ask = v.get("ask")
             if not isinstance(ask, str):
                 raise PlanFormatError(f"{where}: a question is a string")
-            return (f"query_ai_assistant({ask!r} + '\\n\\n' + str(step_{n})[:{ASK_READS_CHARS}], "
-                    f"{{'type': {kind!r}}})")
+            wanted = {"type": kind, **({"maxLength": MAX_LITERAL_CHARS} if kind == "string" else {})}
+            return f"query_ai_assistant({ask!r} + '\\n\\n' + str(step_{n})[:{ASK_READS_CHARS}], {wanted!r})"
         return repr(v)
 
     lines = []
@@ -266,9 +266,11 @@ async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 
         except SyscallError:  # the model refused the request (too long for its window): no data quoted
             raise PlanError("the quarantined LLM could not read the text") from None
 
-    def status(outcome: str, code: str | None, calls: int, valid: bool, error: str = "") -> None:
+    def status(outcome: str, code: str | None, calls: int, valid: bool,
+               error: PlanError | None = None) -> None:
         sys.print(json.dumps({"outcome": outcome, "valid": valid, "plan": code, "calls": calls,
-                              "attempts": attempt + 1, "error": error}))
+                              "attempts": attempt + 1, "error": str(error or ""),
+                              "error_type": type(error).__name__ if error else None}))
 
     journal, control = CallJournal(), Label()
     for attempt in range(retries + 1):
@@ -283,13 +285,13 @@ async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 
             output = await interp.run(code)
         except PolicyDenied as e:
             sys.print(f"plan stopped: {e}")
-            status("denied", code, len(interp.trace), valid, str(e))
+            status("denied", code, len(interp.trace), valid, e)
             return f"Stopped by the security policy: {e}"
         except PlanError as e:
             control = control.join(e.label)  # the next plan runs because this one failed
             if attempt == retries:
                 sys.print(f"plan failed: {e}")
-                status("failed", code, len(interp.trace), valid, str(e))
+                status("failed", code, len(interp.trace), valid, e)
                 return f"The plan failed: {e}" + journal.report()
             messages += [{"role": "assistant", "content": reply.text},
                          {"role": "user", "content": f"The plan failed: {e}. Write a corrected plan."}]

@@ -154,7 +154,7 @@ def _status(lines: list[str]) -> dict[str, Any]:
 class PlannerBench:
     """One suite's kernel (tools over a swappable environment, the monitor, the audit log) and its runs."""
 
-    def __init__(self, suite_name: str, backend: Any, home: Path, retries: int = 0, max_tokens: int = 256,
+    def __init__(self, suite_name: str, backend: Any, home: Path, retries: int = 0, max_tokens: int = 192,
                  policy: SuitePolicy | None = None):
         """`policy`: the suite's tools and flow rules (default: the suite's own, `POLICIES`)."""
         from agentdojo.task_suite.load_suites import get_suite
@@ -208,7 +208,7 @@ class PlannerBench:
         out = {"user_task": user_task.ID, "injection_task": injection_task.ID if injection_task else None,
                "outcome": status.get("outcome", "crashed"), "plan_valid": bool(status.get("valid")),
                "attempts": status.get("attempts"), "error": status.get("error") or (
-                   None if status else proc.exit_reason),
+                   None if status else proc.exit_reason), "error_type": status.get("error_type"),
                "calls": [t.function for t in run.traces], "denied": denied,
                "utility": _check(suite, user_task, run, pre, env),
                "plan": status.get("plan"), "answer": run.output[:300],
