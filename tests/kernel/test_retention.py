@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from llmos.engine import LLMEngine, SamplingParams
+from llmos.engine.retained import HOST_TTL
 from llmos.kernel.retention import Memory, RetentionPolicy, ToolTimePredictor
 from llmos.models.loader import load_model
 
@@ -135,8 +136,25 @@ def test_pinned_blocks_never_block_the_admission_of_a_new_request(model):
     rid = engine.add_request(list(range(5000, 5080)), SamplingParams(max_tokens=2, ignore_eos=True))
     engine.step()
     assert engine.requests[rid].seqs[0].num_computed_tokens == 80  # admitted in the first step
-    assert retained.contexts == {} and retained.stats.reclaimed == 1
+    assert retained.device_blocks() == 0 and retained.stats.reclaimed == 1
+    assert retained.contexts["pid-1"].on_host  # the host had room: swapped there, not lost
     assert engine.scheduler.stats.preemptions == 0
+    run(engine, rid)
+    engine.set_kv_capacity(engine.blocks.num_blocks)
+    tokens, cached = next_call(engine, context)  # and the next call still finds its context
+    assert cached == len(context) // 16 * 16 and tokens == reference(model, context)
+
+
+def test_pinned_blocks_are_released_when_the_host_is_full_too(model):
+    engine = LLMEngine(model, kv_budget="16MiB", swap_space=0)
+    first_call(engine)
+    retained = engine.scheduler.retained
+    retained.keep("pid-1", ttl=3600)
+    engine.set_kv_capacity(retained.device_blocks() + 3)
+    rid = engine.add_request(list(range(5000, 5080)), SamplingParams(max_tokens=2, ignore_eos=True))
+    engine.step()
+    assert engine.requests[rid].seqs[0].num_computed_tokens == 80
+    assert retained.contexts == {} and engine.scheduler.stats.preemptions == 0
     run(engine, rid)
 
 
@@ -147,15 +165,21 @@ def test_ttl_expiry_frees_the_blocks(model):
     first_call(engine)
     retained = engine.scheduler.retained
     retained.keep("pid-1", ttl=2.0)
-    used = engine.blocks.num_used_blocks
+    used, host_free = engine.blocks.num_used_blocks, engine.scheduler.swap.num_free_blocks
     assert used == retained.device_blocks() > 0
     now[0] = 1.9
     engine.step()
     assert engine.blocks.num_used_blocks == used
     now[0] = 2.0
     engine.step()
-    assert engine.blocks.num_used_blocks == 0 and retained.contexts == {}
-    assert retained.stats.expired == 1
+    assert engine.blocks.num_used_blocks == 0 and retained.stats.expired == 1  # the device is free
+    assert retained.contexts["pid-1"].on_host  # its copy waits on the host for HOST_TTL more
+    assert engine.scheduler.swap.num_free_blocks == host_free - used
+    now[0] = 2.0 + HOST_TTL
+    engine.step()
+    engine.step()  # host blocks are freed at the step after the release
+    assert retained.contexts == {} and retained.stats.expired == 2
+    assert engine.scheduler.swap.num_free_blocks == host_free
 
 
 def test_a_process_next_call_reuses_its_kept_context_through_the_backend(llm):

@@ -16,13 +16,15 @@ are swapped in (registered in the prefix cache again) just before it is
 admitted, so it recomputes only its new tokens. After its admission the pin
 is dropped: the request's own block table holds the blocks.
 
-Guarantees: memory pressure always wins, since `reclaim` releases pinned
+Guarantees: memory pressure always wins, since `reclaim` gives up pinned
 contexts (soonest expiry first) before the scheduler swaps or preempts any
-sequence; expired contexts are released at the next schedule, unless a
-queued request already claims them (its wait in the queue is not the tool's
-time); pinned and
-host blocks are counted by the allocators like any others; host blocks a
-swap-in read are freed only after the step that reads them.
+sequence: to host memory when it has room (copied in the same step, before
+any block is written), else to the prefix cache; a context whose time-to-live
+ends leaves the device the same way (and one on the host is then released),
+unless a queued request already claims it (its wait in the queue is not the
+tool's time); pinned and host blocks are counted by the allocators like any
+others; host blocks a swap-in read are freed only after the step that reads
+them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from llmos.engine.block_manager import BlockManager, SwapSpace
 from llmos.engine.sequence import Sequence, SequenceStatus
 
 DEFAULT_TTL = 5.0  # seconds a captured context stays pinned before anyone decides
+HOST_TTL = 60.0  # seconds a context stays on the host after its device time-to-live ended
 
 
 @dataclass
@@ -59,8 +62,8 @@ class RetentionStats:
     kept: int = 0
     swapped: int = 0
     released: int = 0  # by decision (the kernel's, or no room on the host)
-    expired: int = 0
-    reclaimed: int = 0  # released early because memory was needed
+    expired: int = 0  # time-to-live ended: moved to the host (from the device) or released
+    reclaimed: int = 0  # given up early because memory was needed (swapped when the host had room)
     swapped_in_blocks: int = 0
     reused_tokens: int = 0  # prompt tokens a claiming request found retained
 
@@ -112,18 +115,28 @@ class RetainedContexts:
     def swap_out(self, key: str, ttl: float = math.inf) -> bool:
         """Move a pinned context to host memory (copied at the next step); False when the host
         has no room (then it is released)."""
-        ctx = self.contexts.get(key)
-        if ctx is None or ctx.on_host:
+        pairs = self._to_host(key, ttl)
+        if pairs is None:
             return False
-        if self.swap.num_free_blocks < len(ctx.blocks):
-            self.release(key)
-            return False
-        host = self.swap.allocate(len(ctx.blocks))
-        self._swap_out += zip(ctx.blocks, host, strict=True)
-        self.blocks.unpin(ctx.blocks)  # to the prefix cache: still a hit until evicted
-        ctx.blocks, ctx.on_host, ctx.expires = host, True, self.clock() + ttl
+        self._swap_out += pairs
         self.stats.swapped += 1
         return True
+
+    def _to_host(self, key: str, ttl: float) -> list[tuple[int, int]] | None:
+        """Unpin a device context onto host blocks; the (device, host) copies to run before any
+        of those device blocks is written again. None (and the context released) when the host
+        has no room; None too when it is not on the device."""
+        ctx = self.contexts.get(key)
+        if ctx is None or ctx.on_host:
+            return None
+        if self.swap.num_free_blocks < len(ctx.blocks):
+            self.release(key)
+            return None
+        host = self.swap.allocate(len(ctx.blocks))
+        pairs = list(zip(ctx.blocks, host, strict=True))
+        self.blocks.unpin(ctx.blocks)  # to the prefix cache: still a hit until evicted
+        ctx.blocks, ctx.on_host, ctx.expires = host, True, self.clock() + ttl
+        return pairs
 
     def release(self, key: str) -> bool:
         if not self._drop(key):
@@ -147,24 +160,35 @@ class RetainedContexts:
     # -- inside a schedule ------------------------------------------------------
 
     def begin_step(self) -> list[tuple[int, int]]:
-        """Free last step's swap-in sources, release expired contexts; returns the swap-outs
-        decided since the last step (the engine copies them before this step writes any KV)."""
+        """Free last step's swap-in sources, move expired contexts off the device (to the host when
+        it has room) and release expired host copies; returns the swap-outs decided since the last
+        step (the engine copies them before this step writes any KV)."""
         self.swap.free(self._host_to_free)
         self._host_to_free = []
         now, claimed = self.clock(), set(self.claims.values())
         for key in [k for k, c in self.contexts.items() if c.expires <= now and k not in claimed]:
-            self._drop(key)
+            if self.contexts[key].on_host:
+                self._drop(key)
+            else:
+                self._swap_out += self._to_host(key, HOST_TTL) or []
             self.stats.expired += 1
         pairs, self._swap_out = self._swap_out, []
         return pairs
 
-    def reclaim(self) -> bool:
-        """Memory is needed: release the device-pinned context that expires soonest."""
+    def reclaim(self, swap_out: list[tuple[int, int]]) -> bool:
+        """Memory is needed: the device-pinned context that expires soonest leaves the device, to
+        the host when it has room (its copies appended to `swap_out`, this step's), else to the
+        prefix cache. A context a queued request claims is released instead: swapping it out would
+        only bring it back."""
         pinned = [c for c in self.contexts.values() if not c.on_host]
         if not pinned:
             return False
-        self._drop(min(pinned, key=lambda c: c.expires).key)
+        key = min(pinned, key=lambda c: c.expires).key
         self.stats.reclaimed += 1
+        if key in set(self.claims.values()):
+            self._drop(key)
+        else:
+            swap_out += self._to_host(key, HOST_TTL) or []
         return True
 
     def prepare(self, seq: Sequence) -> list[tuple[int, int]]:
