@@ -82,9 +82,9 @@ class Scheduler:
                 SequenceStatus.SWAPPED: self.swapped}[seq.status]
 
     def _reclaim_paused(self, out: SchedulerOutput) -> bool:
-        """Give device blocks back: a retained context's first, else one paused sequence's;
-        False when none holds any."""
-        if self.retained.reclaim():
+        """Give device blocks back: a retained context's first (to the host when it has room), else
+        one paused sequence's; False when none holds any."""
+        if self.retained.reclaim(out.swap_out):
             return True
         holder = next((q for q in reversed(self.paused) if q.status is SequenceStatus.RUNNING), None)
         if holder is None:
