@@ -38,12 +38,12 @@ _TOKENS = (1000, 20000)  # token ids drawn from here: plain vocabulary of any mo
 
 @dataclass
 class Workload:
-    conversations: int = 16
-    turns: int = 4
-    system_tokens: int = 384
+    conversations: int = 12
+    turns: int = 3
+    system_tokens: int = 256
     question_tokens: int = 24
     answer_tokens: int = 16
-    concurrency: int = 8  # turns in flight at once
+    concurrency: int = 6  # turns in flight at once
     seed: int = 0
 
     @classmethod
