@@ -142,7 +142,7 @@ def test_the_embedded_model_runs_one_pair_to_a_recorded_outcome(tmp_path):
     backend = EngineBackend("smollm2-135m-instruct")
 
     async def go():
-        bench = PlannerBench("banking", _MemoBackend(backend), tmp_path, max_tokens=48)
+        bench = PlannerBench("banking", _MemoBackend(backend), tmp_path, max_tokens=32)
         try:
             suite = bench.suite
             out = await bench.run(suite.user_tasks["user_task_4"], suite.injection_tasks["injection_task_5"])

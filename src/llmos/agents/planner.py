@@ -246,10 +246,12 @@ def compile_plan(reply: str, specs: list[dict[str, Any]]) -> str:
 
 
 async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 1024,
-               structured: bool = False, named_readers: dict[str, str] | None = None, **_: Any) -> str:
+               structured: bool = False, named_readers: dict[str, str] | None = None,
+               qllm_max_tokens: int = 256, **_: Any) -> str:
     """Plan from `request` alone and run the plan. `structured`: the plan is JSON under `plan_schema`
     (constrained decoding), compiled to the subset. `named_readers`: tool -> the argument naming what it
-    reads (content the user pointed at by name is endorsed, see the interpreter)."""
+    reads (content the user pointed at by name is endorsed, see the interpreter). `qllm_max_tokens`: the
+    longest answer of the quarantined LLM (its JSON is closed within it)."""
     if not request.strip():
         return "Nothing to do: give the planner a request."
     specs = sys.tools()
@@ -260,7 +262,7 @@ async def main(sys: Any, request: str = "", retries: int = 2, max_tokens: int = 
 
     async def qllm(query: str, schema: Any) -> Any:
         try:
-            return await quarantined_llm(sys, query, schema)
+            return await quarantined_llm(sys, query, schema, max_tokens=qllm_max_tokens)
         except QuarantineError as e:
             raise PlanError(str(e)) from None
         except SyscallError:  # the model refused the request (too long for its window): no data quoted

@@ -38,6 +38,7 @@ from llmos.bench.security import POLICIES, SUITES, VERSION, SuitePolicy, _check,
 from llmos.kernel.backend import GenerationParams
 
 PAIR_WALL_S = 600.0  # one pair's planner process is killed after this (a wall-time quota)
+QLLM_MAX_TOKENS = 64  # the longest answer of the quarantined LLM (a value, not prose)
 
 # (prompt, params) -> the reply text; stands in for the model in tests (the rest stays real)
 PlanWriter = Callable[[Any, GenerationParams], Awaitable[str]]
@@ -198,7 +199,8 @@ class PlannerBench:
         pid = await self.kernel.spawn(
             planner.main, name=name, capabilities=caps, quotas=Quotas(wall_time_s=PAIR_WALL_S),
             args={"request": user_task.PROMPT, "structured": True, "retries": self.retries,
-                  "max_tokens": self.max_tokens, "named_readers": self.policy.named_readers})
+                  "max_tokens": self.max_tokens, "qllm_max_tokens": QLLM_MAX_TOKENS,
+                  "named_readers": self.policy.named_readers})
         answer = await self.kernel.wait(pid)
         proc = self.kernel.process(pid)
         status = _status(self._printed.pop(pid, []))
