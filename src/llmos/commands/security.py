@@ -173,7 +173,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
                           "came from, no label for who decided a call: what the monitor itself achieves.\n"
                           "bound: the replay labels the user as deciding the user task's calls and the "
                           "injection as deciding the injection's, so every injected side effect is refused "
-                          "by construction: the bound a perfect planner would reach, not a measured agent.",
+                          "by construction: the bound a perfect planner would reach, not a measured agent.\n"
+                          "planner: the planner agent end to end on a model is measured on a sample by "
+                          "`llmos bench security --planner` (a model run: minutes per suite on a CPU).",
                           markup=False, highlight=False)
         if escapes:
             with console.status("sandbox escape suite ..."):
