@@ -208,3 +208,11 @@ def test_las_aging_lets_a_long_program_finish_under_a_stream_of_newcomers():
     aged = simulate_programs(dict(policy="las", max_running=1, quantum=1, aging=4), programs, 60).split()
     # Each 4 ticks of waiting lift L a level: it gets a token every few newcomers and ends at tick 23.
     assert [i for i, c in enumerate(aged) if c == "L"] == [0, 4, 8, 13, 22, 23]
+
+
+def test_the_operator_may_set_every_kernel_policy():
+    from llmos.agents.operator.actions import POLICIES as OPERATOR_POLICIES
+    from llmos.agents.operator.guardrails import SETTING_BOUNDS
+    from llmos.kernel.sched import POLICIES
+
+    assert OPERATOR_POLICIES == POLICIES and "las" in SETTING_BOUNDS["policy"]

@@ -1,25 +1,28 @@
 """`llmos bench programs`: scheduling agent programs, not requests, with KV kept across tool calls.
 
-A seeded multi-agent trace: programs arrive over time; each is a chain of LLM
-calls, their number long-tailed (Pareto: most programs short, a few long),
-ReAct-like: a call's prompt is the previous context, its answer and a tool
-result, with tool calls between them whose durations come from a
-long-tailed (log-normal) distribution. Greedy decoding to a fixed length, so
-every configuration does the same work and should produce the same tokens.
-The three configurations run one after the other on the same engine, under
-the same KV capacity:
+A seeded multi-agent trace: programs arrive over time (a Poisson process);
+each is a chain of LLM calls, their number long-tailed (Pareto: most programs
+short, a few long), ReAct-like: a call's prompt is the previous context, its
+answer and a tool result, with tool calls between them whose durations come
+from a long-tailed (log-normal) distribution, clipped to 10 ms - 10 s. Greedy
+decoding to a fixed length, so every configuration does the same work and
+should produce the same tokens. The KV capacity is tight: the contexts of the
+programs in flight do not all fit, so an LRU prefix cache evicts contexts that
+are about to be reused. The three configurations run one after the other on
+the same engine, under the same KV capacity and host swap space:
 
 - `fcfs`: per-call first come first served, no prefix cache, nothing retained
   (an agent framework on a plain serving engine);
 - `fcfs+prefix`: the same with the prefix cache (contexts survive a tool call
   only if LRU eviction spares them);
-- `llmos`: the kernel's `las` policy (least attained service per program) and
-  cost-based KV retention (keep with a TTL, swap to host, or release).
+- `llmos`: the kernel's `las` policy (programs in levels of attained service,
+  FCFS over programs within a level) and cost-based KV retention (keep with a
+  TTL, swap to host, or release, per tool call).
 
 Reported: mean and p99 program completion time (arrival to last answer),
 throughput (calls and generated tokens per second), prompt tokens
-recomputed, peak KV blocks in use, the ratios against `fcfs`, and whether
-every call's tokens equal those of `fcfs`.
+recomputed, peak KV blocks in use, the ratios against `fcfs` and
+`fcfs+prefix`, and whether every call's tokens equal those of `fcfs`.
 """
 
 from __future__ import annotations
@@ -40,27 +43,28 @@ from llmos.kernel.backend import GenerationParams, new_call_id
 
 @dataclass
 class ProgramsWorkload:
-    programs: int = 16
-    calls: tuple[int, int] = (3, 10)  # LLM calls per program, from a Pareto tail
+    programs: int = 12
+    calls: tuple[int, int] = (3, 12)  # LLM calls per program, from a Pareto tail
     calls_alpha: float = 1.2
-    first_prompt: tuple[int, int] = (48, 96)  # tokens of the task
-    tool_tokens: tuple[int, int] = (24, 64)  # new tokens a tool result adds
+    first_prompt: tuple[int, int] = (48, 128)  # tokens of the task
+    new_tokens: tuple[int, int] = (32, 128)  # a call's new tokens: its answer and the tool's result
     answer_tokens: int = 8
-    tool_median_s: float = 0.4  # log-normal tool time, clipped to [tool_min_s, tool_max_s]
-    tool_sigma: float = 1.3
+    tool_median_s: float = 0.3  # log-normal tool time, clipped to [tool_min_s, tool_max_s]
+    tool_sigma: float = 1.5
     tool_min_s: float = 0.01
     tool_max_s: float = 10.0
-    arrival_span_s: float = 10.0  # programs arrive uniformly at random over this span
+    arrival_mean_s: float = 2.0  # mean time between two programs' arrivals (Poisson)
     max_running: int = 4  # LLM calls on the engine at once
-    kv_blocks: int = 40  # the KV capacity every configuration runs under (16 tokens a block)
+    kv_blocks: int = 128  # the KV capacity every configuration runs under (16 tokens a block)
+    threads: int = 1  # torch's intra-op threads (1 is the fastest on a shared 2-core machine)
     seed: int = 0
 
 
-QUICK = ProgramsWorkload(programs=6, calls=(2, 4), first_prompt=(32, 64), tool_tokens=(16, 32),
-                         answer_tokens=4, tool_median_s=0.1, arrival_span_s=1.0, max_running=3,
+QUICK = ProgramsWorkload(programs=4, calls=(2, 4), first_prompt=(32, 64), new_tokens=(16, 32),
+                         answer_tokens=4, tool_median_s=0.1, arrival_mean_s=0.3, max_running=2,
                          kv_blocks=24)
-FULL = ProgramsWorkload(programs=60, calls=(3, 12), first_prompt=(64, 256), tool_tokens=(64, 256),
-                        answer_tokens=16, tool_median_s=0.5, arrival_span_s=60.0, max_running=8,
+FULL = ProgramsWorkload(programs=60, calls=(3, 12), first_prompt=(64, 256), new_tokens=(64, 256),
+                        answer_tokens=16, tool_median_s=0.5, arrival_mean_s=1.0, max_running=8,
                         kv_blocks=512)
 CONFIGS = ("fcfs", "fcfs+prefix", "llmos")
 _TOOLS = ("search", "calculator", "read_file", "run_code")
@@ -88,10 +92,10 @@ class Program:
 def make_trace(w: ProgramsWorkload) -> list[Program]:
     rng = random.Random(w.seed)
 
-    def tokens(lo_hi: tuple[int, int]) -> list[int]:
-        return [rng.randrange(200, 20000) for _ in range(rng.randint(*lo_hi))]
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(200, 20000) for _ in range(n)]
 
-    programs = []
+    programs, arrival = [], 0.0
     for i in range(w.programs):
         lo, hi = w.calls  # long-tailed, as in agent traces: most programs short, a few long
         calls = min(hi, lo - 1 + int(rng.paretovariate(w.calls_alpha)))
@@ -99,9 +103,11 @@ def make_trace(w: ProgramsWorkload) -> list[Program]:
         for _ in range(calls - 1):
             tool = rng.choice(_TOOLS)
             seconds = w.tool_median_s * rng.lognormvariate(0.0, w.tool_sigma)
-            steps.append(Step(tool, min(w.tool_max_s, max(w.tool_min_s, seconds)), tokens(w.tool_tokens)))
-        programs.append(Program(i, rng.uniform(0, w.arrival_span_s), tokens(w.first_prompt), steps))
-    return sorted(programs, key=lambda p: p.arrival)
+            result = tokens(max(1, rng.randint(*w.new_tokens) - w.answer_tokens))
+            steps.append(Step(tool, min(w.tool_max_s, max(w.tool_min_s, seconds)), result))
+        programs.append(Program(i, arrival, tokens(rng.randint(*w.first_prompt)), steps))
+        arrival += rng.expovariate(1.0 / w.arrival_mean_s)
+    return programs
 
 
 @dataclass
@@ -121,6 +127,7 @@ async def _program(p: Program, backend: EngineBackend, config: str, w: ProgramsW
     context, pid, agent = list(p.prompt), p.index + 1, f"agent-{p.index % 4}"
     key = f"program-{p.index}" if config == "llmos" else None
     params = GenerationParams(max_tokens=w.answer_tokens, ignore_eos=True)
+    decisions = []
     for i in range(p.num_calls):
         call = LLMCall(new_call_id(), pid, max_tokens=w.answer_tokens)
         await backend.complete(call, context, params, lambda n: None, context=key)
@@ -131,16 +138,17 @@ async def _program(p: Program, backend: EngineBackend, config: str, w: ProgramsW
         if i == len(p.steps):
             break
         step = p.steps[i]
-        if key is not None:
-            decision = await backend.between_calls(key, agent, step.tool)
-            run.decisions[decision.action if decision else "none"] += 1
+        if key is not None:  # decided on the engine thread while the tool runs: the tool never waits
+            decisions.append(asyncio.ensure_future(backend.between_calls(key, agent, step.tool)))
         await asyncio.sleep(step.tool_s)
         if key is not None:
             backend.tool_finished(agent, step.tool, step.tool_s)
         context = context + call.output_ids + step.result
+    run.completion[p.index] = time.perf_counter() - arrived
+    for decision in await asyncio.gather(*decisions):
+        run.decisions[decision.action if decision else "none"] += 1
     if key is not None:
         await backend.forget(key)
-    run.completion[p.index] = time.perf_counter() - arrived
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -163,11 +171,15 @@ async def run_config(backend: EngineBackend, config: str, w: ProgramsWorkload,
         hook(eng, outputs)
 
     def reset() -> None:
+        retained = engine.scheduler.retained
+        for key in list(retained.contexts):  # nothing of an earlier configuration survives
+            retained.release(key)
+        retained.begin_step()
         engine.blocks.reset_prefix_cache()
         engine.blocks.enable_prefix_caching = config != "fcfs"
         engine.set_kv_capacity(min(w.kv_blocks, engine.blocks.num_blocks))
         engine.reset_metrics()
-        engine.scheduler.retained.stats = type(engine.scheduler.retained.stats)()
+        retained.stats = type(retained.stats)()
 
     await backend.llm.call(reset)
     backend.llm.step_hook = step_hook
@@ -192,52 +204,72 @@ async def run_config(backend: EngineBackend, config: str, w: ProgramsWorkload,
     return row, run
 
 
+def _loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
 def run_programs_bench(console: Console, quick: bool = False, full: bool = False,
                        model: str = "smollm2-135m-instruct", json_path: str | None = None,
-                       seed: int = 0) -> dict[str, Any]:
+                       seed: int = 0, threads: int | None = None) -> dict[str, Any]:
+    import torch
+
     from llmos.bench.engine import write_report
     from llmos.engine import AsyncLLM
 
     w = QUICK if quick else FULL if full else ProgramsWorkload()
-    w = ProgramsWorkload(**{**w.__dict__, "seed": seed})
+    w = ProgramsWorkload(**{**w.__dict__, "seed": seed, "threads": threads or w.threads})
     trace = make_trace(w)
+    torch.set_num_threads(w.threads)
     llm = AsyncLLM(model, kv_budget="256MiB", swap_space="1GiB")
     backend = EngineBackend(llm)
-    rows, runs = [], []
+    rows, runs, load = [], [], {"start": _loadavg()}
     try:
+        asyncio.run(llm.call(lambda: torch.set_num_threads(w.threads)))  # the engine thread's own
         warm = make_trace(ProgramsWorkload(**{**QUICK.__dict__, "programs": 2, "seed": seed + 1}))
         asyncio.run(run_config(backend, "llmos", QUICK, warm))  # warm-up: kernels built
         for config in CONFIGS:
             with console.status(f"{config} ..."):
                 row, run = asyncio.run(run_config(backend, config, w, trace))
+            row["loadavg"] = _loadavg()
             rows.append(row)
             runs.append(run)
             console.print(f"{config} ({row['seconds']:.0f} s): mean {row['mean_completion_s']:.2f} s, "
                           f"p99 {row['p99_completion_s']:.2f} s, "
-                          f"{row['prompt_tokens_recomputed']} prompt tokens recomputed")
+                          f"{row['prompt_tokens_recomputed']} prompt tokens recomputed, "
+                          f"load {row['loadavg']}")
     finally:
         llm.shutdown()
+    load["end"] = _loadavg()
     base, base_run = rows[0], runs[0]
+    prefix = rows[1]
     for row, run in zip(rows, runs, strict=True):
         row["mean_speedup_vs_fcfs"] = base["mean_completion_s"] / row["mean_completion_s"]
         row["p99_speedup_vs_fcfs"] = base["p99_completion_s"] / row["p99_completion_s"]
+        row["mean_speedup_vs_prefix"] = prefix["mean_completion_s"] / row["mean_completion_s"]
+        row["p99_speedup_vs_prefix"] = prefix["p99_completion_s"] / row["p99_completion_s"]
         row["throughput_vs_fcfs"] = row["calls_per_s"] / base["calls_per_s"]
         same = sum(run.outputs[k] == v for k, v in base_run.outputs.items())
         row["calls_identical_to_fcfs"] = f"{same}/{len(base_run.outputs)}"
     calls = sum(p.num_calls for p in trace)
     table = Table(title=f"agent programs: {len(trace)} programs, {calls} LLM calls, {w.max_running} at once, "
                         f"KV capacity {rows[0]['kv_capacity_blocks']} blocks", title_justify="left")
-    for col in ("config", "mean s", "vs fcfs", "p99 s", "vs fcfs ", "calls/s", "tok/s", "recomputed",
-                "peak KV", "same tokens", "retention"):
+    for col in ("config", "mean s", "vs fcfs", "vs prefix", "p99 s", "vs fcfs ", "vs prefix ", "calls/s",
+                "recomputed", "peak KV", "same tokens", "retention"):
         table.add_column(col, justify="left" if col in ("config", "retention") else "right")
     for r in rows:
         table.add_row(r["config"], f"{r['mean_completion_s']:.2f}", f"{r['mean_speedup_vs_fcfs']:.2f}x",
-                      f"{r['p99_completion_s']:.2f}", f"{r['p99_speedup_vs_fcfs']:.2f}x",
-                      f"{r['calls_per_s']:.2f}", f"{r['tok_per_s']:.1f}", str(r["prompt_tokens_recomputed"]),
+                      f"{r['mean_speedup_vs_prefix']:.2f}x", f"{r['p99_completion_s']:.2f}",
+                      f"{r['p99_speedup_vs_fcfs']:.2f}x", f"{r['p99_speedup_vs_prefix']:.2f}x",
+                      f"{r['calls_per_s']:.3f}", f"{r['prompt_tokens_recomputed']}/{r['prompt_tokens']}",
                       str(r["peak_kv_blocks"]), r["calls_identical_to_fcfs"],
                       " ".join(f"{k}={v}" for k, v in sorted(r["retention"].items())))
     console.print(table)
-    report = {"workload": w.__dict__, "model": model, "calls": calls, "results": rows}
+    console.print(f"load average {load['start']} at the start, {load['end']} at the end")
+    report = {"workload": w.__dict__, "model": model, "calls": calls, "loadavg": load, "results": rows}
     suffix = "-quick" if quick else "-full" if full else ""
     write_report(report, json_path, f"bench-results/programs{suffix}.json", console)
     return report
