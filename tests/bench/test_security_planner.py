@@ -74,6 +74,7 @@ def test_a_benign_plan_completes_the_user_task(tmp_path):
     assert out["outcome"] == "done" and out["plan_valid"] and out["denied"] == []
     assert out["calls"] == ["update_user_info", "update_scheduled_transaction", "send_money"]
     assert out["utility"] is True and out["injection_executed"] is False
+    assert out["utility_without_action"] is False  # the check holds because of what the plan did
     assert out["answer"] == "Done: address, rent and refund."
     assert verified and [r["decision"] for r in rows].count("allow") == 3  # the audit log saw each call
 
@@ -159,3 +160,9 @@ def test_the_embedded_model_runs_one_pair_to_a_recorded_outcome(tmp_path):
     assert out["plan_valid"] == (out["plan"] is not None)
     assert isinstance(out["utility"], bool) and isinstance(out["injection_executed"], bool)
     assert len(out["denied"]) <= 1  # a denial ends the plan
+
+
+def test_a_utility_check_that_holds_without_action_is_flagged(tmp_path):
+    # agentdojo 0.1.35: banking user_task_5's check finds its payment already in the initial history
+    out, _, _, _ = run_pair(tmp_path, {"steps": [], "answer": []}, "user_task_5", None)
+    assert out["calls"] == [] and out["utility"] is True and out["utility_without_action"] is True

@@ -10,6 +10,10 @@ the suite's capabilities and flow policy and an HMAC-chained `AuditLog`, and
 the tools are AgentDojo's own functions over the pair's injected environment.
 AgentDojo's own checks then read the resulting environment: the user task's
 utility check, and the injection task's security check (the attack succeeded).
+Some of AgentDojo's utility checks hold on the untouched environment (banking
+user tasks 5, 6, 8, 9 and 10 in agentdojo 0.1.35): each run says whether its
+check would hold with no action and no answer, and utility is also reported
+without those tasks.
 
 What it guarantees about the measurement: the environment, the tools, the
 checks and the injections are AgentDojo's (v1.2.2, the same suites, policies
@@ -207,12 +211,14 @@ class PlannerBench:
         rows = self.audit.tail(10_000, agents=[name])
         denied = [f"{r['tool']}: {r['reason']}" for r in rows if r["decision"] == "deny"]
         run = _Run(output=answer if isinstance(answer, str) else "", traces=list(self.world.traces))
+        untouched = pre.model_copy(deep=True)
         out = {"user_task": user_task.ID, "injection_task": injection_task.ID if injection_task else None,
                "outcome": status.get("outcome", "crashed"), "plan_valid": bool(status.get("valid")),
                "attempts": status.get("attempts"), "error": status.get("error") or (
                    None if status else proc.exit_reason), "error_type": status.get("error_type"),
                "calls": [t.function for t in run.traces], "denied": denied,
                "utility": _check(suite, user_task, run, pre, env),
+               "utility_without_action": _check(suite, user_task, _Run(), pre, untouched),
                "plan": status.get("plan"), "answer": run.output[:300],
                "wall_s": round(time.perf_counter() - t0, 2)}
         if injection_task is not None:
@@ -254,10 +260,14 @@ async def run_suite(name: str, backend: Any, limit: int | None, seed: int, home:
     finally:
         await bench.close()
     done = sum(r["utility"] for r in benign)
+    vacuous = [r["user_task"] for r in benign if r["utility_without_action"]]
+    earned = [r for r in benign if not r["utility_without_action"]]
     hits = sum(r["injection_executed"] for r in attacked)
     return {
         "suite": name, "pairs_in_suite": total, "pairs": len(attacked), "user_tasks": len(users),
         "utility": _rate(done, len(benign)), "utility_passed": done,
+        "utility_without_vacuous": _rate(sum(r["utility"] for r in earned), len(earned)),
+        "vacuous_user_tasks": vacuous,
         "utility_under_attack": _rate(sum(r["utility"] for r in attacked), len(attacked)),
         "attack_success": _rate(hits, len(attacked)), "attacks": hits,
         "plans_valid": sum(r["plan_valid"] for r in benign + attacked), "runs": len(benign) + len(attacked),
@@ -307,6 +317,8 @@ def run_planner_bench(backend: Any, model: str, suites: list[str] | None = None,
                           "sampled user task"},
         "pairs": len(pairs), "user_tasks": len(runs),
         "utility": _rate(sum(r["utility"] for r in runs), len(runs)),
+        "utility_without_vacuous": _rate(sum(r["utility"] for r in runs if not r["utility_without_action"]),
+                                         sum(not r["utility_without_action"] for r in runs)),
         "attack_success": _rate(sum(r["injection_executed"] for r in pairs), len(pairs)),
         "plans_valid": sum(s["plans_valid"] for s in results), "runs": sum(s["runs"] for s in results),
         "model_calls": memo.calls, "model_calls_reused": memo.reused,

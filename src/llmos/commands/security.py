@@ -223,7 +223,7 @@ def _bench_planner(suites: list[str] | None, limit: int, injections: int, seed: 
     finally:
         backend.close()
     table = Table("suite", "user tasks", "pairs", "valid plans", "runs denied", "utility",
-                  "utility\nattacked", "ASR", "audit", box=box.SIMPLE_HEAD,
+                  "utility w/o\nvacuous", "utility\nattacked", "ASR", "audit", box=box.SIMPLE_HEAD,
                   title=f"{result['benchmark']}: {result['model']}")
 
     def pct(x: float | None) -> str:
@@ -232,12 +232,15 @@ def _bench_planner(suites: list[str] | None, limit: int, injections: int, seed: 
     for r in result["suites"]:
         table.add_row(r["suite"], str(r["user_tasks"]), f"{r['pairs']} of {r['pairs_in_suite']}",
                       f"{r['plans_valid']}/{r['runs']}", str(r["runs_denied"]),
-                      f"{pct(r['utility'])} ({r['utility_passed']})", pct(r["utility_under_attack"]),
+                      f"{pct(r['utility'])} ({r['utility_passed']})", pct(r["utility_without_vacuous"]),
+                      pct(r["utility_under_attack"]),
                       f"{pct(r['attack_success'])} ({r['attacks']})",
                       f"{r['audit']['rows']} rows, {'ok' if r['audit']['verified'] else 'TAMPERED'}")
     console.print(table)
     console.print(f"all: utility {pct(result['utility'])} over {result['user_tasks']} user tasks, attack "
                   f"success {pct(result['attack_success'])} over {result['pairs']} pairs; "
                   f"{result['plans_valid']} of {result['runs']} runs had a valid plan; {result['wall_s']} s. "
-                  f"Sample: {result['sample']['how']} (seed {seed}).", markup=False, highlight=False)
+                  f"Sample: {result['sample']['how']} (seed {seed}). Vacuous: user tasks whose AgentDojo "
+                  "utility check holds on the untouched environment with no answer.", markup=False,
+                  highlight=False)
     write_report(result, output, "docs/bench/security_planner.json", console)
