@@ -12,7 +12,7 @@ class StubBackend:
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return 0
 
-    async def complete(self, call, prompt, params, on_tokens):
+    async def complete(self, call, prompt, params, on_tokens, context=None):
         raise AssertionError("no LLM call expected")
 
     async def run_in_scheduler(self, fn):

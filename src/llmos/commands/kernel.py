@@ -141,15 +141,28 @@ def _agent_traceback(exc: BaseException) -> str:
 
 
 def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title: str) -> Group:
-    """The live view: one row per agent, then the engine and scheduler line."""
+    """The live view: one row per agent (with, for a live one, its program stats: prompt tokens
+    reused of all, seconds waiting for the engine and in tools, KV retention decisions), then the
+    engine and scheduler line."""
+    programs = {p["pid"]: p for p in (status or {}).get("programs", [])}
     table = Table(title=title, title_justify="left", expand=False)
-    for col in ("pid", "name", "state", "tokens", "tools", "syscall", "exit"):
-        table.add_column(col, justify="right" if col in ("pid", "tokens", "tools") else "left")
+    for col in ("pid", "name", "state", "tokens", "tools", "syscall", "reused", "engine s", "tool s",
+                "kv retention", "exit"):
+        table.add_column(col, justify="right" if col in ("pid", "tokens", "tools", "reused", "engine s",
+                                                         "tool s") else "left")
     for r in rows:
         state = r["state"]
+        prog = r.get("program") or programs.get(r["pid"])
+        if prog:
+            prompt = prog["prompt_tokens_reused"] + prog["prompt_tokens_computed"]
+            kv = " ".join(f"{k} {v}" for k, v in sorted(prog["retention"].items()))
+            shown = (f"{prog['prompt_tokens_reused']}/{prompt}", f"{prog['llm_s']:.1f}",
+                     f"{prog['tool_s']:.1f}", kv)
+        else:
+            shown = ("", "", "", "")
         table.add_row(str(r["pid"]), r["name"], Text(state, style=_STATE_STYLE.get(state, "")),
                       str(r["tokens_used"] or 0), str(r["tool_calls"] or 0), r["current_syscall"] or "",
-                      r["exit_reason"] or "")
+                      *shown, r["exit_reason"] or "")
     if not status:
         return Group(table)
     engine = status.get("engine", {})
@@ -161,6 +174,14 @@ def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title
                  f"paused {engine.get('num_paused', 0)}, swapped {engine.get('num_swapped', 0)}  |  "
                  f"KV blocks {engine.get('kv_blocks_used', 0)} used / {engine.get('kv_blocks_free', 0)} free"
                  f"  |  {engine.get('generation_tokens', 0)} tokens generated")
+    if "kv_retained_contexts" in engine:
+        line += (f"\nKV across tool calls: {engine['kv_retained_contexts']} contexts retained "
+                 f"({engine.get('kv_retained_blocks', 0)} blocks pinned)  |  decisions: keep "
+                 f"{engine.get('kv_retention_kept', 0)}, swap {engine.get('kv_retention_swapped', 0)}, "
+                 f"release {engine.get('kv_retention_released', 0)}; expired "
+                 f"{engine.get('kv_retention_expired', 0)}, reclaimed "
+                 f"{engine.get('kv_retention_reclaimed', 0)}"
+                 f"  |  {engine.get('kv_retention_reused_tokens', 0)} prompt tokens reused")
     return Group(table, Text(line, style="dim"))
 
 

@@ -12,6 +12,11 @@ Killing an agent cancels its task, which aborts its in-flight LLM request
 and frees its KV blocks before `kill` returns. Quotas end an agent with a
 reason that says which one it exceeded. The process table is saved to SQLite
 a few times a second and on every state change that ends a process.
+A process is a program of LLM calls: its calls share one context key, so the
+engine can keep the KV of its context across its tool calls (kept, swapped or
+released, as the retention policy decides per tool call) and its next call
+reuses it; what that saved or cost each process (`Process.program`) and every
+decision are in `stats()` and the kernel's event stream (`events`, `on_event`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import inspect
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -45,6 +52,7 @@ from llmos.tools.base import ToolRegistry
 Program = Callable[..., Awaitable[Any]]
 HOUSEKEEPING_S = 0.25  # how often the process table and signals are looked at
 ZOMBIES = 256  # ended processes kept in memory for wait/ps; older ones live on only in the process table
+EVENTS = 1024  # recent kernel events kept for readers of the event stream
 
 
 __all__ = ["Kernel", "Program", "SyscallError", "Terminated"]
@@ -109,7 +117,10 @@ class Kernel:
         self.procs: dict[int, Process] = {}
         self._ended: collections.deque[int] = collections.deque()  # pids of ended processes, oldest first
         self.on_output: Callable[[Process, str], None] | None = None
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS)
+        self.on_event: Callable[[dict[str, Any]], None] | None = None
         self._housekeeper: asyncio.Task | None = None
+        self._kv_prefix = secrets.token_hex(4)  # context keys of kernels sharing one engine never collide
 
     # -- process management ----------------------------------------------------------
 
@@ -167,9 +178,15 @@ class Kernel:
             proc.result = task.result()
         proc.state, proc.exit_reason, proc.ended = ProcessState.TERMINATED, reason, time.time()
         self.monitor.forget(proc)
+        if self.retains_kv:  # its retained context goes back to the prefix cache
+            asyncio.ensure_future(self._forget(self.context_key(proc)))
         self.table.save([self._row(proc)])
         self._ended.append(proc.pid)
         self._reap()
+
+    async def _forget(self, key: str) -> None:
+        with contextlib.suppress(Exception):  # an engine shut down has nothing left to forget
+            await self.backend.forget(key)  # type: ignore[attr-defined]
 
     def _reap(self) -> None:
         """Forget the oldest ended processes beyond ZOMBIES (a server spawns one per message, forever);
@@ -275,6 +292,58 @@ class Kernel:
         if proc is not None:
             proc.set_state(ProcessState.RUNNING if started else ProcessState.READY)
 
+    # -- programs: LLM calls with tool calls between them ------------------------------
+
+    @property
+    def retains_kv(self) -> bool:
+        """The backend keeps a context's KV across tool calls (the embedded engine)."""
+        return hasattr(self.backend, "between_calls")
+
+    def context_key(self, proc: Process) -> str:
+        """The key all of `proc`'s LLM calls share, under which its context's KV is retained."""
+        return f"{self._kv_prefix}-pid-{proc.pid}"
+
+    def event(self, pid: int, kind: str, **fields: Any) -> None:
+        """Append to the kernel's event stream (and hand it to `on_event`)."""
+        record = {"t": time.time(), "pid": pid, "kind": kind, **fields}
+        self.events.append(record)
+        if self.on_event is not None:
+            self.on_event(record)
+
+    def llm_call_ended(self, proc: Process, prompt_tokens: int, cached_tokens: int, seconds: float) -> None:
+        p = proc.program
+        p.prompt_tokens_reused += cached_tokens
+        p.prompt_tokens_computed += prompt_tokens - cached_tokens
+        p.llm_s += seconds
+        self.event(proc.pid, "llm_call", prompt_tokens=prompt_tokens, reused=cached_tokens,
+                   seconds=round(seconds, 4))
+
+    def tool_started(self, proc: Process, tool: str) -> asyncio.Future | None:
+        """`proc`'s LLM call ended and it runs `tool`: the retention policy decides what happens to
+        its context's KV, on the engine thread while the tool already runs (the tool never waits)."""
+        if not self.retains_kv:
+            return None
+        decided = asyncio.ensure_future(
+            self.backend.between_calls(self.context_key(proc), proc.name, tool))  # type: ignore[attr-defined]
+        decided.add_done_callback(functools.partial(self._retention_decided, proc, tool))
+        return decided
+
+    def _retention_decided(self, proc: Process, tool: str, decided: asyncio.Future) -> None:
+        if decided.cancelled() or decided.exception() is not None or decided.result() is None:
+            return  # nothing was retained (no LLM call before this tool, or the engine is gone)
+        d = decided.result()
+        proc.program.retention[d.action] = proc.program.retention.get(d.action, 0) + 1
+        self.event(proc.pid, "kv_retention", action=d.action, tool=tool, ttl=round(d.ttl, 3),
+                   expected_tool_s=round(d.expected_tool_s, 4),
+                   costs={k: round(v, 6) for k, v in d.costs.items()})
+
+    def tool_ended(self, proc: Process, tool: str, seconds: float, status: str) -> None:
+        """Teach the backend how long `tool` takes for this agent; count the time."""
+        proc.program.tool_s += seconds
+        if self.retains_kv:
+            self.backend.tool_finished(proc.name, tool, seconds)  # type: ignore[attr-defined]
+        self.event(proc.pid, "tool_call", tool=tool, status=status, seconds=round(seconds, 4))
+
     def settings(self) -> dict[str, Any]:
         s = self.sched.settings
         out: dict[str, Any] = {"policy": s.policy, "max_running": s.max_running, "quantum": s.quantum,
@@ -310,8 +379,10 @@ class Kernel:
             return {"sched_running": len(self.sched.running), "sched_waiting": len(self.sched.waiting),
                     "sched_preemptions": self.sched.preemptions, "tick": self.sched.tick}
 
+        programs = [{"pid": p.pid, "name": p.name, **p.program.as_dict()}
+                    for p in self.procs.values() if p.alive]
         return {**self.settings(), **await self.backend.run_in_scheduler(sched_state), "engine": engine,
-                "agents": [p.info() for p in self.procs.values()]}
+                "programs": programs, "agents": [p.info() for p in self.procs.values()]}
 
     # -- syscalls ------------------------------------------------------------------------
 

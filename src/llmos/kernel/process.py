@@ -46,6 +46,26 @@ class Quotas:
                 raise ValueError(f"quota {name} must be positive, got {value}")
 
 
+@dataclass
+class ProgramStats:
+    """A process seen as a program of LLM calls with tool calls between them: its prompt tokens found
+    in KV already (prefix hits, retained or swapped-in context) vs computed again, its time waiting
+    for the engine (queued or running) vs in tools, and the KV retention decisions taken for it
+    while it ran a tool (keep, swap, release)."""
+
+    prompt_tokens_reused: int = 0
+    prompt_tokens_computed: int = 0
+    llm_s: float = 0.0
+    tool_s: float = 0.0
+    retention: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"prompt_tokens_reused": self.prompt_tokens_reused,
+                "prompt_tokens_computed": self.prompt_tokens_computed,
+                "llm_s": round(self.llm_s, 3), "tool_s": round(self.tool_s, 3),
+                "retention": dict(self.retention)}
+
+
 @dataclass(eq=False)
 class Process:
     pid: int
@@ -70,6 +90,7 @@ class Process:
     syscall_errors: int = 0
     current_syscall: str | None = None
     output: list[str] = field(default_factory=list)
+    program: ProgramStats = field(default_factory=ProgramStats)
     task: asyncio.Task | None = field(default=None, repr=False)
     resumed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # clear while suspended
     dirty: bool = True  # changed since the process table last saw it
@@ -106,4 +127,5 @@ class Process:
             "tool_calls": self.tool_calls, "syscalls": self.syscalls, "syscall_errors": self.syscall_errors,
             "current_syscall": self.current_syscall, "created": self.created, "ended": self.ended,
             "exit_reason": self.exit_reason, "quotas": dict(self.quotas.__dict__),
+            "program": self.program.as_dict(),
         }

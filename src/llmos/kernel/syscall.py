@@ -30,6 +30,7 @@ import functools
 import inspect
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -364,13 +365,18 @@ async def _llm(kernel: Kernel, proc: Process, prompt: Any, params: GenerationPar
         if (why := kernel.over_quota(proc)) is not None:
             raise Terminated(why)
 
+    # A process's calls share one context key: the KV its call leaves is retained across its tool
+    # call, and its next call, whose prompt extends that context, reuses it.
+    kwargs = {"context": kernel.context_key(proc)} if kernel.retains_kv else {}
     proc.set_state(ProcessState.READY)
+    started = time.monotonic()
     try:
-        result = await kernel.backend.complete(call, prompt, params, on_tokens)
+        result = await kernel.backend.complete(call, prompt, params, on_tokens, **kwargs)
     except (InvalidRequestError, ValueError) as e:
         raise SyscallError(str(e)) from None
     finally:
         proc.set_state(ProcessState.RUNNING)
+    kernel.llm_call_ended(proc, result.prompt_tokens, call.cached_tokens, time.monotonic() - started)
     kernel.charge(proc, tokens=base + result.prompt_tokens + result.completion_tokens - proc.tokens_used)
     if (why := kernel.over_quota(proc)) is not None:
         raise Terminated(why)
@@ -385,13 +391,19 @@ async def _tool_call(kernel: Kernel, proc: Process, tool: str, args: dict[str, A
     ctx = ToolContext(proc.pid, proc.name, proc.workdir or kernel.home / "scratch" / str(proc.pid),
                       kernel.home, proc)
     proc.set_state(ProcessState.WAITING)
+    kernel.tool_started(proc, tool if isinstance(tool, str) else repr(tool)[:60])
+    started, status = time.monotonic(), "killed"
     try:
-        return await call_tool(kernel.monitor, kernel.tools, proc, tool, args, labels, ctx,
-                               executor=kernel.executor, key=kernel.tree_of(proc),
-                               timeout_s=kernel.tool_timeout_s,
-                               approval=approvals_of(kernel).gate(proc, kernel.monitor))
+        result = await call_tool(kernel.monitor, kernel.tools, proc, tool, args, labels, ctx,
+                                 executor=kernel.executor, key=kernel.tree_of(proc),
+                                 timeout_s=kernel.tool_timeout_s,
+                                 approval=approvals_of(kernel).gate(proc, kernel.monitor))
+        status = result.status
+        return result
     finally:
         proc.set_state(ProcessState.RUNNING)
+        kernel.tool_ended(proc, tool if isinstance(tool, str) else repr(tool)[:60],
+                          time.monotonic() - started, status)
 
 
 async def _spawn(kernel: Kernel, proc: Process, program: Any, name: str | None = None, *,

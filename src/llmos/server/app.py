@@ -172,7 +172,11 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
     @app.get("/metrics")
     async def prometheus() -> Response:
         histograms = await llm.call(llm.engine.histograms.snapshot)
-        body, content_type = metrics.render(await llm.stats(), histograms)
+        stats, programs = await llm.stats(), None
+        if system is not None:  # the kernel's: KV retained across tool calls, each process as a program
+            kernel = await system.kernel.stats()
+            stats, programs = {**kernel["engine"], **stats}, kernel["programs"]
+        body, content_type = metrics.render(stats, histograms, programs)
         if pool:  # and each replica's, labelled replica="i"
             body += llm.replica_metrics()
         return Response(body, media_type=content_type)
