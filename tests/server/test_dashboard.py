@@ -215,6 +215,9 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
                 "acted", f"agent:{greedy}", f"suspend_agent pid={greedy}"]
             _wait(lambda: served.system.kernel.process(greedy).state.value == "suspended",
                   what="the operator's suspension")
+            with served.client(users.add("someone")[1]) as someone:  # not an admin: none of it is theirs
+                theirs = someone.get("/v1/dashboard/snapshot").json()
+            assert (theirs["processes"], theirs["contexts"], theirs["operator"]) == ([], [], None)
             # each agent's allowed-then-done calculator call is one folded row; the operator's polls too
             calls = page.eval_on_selector_all("#audit tbody tr", "rs => rs.map(r => r.cells[2].textContent + "
                                               "' ' + r.cells[3].textContent + ' ' + r.cells[4].textContent)")

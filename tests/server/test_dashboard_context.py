@@ -124,8 +124,8 @@ def test_the_context_panel_reads_occupancy_evictions_and_recall_hits(tmp_path):
     queue = store.query("SELECT count(*) FROM messages WHERE agent = ? AND in_context = 1", (agent.id,))[0][0]
     total = store.query("SELECT count(*) FROM messages WHERE agent = ?", (agent.id,))[0][0]
     assert row["evictions"] > 0 and row["summaries"] > 0, "the small window was flushed"
-    assert (ctx["evictions"], ctx["summaries"], ctx["queue"], ctx["messages"]) == (
-        row["evictions"], row["summaries"], queue, total)
+    assert (ctx["evictions"], ctx["summaries"], ctx["queue"], ctx["messages"], ctx["passages"]) == (
+        row["evictions"], row["summaries"], queue, total, 0)
     assert ctx["summary"] == "summary"  # what the scripted summarizer wrote
     assert (ctx["recall_searches"], ctx["recall_hits"]) == (2, 1)
     marks = ", ".join("?" * len(RECALL_FUNCTIONS))

@@ -163,8 +163,9 @@ class MainContext:
     def view(self, count_tokens: CountTokens | None = None) -> dict[str, Any]:
         """A read-only picture of this main context (what a dashboard draws): the tokens its prompt
         takes now (split into instructions with core memory, summary and queue) against the budget
-        and window, the warning and flush points, core memory, the queue's length, the summary and
-        the counters of memory pressure. Writes nothing; `count_tokens` defaults to the agent's own."""
+        and window, the warning and flush points, core memory, the queue's length, the summary, the
+        sizes of recall and archival storage and the counters of memory pressure. Writes nothing;
+        `count_tokens` defaults to the agent's own."""
         count = count_tokens or self.count_tokens
         row = self._row()
         queue = [to_chat(m) for m in self.queue()]
@@ -178,7 +179,8 @@ class MainContext:
                 "reply_tokens": c.reply_tokens, "warning_at": int(c.budget * c.warning_fraction),
                 "flush_at": int(c.budget * c.flush_fraction),
                 "core": [{"label": b.label, "value": b.value, "limit": b.limit} for b in self.core.blocks()],
-                "queue": len(queue), "messages": self.recall.count(), "summary": row["summary"],
+                "queue": len(queue), "messages": self.recall.count(),
+                "passages": ArchivalStorage(self.store, self.agent).count(), "summary": row["summary"],
                 "summaries": row["summaries"], "evictions": row["evictions"], "warned": bool(row["warned"]),
                 "recall_searches": searches, "recall_hits": hits, "llm_calls": row["llm_calls"],
                 "overflows": row["overflows"]}

@@ -219,7 +219,7 @@ function drawContexts(rows) {
       `<span class="occ">${c.tokens} / ${c.budget} tokens (${(100 * c.tokens / c.budget).toFixed(0)}% of the prompt budget)</span></div>` +
       bar +
       `<div class="counters"><span>queue <b class="queue-len">${c.queue}</b> messages</span>` +
-      `<span>recall storage <b>${c.messages}</b></span>` +
+      `<span>recall storage <b>${c.messages}</b> messages</span><span>archival <b>${c.passages}</b> passages</span>` +
       `<span>evictions <b class="evictions">${c.evictions}</b> in <b>${c.summaries}</b> summaries</span>` +
       `<span>recall hits <b class="recall-hits">${c.recall_hits}</b> of ${c.recall_searches} searches</span>` +
       `<span>LLM calls ${c.llm_calls}${c.overflows ? `, <b class="bad">${c.overflows} overflows</b>` : ""}</span>` +
