@@ -48,7 +48,7 @@ class ProgramsWorkload:
     calls_alpha: float = 1.2
     first_prompt: tuple[int, int] = (48, 128)  # tokens of the task
     new_tokens: tuple[int, int] = (32, 128)  # a call's new tokens: its answer and the tool's result
-    answer_tokens: int = 8
+    answer_tokens: int = 4  # decoded per call (the same in every configuration)
     tool_median_s: float = 0.3  # log-normal tool time, clipped to [tool_min_s, tool_max_s]
     tool_sigma: float = 1.5
     tool_min_s: float = 0.01
