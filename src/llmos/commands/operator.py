@@ -251,26 +251,33 @@ def _sync_chat(model: str):
 
 
 def bench_operator(
-    proposer: Annotated[str, typer.Option(help="fallback, model, or both.")] = "both",
+    proposer: Annotated[str, typer.Option(
+        help="Comma-separated: fallback (the deterministic policy), model (the led prompt: remedies named, "
+             "answers narrowed to the finding), unled (the observation and the full action vocabulary).")]
+    = "fallback,model,unled",
     model: Annotated[str, typer.Option("--model", "-m", help="The model proposing actions.")]
     = "smollm2-135m-instruct",
-    window_s: Annotated[float, typer.Option(help="Seconds each fault (and the no-fault period) may take.")]
+    trials: Annotated[int, typer.Option(help="Trials per fault kind, each with a drawn fault size.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the fault sizes.")] = 0,
+    window_s: Annotated[float, typer.Option(help="Seconds each fault may take to be detected and repaired.")]
     = 30.0,
-    kernel: Annotated[bool, typer.Option(help="Also inject the kernel faults (agent over budget, KV "
+    kernel: Annotated[bool, typer.Option(help="Also inject the kernel faults (agent over its quota, KV "
                                          "thrashing).")] = True,
     json_path: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
 ) -> None:
-    """Chaos benchmark: inject faults one at a time in a sandbox; detection, action, recovery.
+    """Chaos benchmark on the operator's default rules: faults of drawn sizes, one at a time, in a sandbox.
 
-    Example: llmos bench operator --proposer fallback
+    Example: llmos bench operator --proposer fallback --trials 2
     """
-    from llmos.bench.operator import BenchConfig, run_operator_bench
+    from llmos.bench.operator import PROPOSERS, BenchConfig, run_operator_bench
 
-    names = {"both": ("fallback", "model"), "fallback": ("fallback",), "model": ("model",)}.get(proposer)
-    if names is None:
-        fail(f"--proposer must be fallback, model or both, got {proposer!r}")
+    names = tuple(n.strip() for n in proposer.split(",") if n.strip())
+    if not names or set(names) - set(PROPOSERS):
+        fail(f"--proposer takes a comma-separated list of {', '.join(PROPOSERS)}, got {proposer!r}")
+    if trials < 1:
+        fail(f"--trials must be at least 1, got {trials}")
     run_operator_bench(console, names, model=model, json_path=json_path,
-                       config=BenchConfig(window_s=window_s), kernel=kernel)
+                       config=BenchConfig(trials=trials, seed=seed, window_s=window_s), kernel=kernel)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
