@@ -21,6 +21,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -460,13 +461,15 @@ def run_paging(model: str, home: Path, console: Console, trials: int = 10, fille
             "search_found_fact": sum(r["search_found_fact"] for r in rows),
             "answered": sum(r["answered"] for r in rows),
             "answered_after_searching": sum(r["answered"] and r["searched"] for r in rows),
+            "calls_after_question": dict(sorted(Counter(c for r in rows for c in r["calls"]).items())),
             "per_trial": rows, "wall_s": time.perf_counter() - t0}
 
 
 def run_memory_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
                      json_path: str | None = None, context: bool = True, messages: int | None = None,
-                     window: int = 2048, seed: int = 0) -> dict[str, Any]:
-    """Retrieval, latency and (unless `context` is False) the context run; prints tables, writes JSON."""
+                     window: int = 2048, seed: int = 0, paging_trials: int | None = None) -> dict[str, Any]:
+    """Retrieval, latency, the paging-in task (`paging_trials` trials; 0 leaves it out) and (unless
+    `context` is False) the context run; prints tables, writes JSON."""
     import tempfile
 
     from llmos.models.gguf_file import read_gguf_file
@@ -491,8 +494,9 @@ def run_memory_bench(console: Console, quick: bool = False, model: str = "smollm
         if context:
             report["context"] = run_context(model, home, console, messages or (60 if quick else 2000), window,
                                             seed=seed)
-            report["paging"] = run_paging(model, home / "paging", console, trials=2 if quick else 10,
-                                          seed=seed)
+        trials = (2 if quick else 20) if paging_trials is None else paging_trials
+        if trials and (context or paging_trials):
+            report["paging"] = run_paging(model, home / "paging", console, trials=trials, seed=seed)
     _print(console, report)
     write_report(report, json_path, "docs/bench/memory.json", console)
     return report
@@ -544,3 +548,4 @@ def _print(console: Console, report: dict[str, Any]) -> None:
                     "answered_after_searching"):
             t.add_row(key, str(p[key]))
         console.print(t)
+        console.print(f"functions the agent called after the question: {p['calls_after_question']}")

@@ -107,6 +107,9 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         messages: Annotated[int | None, typer.Option(help="Messages in the context run (default 2000).")]
         = None,
         window: Annotated[int, typer.Option(help="Context window of the context run, in tokens.")] = 2048,
+        paging_trials: Annotated[int | None, typer.Option(
+            help="Trials of the paging-in task (default 20, 2 with --quick; runs with --no-context too "
+                 "when given).")] = None,
     ) -> None:
         """Virtual context (MemGPT): retrieval recall@5, search latency, and an agent paging its context.
 
@@ -115,4 +118,4 @@ def register(app: typer.Typer, bench_app: typer.Typer) -> None:
         from llmos.bench.virtual_context import run_memory_bench
 
         run_memory_bench(console, quick=quick, model=model, json_path=output, context=context,
-                         messages=messages, window=window)
+                         messages=messages, window=window, paging_trials=paging_trials)
