@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from llmos.lab._common import LabResult, default_out_dir, run_lab
 
-LABS = ("paging", "sharing", "switch", "sched", "inject")
+LABS = ("paging", "sharing", "switch", "sched", "context", "inject")
 
 __all__ = ["LABS", "LabResult", "default_out_dir", "run_lab"]
