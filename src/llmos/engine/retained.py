@@ -202,7 +202,7 @@ class RetainedContexts:
         missing = [i for i, h in enumerate(ctx.hashes)
                    if bm._block_key.get(bm._cached.get(h, -1)) != ctx.block_keys[i]]
         if len(missing) > bm.num_free_blocks:
-            self.release(key)  # no room: the tokens are recomputed
+            self.release(ctx.key)  # no room: the tokens are recomputed
             return []
         for i, h in enumerate(ctx.hashes):
             if missing and i == missing[0]:

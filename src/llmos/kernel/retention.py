@@ -44,9 +44,10 @@ class ToolTimePredictor:
 
     def observe(self, agent: str, tool: str, seconds: float) -> None:
         a = self.alpha
-        for table, key in ((self.per_agent_tool, (agent, tool)), (self.per_tool, tool)):
-            prev = table.get(key)
-            table[key] = seconds if prev is None else a * seconds + (1 - a) * prev
+        prev = self.per_agent_tool.get((agent, tool))
+        self.per_agent_tool[agent, tool] = seconds if prev is None else a * seconds + (1 - a) * prev
+        prev = self.per_tool.get(tool)
+        self.per_tool[tool] = seconds if prev is None else a * seconds + (1 - a) * prev
         self.overall = seconds if self.overall is None else 0.2 * seconds + 0.8 * self.overall
 
 

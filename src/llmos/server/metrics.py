@@ -89,9 +89,9 @@ class _Snapshot:
             for prefix in ("llmos_", "vllm:"):
                 yield HistogramMetricFamily(prefix + name, doc, buckets=buckets, sum_value=h.total)
         if self.programs is not None:
-            yield from self._programs()
+            yield from self._programs(self.programs)
 
-    def _programs(self) -> Iterator[Metric]:
+    def _programs(self, programs: list[dict[str, Any]]) -> Iterator[Metric]:
         for name, doc in _RETENTION_GAUGES.items():
             yield GaugeMetricFamily(f"llmos_{name}", doc, value=self.stats.get(name, 0))
         for name, doc in _RETENTION_COUNTERS.items():
@@ -99,13 +99,13 @@ class _Snapshot:
                                       value=self.stats.get(f"kv_retention_{name}", 0))
         for key, (name, doc) in _PROGRAM.items():
             metric = CounterMetricFamily(f"llmos_process_{name}", doc, labels=["pid", "name"])
-            for p in self.programs:
+            for p in programs:
                 metric.add_metric([str(p["pid"]), p["name"]], p[key])
             yield metric
         decisions = CounterMetricFamily("llmos_process_kv_retention_decisions",
                                         "KV retention decisions taken for the process, by action",
                                         labels=["pid", "name", "action"])
-        for p in self.programs:
+        for p in programs:
             for action, n in sorted(p["retention"].items()):
                 decisions.add_metric([str(p["pid"]), p["name"], action], n)
         yield decisions
