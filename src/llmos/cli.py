@@ -36,13 +36,13 @@ def main(
 
 @contextmanager
 def _user_errors():
-    """Turn the errors a user can cause (bad model, bad parameters) into one red line."""
-    from llmos.engine import InvalidRequestError
+    """Turn the errors a user can cause (bad model, bad settings, bad parameters) into one red line."""
+    from llmos.engine import ConfigError, InvalidRequestError
     from llmos.models.config import ModelError
 
     try:
         yield
-    except (ModelError, InvalidRequestError) as e:
+    except (ModelError, ConfigError, InvalidRequestError) as e:
         fail(str(e))
 
 
@@ -59,6 +59,11 @@ def _streamer():
             shown = len(text)
 
     return show
+
+
+QuantOpt = Annotated[str, typer.Option(
+    help="Weights: auto (a GGUF's own Q4_0/Q4_1/Q8_0 on the CPU unless --dtype is given), gguf, "
+         "int8 (per output channel) or none (dequantized to --dtype).")]
 
 
 def _load_engine(model: str, **engine_kwargs):
@@ -83,6 +88,8 @@ def generate(
     top_k: int = 0,
     seed: int | None = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    quantization: QuantOpt = "auto",
 ) -> None:
     """Generate text; one prompt streams to the terminal, several run as one batch.
 
@@ -99,7 +106,7 @@ def generate(
     with _user_errors():
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                 top_k=top_k, seed=seed, stop=stop or [])
-    llm = _load_engine(model)
+    llm = _load_engine(model, dtype=dtype, quantization=quantization)
     use_chat = bool(llm.tokenizer.chat_template) if chat is None else chat
     if use_chat and not llm.tokenizer.chat_template:
         fail(f"{model} has no chat template; use --raw")
@@ -203,6 +210,7 @@ def serve(
     max_model_len: Annotated[int | None, typer.Option(help="Context length (default: the model's).")] = None,
     max_num_seqs: Annotated[int | None, typer.Option(help="Sequences running at once at most.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    quantization: QuantOpt = "auto",
     chat_template: Annotated[str | None, typer.Option(help="A chat template: a file or jinja text.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info (a line per request), warning or error.")]
     = "info",
@@ -265,7 +273,8 @@ def serve(
     llm = None
     with console.status(f"booting llmos on {backend_url or model} ..."), _user_errors():
         try:
-            engine_kwargs = {"kv_budget": kv_budget, "dtype": dtype, **engine_settings,
+            engine_kwargs = {"kv_budget": kv_budget, "dtype": dtype, "quantization": quantization,
+                             **engine_settings,
                              **{k: v for k, v in (("max_model_len", max_model_len),
                                                   ("max_num_seqs", max_num_seqs)) if v is not None}}
             if not backend_url and (replicas > 1 or ray_address):
@@ -345,16 +354,20 @@ def bench_engine(
     peers: Annotated[bool, typer.Option(help="Also run the peers (HF transformers).")] = True,
     workload: Annotated[str, typer.Option(help="C (CPU) or G (GPU, Qwen3-0.6B shape); auto picks.")]
     = "auto",
+    profile: Annotated[bool, typer.Option(help="Add where a single-stream decode step's time goes.")]
+    = False,
+    quantization: QuantOpt = "auto",
 ) -> None:
     """llmos vs HF transformers on the same model and work, one after the other.
 
-    Example: llmos bench engine --quick
+    On the CPU a single-stream table (prefill tok/s, decode ms/token, peak memory above `import torch`,
+    greedy agreement with fp32) comes first. Example: llmos bench engine --quick --profile
     """
     from llmos.bench.engine import run_engine_bench
 
     with _user_errors():
             run_engine_bench(console, quick=quick, model=model, json_path=output, peers_too=peers,
-                         workload=workload)
+                         workload=workload, profile=profile, quantization=quantization)
 
 
 @bench_app.command("preemption")

@@ -4,6 +4,9 @@ Every system runs alone, one after the other in this process (on 2 cores a
 second busy process stalls torch's threads many-fold), on identical weights
 and requests; the table gives each one's requested output tokens per second
 and its ratio to HF `generate`. Results are also written as JSON.
+
+On the CPU the quantized weights' greedy tokens are first compared with fp32's,
+and `--profile` adds where one stream's decode step spends its time, phase by phase.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -77,9 +82,128 @@ def run_llmos(loaded: LoadedModel, requests: list[BenchRequest], advance=None,
         "ttft_p50_s": stats["ttft_p50_s"],
         "itl_p50_s": stats["itl_p50_s"],
         "dtype": str(cfg.torch_dtype).removeprefix("torch."),
+        "weights": _weight_formats(llm),
     }
     outputs = [o.outputs[0].token_ids for o in outs]
     return PeerResult("llmos", requested, wall, requested / wall, extra, outputs)
+
+
+# -- where a decode step's time goes; quantized against fp32 ----------------------------------
+
+@contextmanager
+def profile_phases() -> Iterator[dict[str, float]]:
+    """Time a step's phases (seconds, summed) by wrapping the model's parts for the duration.
+
+    matmul: every linear layer and the lm_head; attention: the paged attention
+    (KV write and read); norm/rope: RMSNorm and RoPE; embed: the token lookup;
+    sampling: the sampler; forward (total) and step (total) frame them, and the
+    rest is the scheduler's and Python's (scheduling, inputs, outputs, glue ops).
+    """
+    from llmos.engine import engine as engine_module
+    from llmos.engine.attention import PagedAttention
+    from llmos.engine.model_runner import ModelRunner
+    from llmos.models import llama, quant
+
+    phases: dict[str, float] = {}
+    targets = [(torch.nn.Linear, "forward", "matmul"), (quant.QuantizedLinear, "forward", "matmul"),
+               (PagedAttention, "__call__", "attention"), (llama.RMSNorm, "forward", "norm/rope"),
+               (llama.RotaryEmbedding, "forward", "norm/rope"), (torch.nn.Embedding, "forward", "embed"),
+               (quant.QuantizedEmbedding, "forward", "embed"), (ModelRunner, "execute", "forward (total)"),
+               (engine_module.LLMEngine, "step", "step (total)"), (engine_module, "sample", "sampling")]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
+
+    def timed(fn, phase: str):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    for (owner, attr, phase), (_, _, fn) in zip(targets, saved, strict=True):
+        setattr(owner, attr, timed(fn, phase))
+    try:
+        yield phases
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+
+def _phase_rows(phases: dict[str, float], steps: int) -> dict[str, float]:
+    """Milliseconds per decode step by phase, the remainders named."""
+    ms = {k: v * 1000 / steps for k, v in phases.items()}
+    inner = sum(ms.get(k, 0.0) for k in ("matmul", "attention", "norm/rope", "embed"))
+    step, forward = ms.get("step (total)", 0.0), ms.get("forward (total)", 0.0)
+    return {"matmul": ms.get("matmul", 0.0), "attention": ms.get("attention", 0.0),
+            "norm/rope": ms.get("norm/rope", 0.0), "embed": ms.get("embed", 0.0),
+            "other model ops (inputs, residuals, activations)": forward - inner,
+            "sampling": ms.get("sampling", 0.0),
+            "scheduler/Python": step - forward - ms.get("sampling", 0.0), "step (total)": step}
+
+
+def decode_profile(model: str, quantization: str = "auto", prompt_len: int = 128,
+                   steps: int = 128) -> dict[str, Any]:
+    """One stream's decode, phase by phase (ms per step), after its prompt is cached."""
+    from llmos.bench.single_stream import prompt_ids
+
+    llm = LLM(model, quantization=quantization, kv_budget="64MiB")
+    prompt = prompt_ids(prompt_len)
+    params = SamplingParams(temperature=0, max_tokens=steps, ignore_eos=True, detokenize=False)
+    llm.generate([prompt], SamplingParams(max_tokens=2, ignore_eos=True, detokenize=False))  # warm, cached
+    with profile_phases() as phases:
+        llm.generate([prompt], params)
+    return {"weights": _weight_formats(llm), "ms_per_step": _phase_rows(phases, steps)}
+
+
+_QUESTIONS = ["What is the capital of France?", "Name three colors.", "Write a haiku about memory.",
+              "What is 12 times 12?", "Explain what an operating system does.",
+              "Give me a recipe for pancakes.", "Why is the sky blue?", "Tell me a short story about a cat."]
+
+
+def greedy_agreement(model: str, quantization: str = "auto", prompts: int = 8,
+                     tokens: int = 64) -> dict[str, Any]:
+    """Greedy tokens of the quantized weights against fp32's on the same chat prompts.
+
+    identical: tokens equal position by position (a sequence that diverges once
+    usually differs after); prefix: tokens before each sequence's first divergence.
+    """
+    runs = {}
+    for q in (quantization, "none"):
+        llm = LLM(model, quantization=q, kv_budget="64MiB")
+        chats = [llm.tokenizer.encode_chat([{"role": "user", "content": c}])
+                 for c in (_QUESTIONS * prompts)[:prompts]]
+        outs = llm.generate(chats, SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True,
+                                                  detokenize=False))
+        runs[q] = ([o.outputs[0].token_ids for o in outs], _weight_formats(llm))
+        del llm
+    (quant_ids, weights), (fp32_ids, _) = runs[quantization], runs["none"]
+    pairs = list(zip(quant_ids, fp32_ids, strict=True))
+    same = sum(a == b for qa, fa in pairs for a, b in zip(qa, fa, strict=True))
+    prefix = sum(next((i for i, (a, b) in enumerate(zip(qa, fa, strict=True)) if a != b), len(fa))
+                 for qa, fa in pairs)
+    return {"weights": weights, "prompts": prompts, "tokens": tokens, "identical": same,
+            "prefix": prefix, "total": prompts * tokens}
+
+
+def _weight_formats(llm: LLM) -> str:
+    """The engine's weights: their quantized formats, else their dtype."""
+    from llmos.models import quant
+
+    kinds = {m.qweight.fmt.name for m in llm.engine.loaded.model.modules()
+             if isinstance(m, quant.QuantizedLinear | quant.QuantizedEmbedding)}
+    return "+".join(sorted(kinds)) or str(llm.engine.config.torch_dtype).removeprefix("torch.")
+
+
+def _print_profile(console: Console, prof: dict[str, Any]) -> None:
+    table = Table(title=f"one stream's decode step, {prof['weights']} weights (ms per step)")
+    table.add_column("phase")
+    table.add_column("ms", justify="right")
+    table.add_column("share", justify="right")
+    total = prof["ms_per_step"]["step (total)"]
+    for k, v in prof["ms_per_step"].items():
+        table.add_row(k, f"{v:.2f}", f"{v / total:.0%}" if total else "-")
+    console.print(table)
 
 
 def kv_comparison(requests: list[BenchRequest], utilization: float, block_size: int,
@@ -104,7 +228,7 @@ def kv_comparison(requests: list[BenchRequest], utilization: float, block_size: 
     }
 
 
-def _load_workload(name: str, model: str, quick: bool, device: torch.device):
+def _load_workload(name: str, model: str, quick: bool, device: torch.device, quantization: str):
     """(loaded llmos model, a function giving HF-named weights for the peers, requests, dtype)."""
     if name == "G":
         config, dtype = qwen3_0_6b_config(), torch.bfloat16
@@ -116,19 +240,34 @@ def _load_workload(name: str, model: str, quick: bool, device: torch.device):
         loaded = LoadedModel(config, net.eval().requires_grad_(False), None, Path("random"))
         return loaded, lambda: weights, requests, dtype
     path = resolve_model(model)
-    loaded = load_model(path, dtype=torch.float32, device=device)
+    loaded = load_model(path, dtype=torch.float32, device=device, quantization=quantization)
     reader = read_hf_dir if path.is_dir() else read_gguf  # the peers read the same file
     return loaded, lambda: reader(path)[1], workload_c(quick), torch.float32
 
 
 def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
                      json_path: str | None = None, peers_too: bool = True, workload: str = "auto",
+                     profile: bool = False, quantization: str = "auto",
                      **engine_kwargs: Any) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
     device = torch.device("cuda" if name == "G" else "cpu")
+    quality: dict[str, Any] = {}
+    if name == "C" and quantization != "none":
+        with console.status("greedy tokens: quantized weights against fp32 ..."):
+            quality["greedy_vs_fp32"] = agree = greedy_agreement(model, quantization,
+                                                                  *((4, 32) if quick else (8, 64)))
+        console.print(f"greedy {agree['weights']} vs fp32 weights: {agree['identical']}/{agree['total']} "
+                      f"identical tokens ({agree['identical'] / agree['total']:.1%}) on {agree['prompts']} "
+                      f"chat prompts x {agree['tokens']} tokens; {agree['prefix']} before the first "
+                      "divergence of each")
+    if name == "C" and profile:
+        with console.status("profiling one stream's decode ..."):
+            quality["decode_profile"] = prof = decode_profile(model, quantization)
+        _print_profile(console, prof)
+    engine_kwargs = {**engine_kwargs, "quantization": quantization}
     with console.status(f"loading workload {name} ..."):
-        loaded, peer_weights, requests, dtype = _load_workload(name, model, quick, device)
+        loaded, peer_weights, requests, dtype = _load_workload(name, model, quick, device, quantization)
     info = describe(requests)
     console.print(f"workload {name}{' (quick)' if quick else ''}: {info['requests']} requests, "
                   f"{info['prompt_tokens']} prompt tokens, {info['requested_output_tokens']} "
@@ -184,6 +323,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
         "kv": kv,
         **side_by_side,
+        **quality,
     }
     write_report(report, json_path, f"bench-results/engine-{name}{'-quick' if quick else ''}.json", console)
     return report

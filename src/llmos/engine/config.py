@@ -8,7 +8,11 @@ from dataclasses import dataclass
 
 import torch
 
-from llmos.engine.sampling_params import InvalidRequestError
+
+class ConfigError(ValueError):
+    """An engine setting that cannot work; the message names the setting, the value given and
+    what would do (a request the engine refuses is an InvalidRequestError instead)."""
+
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
           "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30}
@@ -20,7 +24,7 @@ def parse_bytes(value: str | int | float) -> int | float:
         return value
     m = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
     if not m or m.group(2).lower() not in _UNITS:
-        raise InvalidRequestError(f"cannot read {value!r} as a size (try 512MiB, 2GiB or 0.5)")
+        raise ConfigError(f"cannot read {value!r} as a size (try 512MiB, 2GiB or 0.5)")
     number = float(m.group(1))
     if not m.group(2) and number <= 1:
         return number
@@ -38,14 +42,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     preemption_mode: str = "auto"  # "recompute", "swap", or "auto" (swap while it fits)
     dtype: str = "auto"  # float32 on CPU, bfloat16 on CUDA
+    # Weights: "auto" keeps a GGUF's own quantization on the CPU unless a dtype is given;
+    # "gguf", "int8" (per output channel) or "none" (dequantized to dtype).
+    quantization: str = "auto"
     device: str = "auto"
     kv_cpu_cap: str = "2GiB"  # upper bound of the KV pool on CPU when given as a fraction
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
-            raise InvalidRequestError(f"block_size must be a power of two, got {self.block_size}")
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
         if self.preemption_mode not in ("recompute", "swap", "auto"):
-            raise InvalidRequestError(
+            raise ConfigError(
                 f"preemption_mode must be recompute, swap or auto, got {self.preemption_mode!r}")
         cuda = self.torch_device.type == "cuda"
         if self.max_num_seqs is None:
@@ -53,11 +60,23 @@ class EngineConfig:
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = 8192 if cuda else 512
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
-            raise InvalidRequestError("max_num_seqs and max_num_batched_tokens must be positive")
+            raise ConfigError("max_num_seqs and max_num_batched_tokens must be positive")
         self.kv_budget = parse_bytes(self.kv_budget)
         self.swap_space = int(parse_bytes(self.swap_space))
         if isinstance(self.kv_budget, float) and not 0 < self.kv_budget <= 1:
-            raise InvalidRequestError(f"kv_budget fraction must be in (0, 1], got {self.kv_budget}")
+            raise ConfigError(f"kv_budget fraction must be in (0, 1], got {self.kv_budget}")
+        from llmos.models.loader import QUANTIZATIONS
+
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+
+    @property
+    def weight_quantization(self) -> str:
+        """What load_model gets: an explicit dtype means dequantized weights of that dtype."""
+        if self.quantization == "auto" and self.dtype != "auto":
+            return "none"
+        return self.quantization
 
     @property
     def torch_device(self) -> torch.device:
@@ -73,7 +92,8 @@ class EngineConfig:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[self.dtype]
         except KeyError:
-            raise InvalidRequestError(f"unknown dtype {self.dtype!r}") from None
+            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}") \
+                from None
 
     def kv_budget_bytes(self) -> int:
         """The KV pool's size in bytes, resolving a fraction against free memory now."""

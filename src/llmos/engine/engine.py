@@ -2,7 +2,7 @@
 
 One `step()` is one iteration of continuous batching: schedule, move KV blocks
 (swap, copy-on-write), run the model once over every scheduled token, sample,
-detokenize, and finish requests that hit a stop condition.
+detokenize, and finish requests that hit a stop condition (output_processor.py).
 
 Isolation: a failure inside a step that belongs to one sequence (its model
 inputs, its grammar, its sampling, its detokenization) finishes that
@@ -23,13 +23,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
-from llmos.engine.config import EngineConfig
+from llmos.engine.config import ConfigError, EngineConfig
 from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler
 from llmos.engine.histograms import LatencyHistograms
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
 from llmos.engine.model_runner import ModelRunner
-from llmos.engine.outputs import CompletionOutput, RequestOutput
+from llmos.engine.output_processor import OutputProcessor, completion_output
+from llmos.engine.outputs import RequestOutput
 from llmos.engine.sampler import sample
 from llmos.engine.sampling_params import InvalidRequestError, SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerStats
@@ -70,7 +71,7 @@ class LLMEngine:
         if isinstance(model, LoadedModel):
             self.loaded = model
         else:
-            self.loaded = load_model(model, dtype=dtype, device=device)
+            self.loaded = load_model(model, dtype=dtype, device=device, quantization=cfg.weight_quantization)
         self.model_config = self.loaded.config
         self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
@@ -79,7 +80,8 @@ class LLMEngine:
         budget = cfg.kv_budget_bytes()
         num_blocks = budget // block_bytes
         if num_blocks < 1:
-            raise InvalidRequestError(f"kv_budget of {budget} bytes holds no block of {block_bytes} bytes")
+            raise ConfigError(f"kv_budget of {budget} bytes holds no block of {block_bytes} bytes; "
+                              "give at least that much")
         num_swap = cfg.swap_space // block_bytes
         self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, dtype, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
@@ -89,7 +91,8 @@ class LLMEngine:
         self.metrics = EngineMetrics(kv_blocks_total=num_blocks)
         self.histograms = LatencyHistograms()
         self._ids = itertools.count()
-        self._stop_token_ids = set(self.model_config.eos_token_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, set(self.model_config.eos_token_ids),
+                                                self.max_model_len)
         self._grammar_compiler: GrammarCompiler | None = None
         self._budget_guard: BudgetGuard | None = None
         # Constrained sequences near the end of their budget, and how they will close.
@@ -356,21 +359,9 @@ class LLMEngine:
             m.itl.append(now - seq.last_token_time)
             self.histograms.itl.observe(m.itl[-1])
         seq.last_token_time = now
-        p = seq.params
-        if p.detokenize and self.tokenizer is not None:
-            self._detokenize(seq)
-        reason: tuple[str, int | str | None] | None = None
         if seq.matcher is not None:
             seq.matcher.consume_token(token)
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self._stop_token_ids):
-            reason = ("stop", token)
-        elif seq.matcher is not None and seq.matcher.is_stopped():
-            reason = ("stop", None)  # the grammar is complete
-        elif (hit := self._find_stop_string(seq)) is not None:
-            reason = ("stop", hit)
-        elif seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
-            reason = ("length", None)
-        if reason is not None:
+        if (reason := self.output_processor.process_token(seq, token)) is not None:
             seq.finish_reason, seq.stop_reason = reason
             self.scheduler.finish(seq)
             req = self.requests[seq.request_id]
@@ -379,43 +370,8 @@ class LLMEngine:
                 m.e2e.append(now - req.arrival)
                 self.histograms.e2e.observe(m.e2e[-1])
 
-    def _detokenize(self, seq: Sequence) -> None:
-        """Incremental detokenization; waits while the last token ends mid-character."""
-        ids = seq.output_token_ids
-        skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            seq.output_text += full[len(prefix) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-
-    def _find_stop_string(self, seq: Sequence) -> str | None:
-        stops = seq.params.stop
-        if not stops:
-            return None
-        text = seq.output_text
-        start = max(0, seq.stop_checked - max(len(s) for s in stops) + 1)
-        seq.stop_checked = len(text)
-        best: tuple[int, str] | None = None
-        for s in stops:
-            idx = text.find(s, start)
-            if idx != -1 and (best is None or idx < best[0]):
-                best = (idx, s)
-        if best is None:
-            return None
-        seq.output_text = text[: best[0]]
-        return best[1]
-
     def _output(self, req: _Request) -> RequestOutput:
-        holdback = max((len(s) for s in req.params.stop), default=1) - 1
-        outputs = []
-        for seq in req.seqs:
-            text = seq.output_text
-            if not seq.is_finished and holdback:
-                text = text[: max(0, len(text) - holdback)]  # may still become a stop string
-            outputs.append(CompletionOutput(
-                seq.index, text, list(seq.output_token_ids), seq.finish_reason, seq.stop_reason,
-                list(seq.output_logprobs) if seq.params.logprobs is not None else None))
+        outputs = [completion_output(seq) for seq in req.seqs]
         if req.finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs,

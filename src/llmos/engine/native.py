@@ -9,44 +9,20 @@ cache directory; where no compiler works, the engine keeps the PyTorch path.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import subprocess
-import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from llmos.home import cache_dir
-
-_SOURCE = Path(__file__).with_name("paged_attention.c")
-_FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fassociative-math",
-          "-fno-signed-zeros", "-fno-trapping-math"]
+from llmos.models.cbuild import build_library
 
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("LLMOS_NATIVE", "1") == "0":
+    lib = build_library(Path(__file__).with_name("paged_attention.c"), what="CPU attention kernel")
+    if lib is None:
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + os.uname().machine.encode()).hexdigest()
-    target = cache_dir() / "native" / f"paged_attention-{key[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        compiler = os.environ.get("CC", "cc")
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            try:
-                subprocess.run([compiler, *_FLAGS, str(_SOURCE), "-o", str(built), "-lm"],
-                               check=True, capture_output=True, timeout=120)
-            except (OSError, subprocess.SubprocessError) as e:
-                print(f"llmos: CPU attention kernel not built ({e}); using PyTorch", file=sys.stderr)
-                return None
-            os.replace(built, target)  # atomic: concurrent builders agree
-    lib = ctypes.CDLL(str(target))
     fn = lib.paged_decode_f32
     p, i = ctypes.c_void_p, ctypes.c_int
     fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, i, ctypes.c_float, p]

@@ -35,12 +35,27 @@ class GGUFTensor:
     type: GGMLQuantizationType
     shape: tuple[int, ...]  # numpy order: the row (GGUF's first dimension) is last
     data: np.ndarray  # uint8 [*shape[:-1], bytes per row], a read-only view of the file
+    offset: int = 0  # of the data in the file
 
 
 @dataclass
 class GGUFFile:
     fields: dict[str, Any]
     tensors: list[GGUFTensor]
+    mapping: mmap.mmap | None = None
+
+    def release(self, tensor: GGUFTensor) -> None:
+        """Drop the tensor's pages from this process (they stay in the OS page cache).
+
+        A loader that has copied a tensor out calls this, so the file's pages and
+        the copies are not resident together. Reading the tensor again faults them back.
+        """
+        if self.mapping is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        start = tensor.offset // page * page
+        end = min(-(-(tensor.offset + tensor.data.nbytes) // page) * page, len(self.mapping))
+        self.mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 class _Cursor:
@@ -142,9 +157,10 @@ def read_gguf_file(path: Path) -> GGUFFile:
             if start + offset + nbytes > len(buf):
                 raise ModelError(f"tensor {name} runs past the end of the file (truncated?)")
             data = np.frombuffer(buf, np.uint8, nbytes, start + offset)
-            tensors.append(GGUFTensor(name, qtype, shape, data.reshape(*shape[:-1], row_bytes)))
+            tensors.append(GGUFTensor(name, qtype, shape, data.reshape(*shape[:-1], row_bytes),
+                                      start + offset))
     except ModelError as e:
         raise ModelError(f"{path} is not a readable GGUF file: {e}") from None
     except (struct.error, ValueError, KeyError, OverflowError) as e:
         raise ModelError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
-    return GGUFFile(fields, tensors)
+    return GGUFFile(fields, tensors, buf)

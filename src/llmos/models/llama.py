@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmos.models.config import ModelConfig
+from llmos.models.quant import QuantizedEmbedding, QuantizedLinear, QuantWeight
 
 
 class Attention(Protocol):
@@ -133,7 +134,11 @@ class LlamaForCausalLM(nn.Module):
         )
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
+            return
+        if isinstance(self.embed_tokens, QuantizedEmbedding):
+            self.lm_head = QuantizedLinear(self.embed_tokens.qweight)
+        else:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -160,7 +165,8 @@ class LlamaForCausalLM(nn.Module):
 
         A model built on the meta device adopts the tensors as they are (same dtype,
         device and memory, e.g. a safetensors memory map), so loading never holds two
-        copies; a materialized model copies them into its parameters.
+        copies; a materialized model copies them into its parameters. A QuantWeight
+        replaces its Linear or Embedding by the quantized module over the same blocks.
         """
         own = dict(self.named_parameters())  # a tied lm_head is listed once, as embed_tokens
         missing = sorted(set(own) - set(state))
@@ -173,15 +179,30 @@ class LlamaForCausalLM(nn.Module):
                 raise ValueError(
                     f"weight {name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}"
                 )
-            if param.is_meta:
-                module_name, _, attr = name.rpartition(".")
+            module_name, _, attr = name.rpartition(".")
+            if isinstance(tensor, QuantWeight):
+                self._quantize_module(module_name, tensor)
+            elif param.is_meta:
                 setattr(self.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
             else:
                 param.copy_(tensor)
         self.tie_weights()
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device
         if self.rope.cos.device != device:
             self.rope.build(device)
+
+
+    def _quantize_module(self, name: str, weight: QuantWeight) -> None:
+        module = self.get_submodule(name)
+        if isinstance(module, nn.Embedding):
+            quantized: nn.Module = QuantizedEmbedding(weight)
+        elif isinstance(module, nn.Linear):
+            bias = module.bias if module.bias is not None and not module.bias.is_meta else None
+            quantized = QuantizedLinear(weight, bias)
+        else:
+            raise ValueError(f"weight {name} cannot be quantized ({type(module).__name__})")
+        parent, _, attr = name.rpartition(".")
+        setattr(self.get_submodule(parent), attr, quantized)
 
 
 def fuse_hf_weights(

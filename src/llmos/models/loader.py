@@ -1,4 +1,9 @@
-"""Weight loaders: a GGUF file (dequantized with numpy, then cached) or a Hugging Face directory."""
+"""Weight loaders: a GGUF file (kept quantized, or dequantized and cached) or a Hugging Face directory.
+
+`quantization` chooses how weights are held: "gguf" keeps a GGUF file's Q4_0, Q4_1
+and Q8_0 tensors packed (quant.py; other types are dequantized), "int8" quantizes
+every linear weight to int8 per output channel, "none" dequantizes to `dtype`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from llmos.models.cache import load_cached_weights, save_cached_weights, weight_
 from llmos.models.config import ModelConfig, ModelError
 from llmos.models.gguf_file import GGUFFile, read_gguf_file
 from llmos.models.llama import LlamaForCausalLM, fuse_hf_weights
+from llmos.models.quant import QuantFormat, QuantWeight, cat_weights, quantize_int8_per_channel
 from llmos.models.registry import resolve_model
 from llmos.models.tokenizer import Tokenizer
 
@@ -106,27 +112,31 @@ def _gguf_config(path: Path, gg: GGUFFile) -> ModelConfig:
 
 def _gguf_weights(path: Path, gg: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face-named fp32 weights, dequantized with gguf.quants."""
-    from gguf.quants import dequantize
-
     weights: dict[str, torch.Tensor] = {}
     for t in gg.tensors:
         name = _gguf_name(t.name)
-        if name is None:
-            continue
-        try:
-            arr = dequantize(t.data, t.type)
-        except NotImplementedError:
-            raise ModelError(
-                f"{path}: tensor {t.name} uses {t.type.name}, which llmos cannot dequantize"
-            ) from None
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(t.shape)
-        if not arr.flags.writeable:  # F32 tensors come back as views of the memory map
-            arr = arr.copy()
-        if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            n = config.num_heads if "q_proj" in name else config.num_kv_heads
-            arr = _unpermute_rope(arr, n)
-        weights[name] = torch.from_numpy(arr)
+        if name is not None:
+            weights[name] = _dequantized(path, t, name, config)
     return weights
+
+
+def _dequantized(path: Path, t, name: str, config: ModelConfig) -> torch.Tensor:
+    """One GGUF tensor as a Hugging Face-laid-out fp32 tensor."""
+    from gguf.quants import dequantize
+
+    try:
+        arr = dequantize(t.data, t.type)
+    except NotImplementedError:
+        raise ModelError(
+            f"{path}: tensor {t.name} uses {t.type.name}, which llmos cannot dequantize"
+        ) from None
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(t.shape)
+    if not arr.flags.writeable:  # F32 tensors come back as views of the memory map
+        arr = arr.copy()
+    if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+        n = config.num_heads if "q_proj" in name else config.num_kv_heads
+        arr = _unpermute_rope(arr, n)
+    return torch.from_numpy(arr)
 
 
 def read_gguf(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
@@ -150,6 +160,80 @@ def _gguf_state(path: Path, gg: GGUFFile, config: ModelConfig) -> dict[str, torc
         state = fuse_hf_weights(config, _gguf_weights(path, gg, config), cat=_numpy_cat)
         save_cached_weights(entry, state)
     return state
+
+
+QUANTIZATIONS = ("auto", "gguf", "int8", "none")
+
+
+class _Lazy:
+    """A GGUF tensor read only when fusing or loading needs it (then its pages are released)."""
+
+    def __init__(self, read) -> None:
+        self.read = read
+
+
+def _gguf_quantized_state(path: Path, gg: GGUFFile, config: ModelConfig
+                          ) -> dict[str, torch.Tensor | QuantWeight]:
+    """The model's fused weights with Q4_0/Q4_1/Q8_0 matrices kept packed.
+
+    Each tensor is copied out of the memory map and its pages released as it is
+    used, so the file and the copies are never resident together, and no fp32
+    copy of a packed weight exists.
+    """
+    native = {int(f) for f in QuantFormat}
+
+    def reader(t, name: str):
+        def read() -> torch.Tensor | QuantWeight:
+            if int(t.type) in native and len(t.shape) == 2:
+                arr = np.array(t.data)  # a copy out of the map
+                if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+                    n = config.num_heads if "q_proj" in name else config.num_kv_heads
+                    arr = np.ascontiguousarray(_unpermute_rope(arr, n))
+                value: torch.Tensor | QuantWeight = QuantWeight(
+                    torch.from_numpy(arr), QuantFormat(int(t.type)), t.shape[-1])
+            else:
+                value = _dequantized(path, t, name, config)
+            gg.release(t)
+            return value
+        return read
+
+    lazy = {name: _Lazy(reader(t, name)) for t in gg.tensors if (name := _gguf_name(t.name))}
+
+    def materialize(v):
+        return v.read() if isinstance(v, _Lazy) else v
+
+    state = fuse_hf_weights(config, lazy, cat=lambda parts: cat_weights([materialize(p) for p in parts]))
+    return {k: materialize(v) for k, v in state.items()}
+
+
+def _quantize_int8(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QuantWeight]:
+    """Every 2-D linear weight (and the embedding) as int8 per output channel."""
+    return {k: quantize_int8_per_channel(v) if v.dim() == 2 and v.shape[1] % 32 == 0 else v
+            for k, v in state.items()}
+
+
+def _resolve_quantization(quantization: str, path: Path, device: torch.device,
+                          dtype: torch.dtype) -> str:
+    if quantization not in QUANTIZATIONS:
+        raise ModelError(f"unknown quantization {quantization!r}; choose one of {QUANTIZATIONS}")
+    if quantization == "auto":
+        from llmos.models import quant
+
+        native = device.type == "cpu" and dtype == torch.float32 and quant.available()
+        return "gguf" if native and not path.is_dir() else "none"
+    if quantization == "none":
+        return quantization
+    if device.type != "cpu" or dtype != torch.float32:
+        raise ModelError(f"quantization {quantization!r} runs on the CPU in float32 only "
+                         f"(asked for {device.type}, {dtype})")
+    from llmos.models import quant
+
+    if not quant.available():
+        raise ModelError(f"quantization {quantization!r} needs the C kernel, which could not be built")
+    if quantization == "gguf" and path.is_dir():
+        raise ModelError(f"{path} is a Hugging Face directory: its weights are not GGUF-quantized "
+                         "(use --quantization int8 or none)")
+    return quantization
 
 
 def read_hf_dir(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], Tokenizer]:
@@ -184,12 +268,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     max_positions: int | None = None,
+    quantization: str = "none",
 ) -> LoadedModel:
     """Load any supported model (registered name, GGUF file or HF directory) ready to run.
 
-    A GGUF file is dequantized once; later loads map the cached fp32 weights (see cache.py).
+    quantization "auto" keeps a GGUF file's own formats where the kernels run (CPU,
+    float32) and dequantizes otherwise; "gguf", "int8" and "none" as in the module doc.
+    A dequantized GGUF is dequantized once; later loads map the cached fp32 weights
+    (see cache.py); the quantized paths never touch that cache.
     """
     path = resolve_model(name_or_path)
+    quantization = _resolve_quantization(quantization, path, torch.device(device), dtype)
     if path.is_dir():
         config, hf_weights, tokenizer = read_hf_dir(path)
     else:
@@ -201,10 +290,14 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
     try:
-        if path.is_dir():  # cast before fusing, so each weight is copied at most once
+        if quantization == "gguf":
+            state = _gguf_quantized_state(path, gg, config)
+        elif path.is_dir():  # cast before fusing, so each weight is copied at most once
             state = fuse_hf_weights(config, {k: v.to(device, dtype) for k, v in hf_weights.items()})
         else:
             state = {k: v.to(device, dtype) for k, v in _gguf_state(path, gg, config).items()}
+        if quantization == "int8":
+            state = _quantize_int8(state)
         model.load_weights(state)
     except ModelError:
         raise

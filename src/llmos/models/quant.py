@@ -1,0 +1,205 @@
+"""Quantized weights: GGML block formats kept packed in memory and multiplied in place.
+
+A GGUF file's Q4_0, Q4_1 and Q8_0 tensors are loaded as their bytes (4.5 to
+8.5 bits a weight instead of 32), and a QuantizedLinear multiplies with them
+directly through quant_matmul.c: the activations are quantized to int8 per
+block of 32 (as llama.cpp does) and each block product is one integer dot
+product. Hugging Face weights can be quantized at load to int8 per output
+channel, stored as Q8_0 blocks whose scales repeat the channel's (exact, so
+one kernel serves both). Guarantees: a QuantizedLinear's output equals
+dequantize(weight) @ dequantize(quantize_activations(x)) up to float rounding
+(tests/models/test_quant.py); nothing here keeps an fp32 copy of a weight;
+where the C kernel cannot be built, `available()` is False and the loader
+dequantizes instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from enum import IntEnum
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmos.models.cbuild import build_library
+from llmos.models.config import ModelError
+
+BLOCK = 32  # weights per block, in every supported format
+
+
+class QuantFormat(IntEnum):
+    """The supported formats, valued as GGML's type ids."""
+
+    Q4_0 = 2
+    Q4_1 = 3
+    Q8_0 = 8
+
+    @property
+    def block_bytes(self) -> int:
+        return {QuantFormat.Q4_0: 18, QuantFormat.Q4_1: 20, QuantFormat.Q8_0: 34}[self]
+
+
+@dataclass
+class QuantWeight:
+    """A [rows, cols] weight as packed blocks: uint8 [rows, cols / 32 * block_bytes]."""
+
+    blocks: torch.Tensor
+    fmt: QuantFormat
+    cols: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.blocks.shape[0], self.cols))
+
+    def dequantize(self) -> torch.Tensor:
+        """The fp32 weight (for references and the fallback), via gguf.quants."""
+        from gguf.constants import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        arr = dequantize(self.blocks.numpy(), GGMLQuantizationType(int(self.fmt)))
+        return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(self.shape))
+
+
+def cat_weights(parts: list[torch.Tensor | QuantWeight]) -> torch.Tensor | QuantWeight:
+    """Concatenate rows; weights of one format stay packed, a mix is dequantized first."""
+    if all(isinstance(p, QuantWeight) for p in parts) and len({p.fmt for p in parts}) == 1:
+        blocks = np.concatenate([p.blocks.numpy() for p in parts])
+        return QuantWeight(torch.from_numpy(blocks), parts[0].fmt, parts[0].cols)
+    dense = [p.dequantize() if isinstance(p, QuantWeight) else p for p in parts]
+    return torch.from_numpy(np.concatenate([p.numpy() for p in dense]))
+
+
+def quantize(w: torch.Tensor, fmt: QuantFormat) -> QuantWeight:
+    """Quantize an fp32 weight [rows, cols] to a GGML format (gguf.quants' rounding)."""
+    from gguf.constants import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    blocks = gguf_quantize(w.float().numpy(), GGMLQuantizationType(int(fmt)))
+    return QuantWeight(torch.from_numpy(np.ascontiguousarray(blocks)), fmt, w.shape[1])
+
+
+def quantize_int8_per_channel(w: torch.Tensor) -> QuantWeight:
+    """int8 per output channel (scale = max|row| / 127, in fp16), stored as Q8_0 blocks.
+
+    Every block of a row carries the row's scale, so the Q8_0 kernel computes the
+    per-channel product exactly.
+    """
+    w = w.float()
+    rows, cols = w.shape
+    if cols % BLOCK:
+        raise ModelError(f"int8 quantization needs a multiple of {BLOCK} columns, got {cols}")
+    scale = (w.abs().amax(dim=1) / 127).half()
+    inv = torch.where(scale > 0, 1 / scale.float(), torch.zeros(()))
+    q = (w * inv[:, None]).round().clamp(-127, 127).to(torch.int8)
+    nb = cols // BLOCK
+    blocks = torch.empty(rows, nb, 34, dtype=torch.uint8)
+    blocks[:, :, :2] = scale.view(torch.uint8).view(rows, 1, 2)
+    blocks[:, :, 2:] = q.view(torch.uint8).view(rows, nb, BLOCK)
+    return QuantWeight(blocks.view(rows, nb * 34), QuantFormat.Q8_0, cols)
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    source = Path(__file__).with_name("quant_matmul.c")
+    lib = build_library(source, ("-fopenmp",), what="quantized matmul kernel")
+    if lib is None:
+        return None
+    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.quant_linear.argtypes = [i, p, i64, i64, p, i64, p, p]
+    lib.quant_matmul.argtypes = [i, p, i64, i64, p, p, p, i64, p]
+    lib.quantize_q8_rows.argtypes = [p, i64, i64, p, p, p]
+    lib.dequant_rows.argtypes = [i, p, i64, p, i64, p]
+    for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_q8_rows, lib.dequant_rows):
+        fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the quantized kernels run here (a C compiler built them)."""
+    return _library() is not None
+
+
+class _Scratch:
+    """One growing buffer for the activations' int8 blocks, reused by every call."""
+
+    def __init__(self) -> None:
+        self.buf = torch.empty(0, dtype=torch.uint8)
+
+    def get(self, nbytes: int) -> int:
+        if self.buf.numel() < nbytes:
+            self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buf.data_ptr()
+
+
+_scratch = _Scratch()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32 -> (q int8 [M, K], d [M, K/32], s = d * sum(q) [M, K/32])."""
+    x = x.float().contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8)
+    d = torch.empty(m, k // BLOCK)
+    s = torch.empty(m, k // BLOCK)
+    _library().quantize_q8_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr())
+    return q, d, s
+
+
+def quant_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """x [M, K] fp32 @ w.T -> [M, N] fp32, reading w's blocks in place."""
+    lib = _library()
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    m, k = x.shape
+    if k != w.cols:
+        raise ValueError(f"input has {k} features, the weight expects {w.cols}")
+    n = w.blocks.shape[0]
+    out = torch.empty(m, n)
+    scratch = _scratch.get(m * k + 8 * m * (k // BLOCK))
+    lib.quant_linear(int(w.fmt), w.blocks.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), scratch)
+    return out
+
+
+class QuantizedLinear(nn.Module):
+    """nn.Linear's job (y = x W^T + b) with W kept packed."""
+
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.in_features, self.out_features = weight.cols, weight.blocks.shape[0]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        out = quant_linear(x.reshape(-1, self.in_features), self.qweight)
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, {self.qweight.fmt.name}"
+
+
+class QuantizedEmbedding(nn.Module):
+    """nn.Embedding's lookup over packed rows (dequantized per token)."""
+
+    def __init__(self, weight: QuantWeight) -> None:
+        super().__init__()
+        self.qweight = weight
+        self.num_embeddings, self.embedding_dim = weight.blocks.shape[0], weight.cols
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+            raise IndexError(f"token id out of range [0, {self.num_embeddings})")
+        out = torch.empty(flat.numel(), self.embedding_dim)
+        _library().dequant_rows(int(self.qweight.fmt), self.qweight.blocks.data_ptr(), self.embedding_dim,
+                                flat.data_ptr(), flat.numel(), out.data_ptr())
+        return out.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.qweight.fmt.name}"

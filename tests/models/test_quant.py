@@ -1,0 +1,161 @@
+"""Quantized weights: the C kernels against dequantize-then-matmul references, the GGUF loader.
+
+The reference for every format is gguf.quants' own dequantization of the same
+blocks, multiplied in fp32 with the activations as the kernel quantizes them
+(int8 per block of 32, llama.cpp's scheme): the kernel must equal it up to
+float rounding. Against the unquantized activations the error is that of the
+int8 activations alone, bounded separately.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmos.models import quant
+from llmos.models.config import ModelError
+from llmos.models.loader import load_model
+from llmos.models.quant import QuantFormat, QuantizedEmbedding, QuantizedLinear
+
+pytestmark = pytest.mark.skipif(not quant.available(), reason="the C kernel needs a compiler")
+
+# (rows of x, output features, input features): single rows, odd counts, one block, many blocks.
+SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (17, 5, 160), (64, 130, 576)]
+FORMATS = ["Q4_0", "Q4_1", "Q8_0", "int8"]
+
+
+def _quantized(fmt: str, w: torch.Tensor) -> quant.QuantWeight:
+    if fmt == "int8":
+        return quant.quantize_int8_per_channel(w)
+    return quant.quantize(w, QuantFormat[fmt])
+
+
+def _activations_as_quantized(x: torch.Tensor) -> torch.Tensor:
+    q, d, _ = quant.quantize_activations(x)
+    m, k = x.shape
+    return (q.float().view(m, k // 32, 32) * d[..., None]).view(m, k)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_equals_dequantize_then_matmul(fmt, shape):
+    m, n, k = shape
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    w = torch.randn(n, k, generator=gen)
+    w[0, :5] *= 20  # an outlier row segment, as real checkpoints have
+    x = torch.randn(m, k, generator=gen) * 3
+    qw = _quantized(fmt, w)
+    reference = _activations_as_quantized(x) @ qw.dequantize().T
+    out = quant.quant_linear(x, qw)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    scale = reference.abs().max()
+    torch.testing.assert_close(out, reference, atol=2e-5 * scale, rtol=1e-5)
+    # Against fp32 activations: only the int8 activations' error (well under 2% of the largest output).
+    assert (out - x @ qw.dequantize().T).abs().max() < 0.02 * scale
+
+
+def test_int8_per_channel_is_exact_per_row():
+    w = torch.tensor([[0.5, -1.0] * 16, [0.0] * 32, [3.0, 1.5] * 16])
+    deq = quant.quantize_int8_per_channel(w).dequantize()
+    scale = (w.abs().amax(1) / 127).half().float()
+    torch.testing.assert_close(deq, (w / torch.where(scale > 0, scale, 1)[:, None]).round()
+                               .clamp(-127, 127) * scale[:, None], atol=0, rtol=0)
+    assert deq[1].abs().max() == 0  # an all-zero row stays zero (no division by zero)
+    with pytest.raises(ModelError, match="multiple of 32"):
+        quant.quantize_int8_per_channel(torch.ones(2, 40))
+
+
+def test_activation_quantization_rounds_within_half_a_step():
+    x = torch.randn(5, 96) * torch.logspace(-3, 3, 96)
+    q, d, s = quant.quantize_activations(x)
+    assert q.abs().max() <= 127
+    back = _activations_as_quantized(x)
+    step = d.repeat_interleave(32, dim=1)
+    assert ((back - x).abs() <= step / 2 + 1e-6).all()
+    torch.testing.assert_close(s, d * q.view(5, 3, 32).sum(-1).float())
+    zero_q, zero_d, _ = quant.quantize_activations(torch.zeros(1, 32))
+    assert zero_q.abs().max() == 0 and zero_d.abs().max() == 0
+
+
+def test_quantized_linear_adds_bias_and_keeps_leading_dims():
+    w, b = torch.randn(6, 64), torch.randn(6)
+    layer = QuantizedLinear(quant.quantize(w, QuantFormat.Q8_0), b)
+    x = torch.randn(2, 3, 64)
+    expected = quant.quant_linear(x.reshape(6, 64), layer.qweight).view(2, 3, 6) + b
+    torch.testing.assert_close(layer(x), expected)
+    with pytest.raises(ValueError, match="expects 64"):
+        quant.quant_linear(torch.randn(1, 32), layer.qweight)
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+def test_embedding_rows_equal_dequantized_rows(fmt):
+    qw = quant.quantize(torch.randn(50, 96), QuantFormat[fmt])
+    emb = QuantizedEmbedding(qw)
+    ids = torch.tensor([[3, 49], [0, 3]])
+    torch.testing.assert_close(emb(ids), qw.dequantize()[ids], atol=0, rtol=0)
+    for bad in (50, -1):
+        with pytest.raises(IndexError, match="out of range"):
+            emb(torch.tensor([bad]))
+
+
+def test_mixed_formats_concatenate_dequantized():
+    a = quant.quantize(torch.randn(4, 64), QuantFormat.Q4_1)
+    b = quant.quantize(torch.randn(2, 64), QuantFormat.Q4_1)
+    packed = quant.cat_weights([a, b])
+    assert isinstance(packed, quant.QuantWeight) and packed.fmt is QuantFormat.Q4_1
+    torch.testing.assert_close(packed.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    mixed = quant.cat_weights([a, quant.quantize(torch.randn(2, 64), QuantFormat.Q8_0)])
+    assert isinstance(mixed, torch.Tensor) and mixed.shape == (6, 64)
+
+
+@pytest.fixture(scope="module")
+def quantized_smollm():
+    return load_model("smollm2-135m-instruct", quantization="gguf")
+
+
+def test_gguf_weights_stay_packed_and_equal_the_fp32_load(quantized_smollm, smollm):
+    model = quantized_smollm.model
+    layer = model.layers[3]
+    assert {type(getattr(layer, n)) for n in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")} \
+        == {QuantizedLinear}
+    assert layer.qkv_proj.qweight.fmt is QuantFormat.Q4_1  # the file's own format
+    assert isinstance(model.embed_tokens, QuantizedEmbedding) and model.embed_tokens.qweight.fmt is \
+        QuantFormat.Q8_0
+    assert model.lm_head.qweight is model.embed_tokens.qweight  # tied: one copy of the blocks
+    # No fp32 matrix is resident: only norms (1-D) remain float parameters.
+    assert all(p.dim() == 1 for p in model.parameters())
+    packed = sum(m.qweight.blocks.numel() for m in model.modules() if isinstance(m, QuantizedLinear)
+                 and m is not model.lm_head)
+    assert packed < 100 * 2**20  # ~90 MB packed, against ~540 MB in fp32
+    # Fused, RoPE-unpermuted blocks dequantize to exactly the fp32 loader's weights.
+    for name in ("qkv_proj", "gate_up_proj", "down_proj"):
+        torch.testing.assert_close(getattr(layer, name).qweight.dequantize(),
+                                   getattr(smollm.model.layers[3], name).weight, atol=0, rtol=0)
+
+
+def test_quantized_load_writes_no_weight_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMOS_HOME", str(tmp_path))
+    load_model("smollm2-135m-instruct", quantization="gguf")
+    assert not list((tmp_path / "cache").glob("*.safetensors"))
+
+
+def test_quantization_choices_are_checked(tmp_path):
+    with pytest.raises(ModelError, match="unknown quantization"):
+        load_model("smollm2-135m-instruct", quantization="q3")
+    with pytest.raises(ModelError, match="float32 only"):
+        load_model("smollm2-135m-instruct", dtype=torch.bfloat16, quantization="gguf")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ModelError, match="not GGUF-quantized"):
+        load_model(tmp_path, quantization="gguf")
+
+
+def test_auto_keeps_gguf_formats_on_cpu_and_int8_quantizes(smollm):
+    auto = load_model("smollm2-135m-instruct", quantization="auto")
+    assert isinstance(auto.model.layers[0].qkv_proj, QuantizedLinear)
+    int8 = load_model("smollm2-135m-instruct", quantization="int8")
+    qkv = int8.model.layers[0].qkv_proj
+    assert isinstance(qkv, QuantizedLinear) and qkv.qweight.fmt is QuantFormat.Q8_0
+    # Per-channel int8 of the fp32 weights: within half a step of each row's scale.
+    w = smollm.model.layers[0].qkv_proj.weight
+    step = w.abs().amax(1, keepdim=True) / 127
+    assert ((qkv.qweight.dequantize() - w).abs() <= step * 0.51 + 1e-6).all()
