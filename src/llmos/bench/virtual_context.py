@@ -292,14 +292,16 @@ def run_ivf_recall(vectors: np.ndarray, queries: list[str], k: int = 5,
                    nprobes: tuple[int, ...] = (4, 8, 16)) -> dict[str, Any]:
     """recall@k of the inverted-file index against exact search, on real embeddings only: the index is
     built over the conversation's own all-MiniLM-L6-v2 vectors (as archival storage builds it, 2*sqrt(n)
-    cells) and queried with the embedded questions, which are not among them."""
+    cells) and queried with the embedded questions, which are not among them; at `nprobes` cells and at
+    the default (`default_nprobe`)."""
     from llmos.memory import IVFIndex, default_embedder
     from llmos.memory.archival import top_k
 
     qvecs = default_embedder().encode(queries)
     index = IVFIndex(vectors)
+    default = index.nprobe
     recall = {}
-    for nprobe in nprobes:
+    for nprobe in sorted({*nprobes, default}):
         index.nprobe = nprobe
         found = 0
         for q in qvecs:
@@ -311,7 +313,7 @@ def run_ivf_recall(vectors: np.ndarray, queries: list[str], k: int = 5,
             found += int(np.sum(scores[rows[top_k(scores[rows], k)]] >= kth - 1e-6))
         recall[str(nprobe)] = found / (k * len(qvecs))
     return {"vectors": len(vectors), "queries": len(qvecs), "nlist": index.nlist, "k": k,
-            "recall_vs_exact_by_nprobe": recall}
+            "default_nprobe": default, "recall_vs_exact_by_nprobe": recall}
 
 
 def run_context(model: str, home: Path, console: Console, messages: int = 2000, window: int = 2048,
@@ -525,7 +527,7 @@ def _print(console: Console, report: dict[str, Any]) -> None:
     t.add_column("cells scanned (nprobe)")
     t.add_column(f"recall@{v['k']} vs exact", justify="right")
     for nprobe, value in v["recall_vs_exact_by_nprobe"].items():
-        t.add_row(nprobe, f"{value:.3f}")
+        t.add_row(nprobe + (" (the default)" if int(nprobe) == v["default_nprobe"] else ""), f"{value:.3f}")
     console.print(t)
     if "context" in report:
         c = report["context"]

@@ -5,14 +5,15 @@ Passages and their all-MiniLM-L6-v2 embeddings are stored in SQLite, the store
 of record; search ranks passages by cosine similarity to the query. Below
 `ivf_threshold` passages the search is exact (one numpy matrix-vector product
 over every stored vector); above it an inverted-file index (spherical k-means
-centroids, `nprobe` lists scanned) answers instead, rebuilt from the stored
-vectors whenever they change. Guarantees: an insert or delete is one
+centroids, `nprobe` lists scanned, by default `default_nprobe(nlist)`) answers
+instead, rebuilt from the stored vectors whenever they change. Guarantees: an insert or delete is one
 transaction that also bumps the agent's archival version, and a search always
 reads vectors of the latest committed version.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +25,18 @@ from llmos.memory.recall import DEFAULT_PAGE_SIZE, Page
 from llmos.memory.store import MemoryStore
 
 IVF_THRESHOLD = 20_000
+
+
+def default_nprobe(nlist: int) -> int:
+    """Cells an IVF search scans by default: 3 * sqrt(nlist), at most all of them.
+
+    Recall of the top 5 against exact search must hold as the index grows, and a fixed count does not:
+    on all-MiniLM-L6-v2 embeddings of varied English text (stdlib docstrings and reference sentences,
+    queries not among them) 16 cells found 0.96 / 0.95 / 0.92 of it at 48 / 69 / 97 cells, falling as
+    cells multiply. Scanning 3 * sqrt(nlist) cells found 0.98 / 0.98 / 0.97 there (47% / 40% / 33% of the
+    vectors); at 20k passages it scans 51 of 282 cells, at 100k 76 of 632.
+    """
+    return min(nlist, math.ceil(3 * math.sqrt(nlist)))
 
 
 class ArchivalError(ValueError):
@@ -45,13 +58,14 @@ class Passage:
 
 
 class IVFIndex:
-    """Inverted-file index over unit vectors: k-means cells, search scans the `nprobe` nearest cells."""
+    """Inverted-file index over unit vectors: k-means cells, search scans the `nprobe` nearest cells
+    (default: `default_nprobe(nlist)`)."""
 
-    def __init__(self, vectors: np.ndarray, nlist: int | None = None, nprobe: int = 16, seed: int = 0,
-                 iterations: int = 8, sample: int = 32_768) -> None:
+    def __init__(self, vectors: np.ndarray, nlist: int | None = None, nprobe: int | None = None,
+                 seed: int = 0, iterations: int = 8, sample: int = 32_768) -> None:
         n = len(vectors)
         self.nlist = nlist or max(1, int(2 * np.sqrt(n)))
-        self.nprobe = nprobe
+        self.nprobe = nprobe or default_nprobe(self.nlist)
         rng = np.random.default_rng(seed)
         train = vectors[rng.choice(n, size=min(n, sample), replace=False)]
         centroids = train[rng.choice(len(train), size=min(self.nlist, len(train)), replace=False)].copy()
@@ -109,7 +123,7 @@ class ArchivalStorage:
     """The archival passages of one agent."""
 
     def __init__(self, store: MemoryStore, agent: str, embedder: Embedder | None = None,
-                 ivf_threshold: int = IVF_THRESHOLD, nprobe: int = 16) -> None:
+                 ivf_threshold: int = IVF_THRESHOLD, nprobe: int | None = None) -> None:
         self.store = store
         self.agent = agent
         self._embedder = embedder
