@@ -11,6 +11,7 @@ from llmos.agents.operator.propose import _SYSTEM
 from llmos.bench.operator import (
     BenchConfig,
     UnledProposer,
+    _on_target,
     draw_sizes,
     rule_line,
     run_chaos,
@@ -66,13 +67,25 @@ def test_the_unled_prompt_shows_the_observation_and_the_full_vocabulary():
 
 def test_summary_counts_actions_below_the_line_and_off_target_as_false():
     row = {"kind": "memory_hog", "over_line": True, "detected": True, "repaired": True, "steps": 1,
-           "refused": [], "other_actions": []}
+           "refused": [], "other_actions": [], "off_target": []}
     below = {**row, "over_line": False, "detected": True, "repaired": False, "steps": 1,
              "other_actions": [{"subject": "pid:1"}]}
-    missed = {**row, "detected": False, "repaired": False, "steps": 0}
+    missed = {**row, "detected": False, "repaired": False, "steps": 1, "off_target": [{"kind": "renice"}]}
     s = summary({"faults": [row, below, missed]})["memory_hog"]
     assert s == {"trials": 3, "over_line": 2, "detected": 1, "repaired": 1, "steps_when_repaired": [1],
-                 "detected_below_line": 1, "false_actions": 2, "refused": 0}
+                 "detected_below_line": 1, "false_actions": 2, "off_target": 1, "refused": 0}
+
+
+def test_an_action_on_another_target_than_the_finding_is_off_target():
+    assert _on_target("pid:12", {"kind": "kill_process", "pid": 12})
+    assert not _on_target("pid:12", {"kind": "renice_process", "pid": 13})
+    assert not _on_target("pid:12", {"kind": "kill_agent", "pid": 12})  # an agent, not the process
+    assert _on_target("agent:3", {"kind": "suspend_agent", "pid": 3})
+    assert _on_target("path:/s", {"kind": "remove_files", "path": "/s/dump"})
+    assert not _on_target("path:/s", {"kind": "remove_files", "path": "/s"})  # the directory itself
+    assert not _on_target("path:/s", {"kind": "remove_files", "path": "/scratch2/x"})
+    assert not _on_target("path:/s", {"kind": "renice_process", "pid": 7})
+    assert _on_target("llmos", {"kind": "set_setting", "name": "kv_blocks", "value": 9})
 
 
 def test_a_short_chaos_run_on_real_faults(tmp_path):
@@ -91,4 +104,4 @@ def test_a_short_chaos_run_on_real_faults(tmp_path):
     assert [a["kind"] for a in fill["actions"]] == ["remove_files"]
     if spin["detected"]:  # on a loaded machine a busy loop may not get 80% of a core: then no rule fires
         assert spin["repaired"] and [a["kind"] for a in spin["actions"]] == ["kill_process"]
-    assert all(not r["other_actions"] for r in run["faults"])
+    assert all(not r["other_actions"] and not r["off_target"] for r in run["faults"])

@@ -37,3 +37,4 @@ def test_quick_bench_writes_its_report(tmp_path):
     assert v["vectors"] == 20 * 28 and v["queries"] == 20 and v["nlist"] == int(2 * np.sqrt(20 * 28))
     r = v["recall_vs_exact_by_nprobe"]  # measured: 0.88, 0.96, 0.97 (4, 8, 16 of 47 cells scanned)
     assert 0.75 <= r["4"] < 1 and r["4"] <= r["8"] <= r["16"] and r["16"] >= 0.9  # approximate, yet close
+    assert v["default_nprobe"] == 21 and r["21"] >= 0.95  # the default, 3 * sqrt(47) cells

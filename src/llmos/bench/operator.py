@@ -194,18 +194,24 @@ def _rss_level(pid: int) -> Callable[[], float]:
 
 
 def draw_sizes(cfg: BenchConfig) -> dict[str, list[dict[str, Any]]]:
-    """Each fault kind's `cfg.trials` sizes, drawn from the config's ranges with `cfg.seed`: every
-    proposer meets the same faults."""
+    """Each fault kind's `cfg.trials` sizes, drawn with `cfg.seed` from the config's ranges, stratified
+    (trial i draws from the i-th of `trials` equal slices of the range, then the order is shuffled) so a
+    few trials still cover the range on both sides of the line; every proposer meets the same faults."""
     rng = random.Random(cfg.seed)
-    n = range(cfg.trials)
+
+    def draw(lo: float, hi: float, whole: bool = True) -> list[Any]:
+        step = (hi - lo) / cfg.trials
+        out = [rng.uniform(lo + i * step, lo + (i + 1) * step) for i in range(cfg.trials)]
+        rng.shuffle(out)
+        return [round(x) for x in out] if whole else [round(x, 2) for x in out]
+
+    quotas, blocks, agents = draw(*cfg.quota_tokens), draw(*cfg.thrash_blocks), draw(*cfg.thrash_agents)
     return {
-        "runaway_cpu": [{"duty": round(rng.uniform(*cfg.cpu_duty), 2)} for _ in n],
-        "memory_hog": [{"mb": rng.randint(*cfg.hog_mb)} for _ in n],
-        "scratch_full": [{"mb": rng.randint(*cfg.fill_mb)} for _ in n],
-        "over_quota": [{"quota": rng.randint(*cfg.quota_tokens), "max_tokens": rng.choice((8, 16, 32))}
-                       for _ in n],
-        "kv_thrashing": [{"kv_blocks": rng.randint(*cfg.thrash_blocks),
-                          "agents": rng.randint(*cfg.thrash_agents)} for _ in n],
+        "runaway_cpu": [{"duty": d} for d in draw(*cfg.cpu_duty, whole=False)],
+        "memory_hog": [{"mb": m} for m in draw(*cfg.hog_mb)],
+        "scratch_full": [{"mb": m} for m in draw(*cfg.fill_mb)],
+        "over_quota": [{"quota": q, "max_tokens": rng.choice((8, 16, 32))} for q in quotas],
+        "kv_thrashing": [{"kv_blocks": b, "agents": a} for b, a in zip(blocks, agents, strict=True)],
     }
 
 
@@ -330,6 +336,17 @@ def _done(fault: Fault, events: list[Any]) -> bool:
     return recovered and not fault.still_faulty()
 
 
+def _on_target(subject: str, action: dict[str, Any]) -> bool:
+    """Does an action answering a finding about `subject` touch that subject?"""
+    kind, _, key = subject.partition(":")
+    if kind in ("pid", "agent"):
+        agent_action = action["kind"] in ("suspend_agent", "kill_agent")
+        return str(action.get("pid")) == key and agent_action == (kind == "agent")
+    if kind == "path":
+        return action["kind"] == "remove_files" and action["path"].startswith(key.rstrip("/") + "/")
+    return action["kind"] == "set_setting"
+
+
 def _summarise(fault: Fault, events: list[Any]) -> dict[str, Any]:
     mine = [e for e in events if e.subject == fault.subject]
     first = next((e for e in mine if e.step == "finding"), None)
@@ -350,6 +367,7 @@ def _summarise(fault: Fault, events: list[Any]) -> dict[str, Any]:
         "proposals": [e.action for e in mine if e.step == "proposal"],
         "actions": [e.action for e in acted],
         "steps": len(acted),
+        "off_target": [e.action for e in acted if not _on_target(fault.subject, e.action)],
         "approvals": sum(e.step == "queued" for e in mine),
         "refused": [e.detail for e in mine if e.step == "refused"],
         "repaired": repaired,
@@ -481,13 +499,15 @@ async def _kernel_faults(sb: _Sandbox, cfg: BenchConfig, proposer: Any, model: s
 
 def summary(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per fault kind: trials, over the line, detected (of those over it), repaired, steps, false actions
-    (an action on a fault below the line, or on anything that was not the fault)."""
+    (an action on a fault below the line, or on another subject than the fault's), actions that answered
+    the fault's finding on another target (a pid it was not about, say) and refusals."""
     out: dict[str, dict[str, Any]] = {}
     for r in run["faults"]:
         s = out.setdefault(r["kind"], {"trials": 0, "over_line": 0, "detected": 0, "repaired": 0,
                                        "steps_when_repaired": [], "detected_below_line": 0,
-                                       "false_actions": 0, "refused": 0})
+                                       "false_actions": 0, "off_target": 0, "refused": 0})
         s["trials"] += 1
+        s["off_target"] += len(r["off_target"])
         s["refused"] += len(r["refused"])
         s["false_actions"] += len(r["other_actions"])
         if r["over_line"]:
@@ -505,7 +525,7 @@ def summary(run: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def _table(run: dict[str, Any]) -> Table:
     table = Table(title=f"llmos bench operator: proposer {run['proposer']} (default rules)")
     for col in ("fault", "trials", "over the line", "detected", "repaired", "steps", "false actions",
-                "refused"):
+                "off target", "refused"):
         table.add_column(col, justify="left" if col == "fault" else "right")
     for kind, s in summary(run).items():
         over = s["over_line"]
@@ -513,10 +533,10 @@ def _table(run: dict[str, Any]) -> Table:
         table.add_row(kind, str(s["trials"]), str(over), f"{s['detected']}/{over}"
                       + (f" (+{s['detected_below_line']} below)" if s["detected_below_line"] else ""),
                       f"{s['repaired']}/{over}", f"{sum(steps) / len(steps):.1f}" if steps else "-",
-                      str(s["false_actions"]), str(s["refused"]))
+                      str(s["false_actions"]), str(s["off_target"]), str(s["refused"]))
     nf = run["no_fault"]
     table.add_row(f"no fault ({nf['seconds']:.0f} s)", "-", "-", f"{nf['findings']} findings", "-", "-",
-                  str(len(nf["false_actions"])), "-")
+                  str(len(nf["false_actions"])), "-", "-")
     return table
 
 
