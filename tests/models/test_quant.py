@@ -1,10 +1,12 @@
 """Quantized weights: the C kernels against dequantize-then-matmul references, the GGUF loader.
 
 The reference for every format is gguf.quants' own dequantization of the same
-blocks, multiplied in fp32 with the activations as the kernel quantizes them
-(int8 per block of 32, llama.cpp's scheme): the kernel must equal it up to
-float rounding. Against the unquantized activations the error is that of the
-int8 activations alone, bounded separately.
+blocks. Below DENSE_MIN_ROWS input rows the kernel quantizes the activations
+(int8 per block of 32, llama.cpp's scheme), so the reference multiplies them as
+quantized, and the kernel must equal it up to float rounding; against the
+unquantized activations the error is that of the int8 activations alone,
+bounded separately. From DENSE_MIN_ROWS rows, dequantized tiles meet the fp32
+activations, so the reference is plain dequantize-then-matmul.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from llmos.models.quant import QuantFormat, QuantizedEmbedding, QuantizedLinear
 pytestmark = pytest.mark.skipif(not quant.available(), reason="the C kernel needs a compiler")
 
 # (rows of x, output features, input features): single rows, odd counts, one block, many blocks.
-SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (17, 5, 160), (64, 130, 576)]
+SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (6, 5, 160), (17, 5, 160), (64, 130, 576)]
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "int8"]
 
 
@@ -45,13 +47,24 @@ def test_kernel_equals_dequantize_then_matmul(fmt, shape):
     w[0, :5] *= 20  # an outlier row segment, as real checkpoints have
     x = torch.randn(m, k, generator=gen) * 3
     qw = _quantized(fmt, w)
-    reference = _activations_as_quantized(x) @ qw.dequantize().T
+    dense = x @ qw.dequantize().T
+    int8_rows = m < quant.DENSE_MIN_ROWS
+    reference = _activations_as_quantized(x) @ qw.dequantize().T if int8_rows else dense
     out = quant.quant_linear(x, qw)
     assert out.shape == (m, n) and out.dtype == torch.float32
     scale = reference.abs().max()
     torch.testing.assert_close(out, reference, atol=2e-5 * scale, rtol=1e-5)
     # Against fp32 activations: only the int8 activations' error (well under 2% of the largest output).
-    assert (out - x @ qw.dequantize().T).abs().max() < 0.02 * scale
+    assert (out - dense).abs().max() < 0.02 * scale
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_row_computes_the_same_alone_or_in_a_batch(fmt):
+    w, x = torch.randn(37, 96), torch.randn(quant.DENSE_MIN_ROWS - 1, 96)
+    qw = _quantized(fmt, w)
+    batch = quant.quant_linear(x, qw)
+    for i in (0, 5, len(x) - 1):
+        assert torch.equal(quant.quant_linear(x[i : i + 1], qw)[0], batch[i])
 
 
 def test_int8_per_channel_is_exact_per_row():
@@ -92,7 +105,7 @@ def test_embedding_rows_equal_dequantized_rows(fmt):
     qw = quant.quantize(torch.randn(50, 96), QuantFormat[fmt])
     emb = QuantizedEmbedding(qw)
     ids = torch.tensor([[3, 49], [0, 3]])
-    torch.testing.assert_close(emb(ids), qw.dequantize()[ids], atol=0, rtol=0)
+    torch.testing.assert_close(emb(ids), qw.dequantize()[ids], atol=1e-6, rtol=1e-6)
     for bad in (50, -1):
         with pytest.raises(IndexError, match="out of range"):
             emb(torch.tensor([bad]))

@@ -124,18 +124,21 @@ def available() -> bool:
 
 
 class _Scratch:
-    """One growing buffer for the activations' int8 blocks, reused by every call."""
+    """One growing buffer, reused by every call (calls run one at a time, in the engine's thread)."""
 
-    def __init__(self) -> None:
-        self.buf = torch.empty(0, dtype=torch.uint8)
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.buf = torch.empty(0, dtype=dtype)
 
-    def get(self, nbytes: int) -> int:
-        if self.buf.numel() < nbytes:
-            self.buf = torch.empty(nbytes, dtype=torch.uint8)
-        return self.buf.data_ptr()
+    def get(self, numel: int) -> torch.Tensor:
+        if self.buf.numel() < numel:
+            self.buf = torch.empty(numel, dtype=self.buf.dtype)
+        return self.buf[:numel]
 
 
-_scratch = _Scratch()
+_scratch = _Scratch(torch.uint8)  # the activations' int8 blocks
+_tiles = _Scratch(torch.float32)  # dequantized weight tiles for many-row inputs
+DENSE_MIN_ROWS = 16  # from this many input rows, dequantized tiles and sgemm beat the int8 kernel
+_TILE_ELEMENTS = 2**19  # 2 MiB of fp32 weight rows at a time: cache-sized, never a whole matrix
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -158,10 +161,31 @@ def quant_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     if k != w.cols:
         raise ValueError(f"input has {k} features, the weight expects {w.cols}")
     n = w.blocks.shape[0]
+    if m >= DENSE_MIN_ROWS:
+        return _dense_tiles_linear(lib, x, w)
     out = torch.empty(m, n)
-    scratch = _scratch.get(m * k + 8 * m * (k // BLOCK))
+    scratch = _scratch.get(m * k + 8 * m * (k // BLOCK)).data_ptr()
     lib.quant_linear(int(w.fmt), w.blocks.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), scratch)
     return out
+
+
+def _dense_tiles_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
+    """Many rows: dequantize the weight a cache-sized tile of rows at a time and use sgemm.
+
+    The fp32 activations are used as they are (no int8 rounding), so a batch this
+    large computes slightly more exactly than single rows do.
+    """
+    m, k = x.shape
+    n = w.blocks.shape[0]
+    out_t = torch.empty(n, m)
+    rows = max(1, _TILE_ELEMENTS // k)
+    buf = _tiles.get(min(rows, n) * k)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        tile = buf[: (r1 - r0) * k].view(r1 - r0, k)
+        lib.dequant_rows(int(w.fmt), w.blocks[r0].data_ptr(), k, None, r1 - r0, tile.data_ptr())
+        torch.mm(tile, x.T, out=out_t[r0:r1])
+    return out_t.T.contiguous()
 
 
 class QuantizedLinear(nn.Module):

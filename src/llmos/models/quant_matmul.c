@@ -100,42 +100,65 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(r);
 }
 
-/* The integer dot product of weight block b of a row with activation block b. */
-static inline __m256i block_dot(int fmt, const uint8_t *blk, const int8_t *xq) {
-    const __m256i x = _mm256_loadu_si256((const __m256i *)xq);
-    const __m256i zero = _mm256_setzero_si256();
-    if (fmt == FMT_Q8_0) {
-        const __m256i w = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        return dot_u8s8(zero, _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+/* R rows of activations (K apart) against one weight row: each weight block is
+ * unpacked once for the R rows. Every row's sums run in the same order for any
+ * R (even and odd blocks in two accumulators, offsets by explicit fmaf), so a
+ * row's result does not depend on how many rows share the call. */
+static inline __attribute__((always_inline)) void block_step(
+    int fmt, int R, const uint8_t *blk, int64_t b, int64_t nb, int64_t K, const int8_t *xq,
+    const float *xd, const float *xs, __m256 *acc, float *off) {
+    const float d = load_f16(blk);
+    const float mo = fmt == FMT_Q4_1 ? load_f16(blk + 2) : -8.f * d;
+    __m256i wv;
+    if (fmt == FMT_Q8_0) wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
+    else wv = unpack_q4(blk + (fmt == FMT_Q4_1 ? 4 : 2));
+    const __m256i wabs = _mm256_sign_epi8(wv, wv);
+    for (int r = 0; r < R; r++) {
+        const int64_t i = r * nb + b;
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + r * K + b * QK));
+        const __m256i p = fmt == FMT_Q8_0
+            ? dot_u8s8(_mm256_setzero_si256(), wabs, _mm256_sign_epi8(x, wv))
+            : dot_u8s8(_mm256_setzero_si256(), wv, x);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[i]), acc[r]);
+        if (fmt != FMT_Q8_0) off[r] = fmaf(mo, xs[i], off[r]);
     }
-    return dot_u8s8(zero, unpack_q4(blk + (fmt == FMT_Q4_1 ? 4 : 2)), x);
 }
 
-static float row_dot(int fmt, const uint8_t *w, int64_t nb, const int8_t *xq, const float *xd,
-                     const float *xs) {
+static inline __attribute__((always_inline)) void rows_dot(
+    int fmt, int R, const uint8_t *w, int64_t nb, int64_t K, const int8_t *xq, const float *xd,
+    const float *xs, float *res, int64_t res_stride) {
     const int bb = block_bytes(fmt);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float off = 0.f;
+    __m256 acc0[4], acc1[4];
+    float off0[4], off1[4];
+    for (int r = 0; r < R; r++) {
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+        off0[r] = off1[r] = 0.f;
+    }
     int64_t b = 0;
     for (; b + 1 < nb; b += 2) {
-        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
-        const float d0 = load_f16(b0), d1 = load_f16(b1);
-        const __m256 p0 = _mm256_cvtepi32_ps(block_dot(fmt, b0, xq + b * QK));
-        const __m256 p1 = _mm256_cvtepi32_ps(block_dot(fmt, b1, xq + (b + 1) * QK));
-        acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(d0 * xd[b]), acc0);
-        acc1 = _mm256_fmadd_ps(p1, _mm256_set1_ps(d1 * xd[b + 1]), acc1);
-        if (fmt == FMT_Q4_1) off += load_f16(b0 + 2) * xs[b] + load_f16(b1 + 2) * xs[b + 1];
-        else if (fmt == FMT_Q4_0) off -= 8.f * (d0 * xs[b] + d1 * xs[b + 1]);
+        block_step(fmt, R, w + b * bb, b, nb, K, xq, xd, xs, acc0, off0);
+        block_step(fmt, R, w + (b + 1) * bb, b + 1, nb, K, xq, xd, xs, acc1, off1);
     }
-    for (; b < nb; b++) {
-        const uint8_t *b0 = w + b * bb;
-        const float d0 = load_f16(b0);
-        const __m256 p0 = _mm256_cvtepi32_ps(block_dot(fmt, b0, xq + b * QK));
-        acc0 = _mm256_fmadd_ps(p0, _mm256_set1_ps(d0 * xd[b]), acc0);
-        if (fmt == FMT_Q4_1) off += load_f16(b0 + 2) * xs[b];
-        else if (fmt == FMT_Q4_0) off -= 8.f * d0 * xs[b];
+    if (b < nb) block_step(fmt, R, w + b * bb, b, nb, K, xq, xd, xs, acc0, off0);
+    for (int r = 0; r < R; r++)
+        res[r * res_stride] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
+}
+
+static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t M, int64_t N,
+                      const int8_t *xq, const float *xd, const float *xs, float *out) {
+    int64_t m = 0;
+    /* Each format and row count gets its own specialised copy of rows_dot. */
+#define ROWS(F)                                                                                   \
+    for (; m + 4 <= M; m += 4) rows_dot(F, 4, wr, nb, K, xq + m * K, xd + m * nb, xs + m * nb, out + m * N, N); \
+    for (; m < M; m++) rows_dot(F, 1, wr, nb, K, xq + m * K, xd + m * nb, xs + m * nb, out + m * N, N)
+    if (fmt == FMT_Q4_1) {
+        ROWS(FMT_Q4_1);
+    } else if (fmt == FMT_Q4_0) {
+        ROWS(FMT_Q4_0);
+    } else {
+        ROWS(FMT_Q8_0);
     }
-    return hsum(_mm256_add_ps(acc0, acc1)) + off;
+#undef ROWS
 }
 #else
 static float row_dot(int fmt, const uint8_t *w, int64_t nb, const int8_t *xq, const float *xd,
@@ -160,6 +183,11 @@ static float row_dot(int fmt, const uint8_t *w, int64_t nb, const int8_t *xq, co
     }
     return total;
 }
+
+static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t M, int64_t N,
+                      const int8_t *xq, const float *xd, const float *xs, float *out) {
+    for (int64_t m = 0; m < M; m++) out[m * N] = row_dot(fmt, wr, nb, xq + m * K, xd + m * nb, xs + m * nb);
+}
 #endif
 
 /* out [M, N] = x [M, K] @ w [N, K]^T, x given quantized by quantize_q8_rows. */
@@ -167,11 +195,7 @@ void quant_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int8_t 
                   const float *xs, int64_t M, float *out) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(fmt);
 #pragma omp parallel for schedule(static) if (N * M * K >= 65536)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *wr = w + n * row_bytes;
-        for (int64_t m = 0; m < M; m++)
-            out[m * N + n] = row_dot(fmt, wr, nb, xq + m * K, xd + m * nb, xs + m * nb);
-    }
+    for (int64_t n = 0; n < N; n++) row_block(fmt, w + n * row_bytes, nb, K, M, N, xq, xd, xs, out + n);
 }
 
 /* out [M, N] = x [M, K] @ w [N, K]^T for float x, quantized into scratch
@@ -185,16 +209,31 @@ void quant_linear(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *
     quant_matmul(fmt, w, N, K, xq, xd, xs, M, out);
 }
 
-/* out [n, K] = the dequantized rows ids[0..n) of w [*, K] (an embedding lookup). */
+/* out [n, K] = the dequantized rows ids[0..n) of w [*, K] (an embedding lookup), or rows
+ * 0..n when ids is NULL. */
 void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int64_t n, float *out) {
     const int64_t nb = K / QK, bb = block_bytes(fmt);
+#pragma omp parallel for schedule(static) if (n * K >= 262144)
     for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = w + ids[i] * nb * bb;
+        const uint8_t *row = w + (ids ? ids[i] : i) * nb * bb;
         float *o = out + i * K;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * bb;
             const float d = load_f16(blk);
             float *ob = o + b * QK;
+#if defined(__AVX2__)
+            const __m256i q = fmt == FMT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
+                                              : unpack_q4(blk + (fmt == FMT_Q4_1 ? 4 : 2));
+            const __m256 vd = _mm256_set1_ps(d);
+            const __m256 vm = _mm256_set1_ps(fmt == FMT_Q4_1 ? load_f16(blk + 2) : fmt == FMT_Q4_0 ? -8.f * d : 0.f);
+            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+            for (int j = 0; j < 4; j++) {
+                const __m256i v = fmt == FMT_Q8_0 ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
+                _mm256_storeu_ps(ob + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vd, vm));
+            }
+            continue;
+#endif
             if (fmt == FMT_Q8_0) {
                 const int8_t *q = (const int8_t *)(blk + 2);
                 for (int j = 0; j < QK; j++) ob[j] = d * q[j];
