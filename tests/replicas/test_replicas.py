@@ -11,6 +11,7 @@ import asyncio
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,7 +107,16 @@ def test_a_killed_replica_loses_no_whole_request_and_ends_its_streams_with_an_er
     pool, client = _pool(served), _client(served)
     pool.router.policy = "round-robin"  # streams and whole requests on both replicas
     old_pid = pool.pids[0]
-    started = threading.Barrier(3)  # the two streams and the killer
+    sent = [threading.Event(), threading.Event()]
+
+    def in_flight() -> int:
+        return sum(r.in_flight for r in pool.router.replicas)
+
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 120
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
 
     def whole(i: int) -> int:
         r = client.completions.create(model=MODEL, prompt=f"Story {i}:", max_tokens=48, temperature=0,
@@ -114,23 +124,24 @@ def test_a_killed_replica_loses_no_whole_request_and_ends_its_streams_with_an_er
         return r.usage.completion_tokens
 
     def stream(i: int) -> str:
-        text, first = "", True
         try:
-            chunks = client.completions.create(model=MODEL, prompt=f"Song {i}:", max_tokens=48, stream=True,
+            chunks = client.completions.create(model=MODEL, prompt=f"Song {i}:", max_tokens=120, stream=True,
                                                temperature=0, extra_body={"ignore_eos": True})
             for chunk in chunks:
-                text += chunk.choices[0].text if chunk.choices else ""
-                if first and text:
-                    first = False
-                    started.wait(timeout=120)
+                if chunk.choices and chunk.choices[0].text:
+                    sent[i].set()
         except openai.APIError as e:
             return f"error: {e}"
         return "ok"
 
     with ThreadPoolExecutor(8) as ex:
-        streams = [ex.submit(stream, i) for i in range(2)]
+        streams = []
+        for i in range(2):  # one after the other: round-robin puts one stream on each replica
+            streams.append(ex.submit(stream, i))
+            wait_for(lambda i=i: in_flight() == i + 1)
+        wait_for(lambda: all(e.is_set() for e in sent))  # both streams have sent text
         wholes = [ex.submit(whole, i) for i in range(6)]
-        started.wait(timeout=120)  # both streams have sent text
+        wait_for(lambda: in_flight() == 8)  # every whole request is on a replica, 3 on each
         ray.kill(pool.actors[0], no_restart=False)  # a crash: Ray restarts the actor
         assert [w.result(timeout=300) for w in wholes] == [48] * 6  # every whole request completed
         ends = [s.result(timeout=300) for s in streams]
