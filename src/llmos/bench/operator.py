@@ -96,7 +96,7 @@ class BenchConfig:
     cpu_duty: tuple[float, float] = (0.5, 1.0)  # share of one core a spinning process takes (line: 80%)
     hog_mb: tuple[int, int] = (256, 1024)  # where the memory hog stops growing (line: 512 MB)
     fill_mb: tuple[int, int] = (128, 512)  # where the scratch filler stops (line: 256 MB)
-    quota_tokens: tuple[int, int] = (150, 1200)  # the looping agent's kernel quota (line: 90% of it)
+    quota_tokens: tuple[int, int] = (100, 600)  # the looping agent's kernel quota (line: 90% of it)
     thrash_blocks: tuple[int, int] = (8, 48)  # the KV cap (the workload needs about 25 blocks an agent)
     thrash_agents: tuple[int, int] = (4, 8)
 
