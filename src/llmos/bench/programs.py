@@ -200,6 +200,7 @@ async def run_config(backend: EngineBackend, config: str, w: ProgramsWorkload,
         "peak_kv_blocks": peak[0], "kv_capacity_blocks": min(w.kv_blocks, engine.blocks.num_blocks),
         "preemptions": stats.get("preemptions", 0), "retention": dict(run.decisions),
         "retention_engine": engine.scheduler.retained.stats.as_dict(),
+        "completion_s": {str(k): round(v, 3) for k, v in sorted(run.completion.items())},
     }
     return row, run
 
@@ -219,12 +220,23 @@ def run_programs_bench(console: Console, quick: bool = False, full: bool = False
 
     from llmos.bench.engine import write_report
     from llmos.engine import AsyncLLM
+    from llmos.engine.config import EngineConfig
+    from llmos.engine.kv_cache import KVCache
+    from llmos.models.loader import load_model
 
     w = QUICK if quick else FULL if full else ProgramsWorkload()
     w = ProgramsWorkload(**{**w.__dict__, "seed": seed, "threads": threads or w.threads})
     trace = make_trace(w)
     torch.set_num_threads(w.threads)
-    llm = AsyncLLM(model, kv_budget="256MiB", swap_space="1GiB")
+    # The device holds exactly kv_blocks blocks: the prefix cache lives in the same memory as the
+    # running calls (a capacity cap alone would leave it the rest of a larger pool).
+    # float32 weights and activations: int8-quantized activations would turn the last-bit
+    # differences between KV computed in a decode step and in a prefill chunk into different tokens.
+    config = EngineConfig(swap_space="1GiB", dtype="float32")
+    loaded = load_model(model, dtype=config.torch_dtype, device=config.torch_device,
+                        quantization=config.weight_quantization)
+    config.kv_budget = w.kv_blocks * KVCache.block_bytes(loaded.config, config.block_size, config.torch_dtype)
+    llm = AsyncLLM(loaded, config)
     backend = EngineBackend(llm)
     rows, runs, load = [], [], {"start": _loadavg()}
     try:
