@@ -46,6 +46,7 @@ class PagedAttention:
         self.meta = meta
         block_size = kv.shape[3]
         self._kernel = decode_kernel(kv.device.type, kv.dtype)
+        self._plan: native.DecodePlan | None = None  # the C kernel's, made at the first layer
         if meta.num_decodes and self._kernel is None:
             lens = meta.decode_context_lens
             max_len = meta.decode_block_tables.shape[1] * block_size
@@ -59,11 +60,21 @@ class PagedAttention:
         slots = self.meta.slot_mapping
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
-        out = torch.empty_like(q)
-        nd = self.meta.num_decodes
+        nd, meta = self.meta.num_decodes, self.meta
         if nd and self._kernel is not None:
-            out[:nd] = self._kernel(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
-                                    self.meta.decode_context_lens)
+            extra = {}
+            if self._kernel is native.paged_decode:
+                if self._plan is None:
+                    self._plan = native.plan_decode(meta.decode_block_tables, meta.decode_context_lens,
+                                                    q.shape[1])
+                extra["plan"] = self._plan
+            decoded = self._kernel(q[:nd], k_cache, v_cache, meta.decode_block_tables,
+                                   meta.decode_context_lens, **extra)
+            if not meta.prefills:
+                return decoded  # a decode-only step: no output to assemble
+        out = torch.empty_like(q)
+        if nd and self._kernel is not None:
+            out[:nd] = decoded
         elif nd:
             out[:nd] = _decode(q[:nd], k_cache, v_cache, self.meta.decode_block_tables,
                                self._decode_mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -39,32 +40,55 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llmos-attn")
 
 
+@dataclass
+class DecodePlan:
+    """What a step's decode attention needs in every layer, computed once per step."""
+
+    tables: torch.Tensor
+    lens: torch.Tensor
+    bounds: list[int]  # worker i runs rows bounds[i]..bounds[i + 1]
+    scratch: torch.Tensor  # [workers, Hq * max_len]
+
+
+def plan_decode(block_tables: torch.Tensor, context_lens: torch.Tensor, num_heads: int) -> DecodePlan:
+    """Split the rows so each worker reads about the same number of cached tokens."""
+    b = block_tables.shape[0]
+    lens = context_lens.contiguous()
+    workers = max(1, min(torch.get_num_threads(), b))
+    if workers == 1:
+        bounds, max_len = [0, b], int(lens.max())
+    else:
+        cum = lens.cumsum(0)
+        targets = torch.arange(1, workers, dtype=cum.dtype) * int(cum[-1]) // workers
+        bounds = [0, *torch.searchsorted(cum, targets, right=True).tolist(), b]
+        max_len = int(lens.max())
+    scratch = torch.empty(workers, num_heads * max_len, dtype=torch.float32)
+    return DecodePlan(block_tables.contiguous(), lens, bounds, scratch)
+
+
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """Decode attention: q [B, Hq, D] against each row's cached keys, read through its table."""
+                 block_tables: torch.Tensor, context_lens: torch.Tensor,
+                 plan: DecodePlan | None = None) -> torch.Tensor:
+    """Decode attention: q [B, Hq, D] against each row's cached keys, read through its table.
+
+    A step passes the plan it made once (plan_decode) to every layer's call.
+    """
     lib = _library()
     b, hq, d = q.shape
     hkv, bs = k_cache.shape[2], k_cache.shape[1]
+    plan = plan or plan_decode(block_tables, context_lens, hq)
     q = q.contiguous()
-    tables = block_tables.contiguous()
-    lens = context_lens.contiguous()
     out = torch.empty_like(q)
-    max_len = int(lens.max())
-    workers = max(1, min(torch.get_num_threads(), b))
-    scratch = torch.empty(workers, hq * max_len, dtype=torch.float32)
     scale = 1.0 / d**0.5
-    # Split rows so each worker reads about the same number of cached tokens.
-    cum = lens.cumsum(0)
-    targets = torch.arange(1, workers, dtype=cum.dtype) * int(cum[-1]) // workers
-    bounds = [0, *torch.searchsorted(cum, targets, right=True).tolist(), b]
+    tables, bounds = plan.tables, plan.bounds
 
     def run(i: int) -> None:  # ctypes drops the GIL for the call: workers run in parallel
         lib.paged_decode_f32(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(),
-                             lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], hq, hkv, d, bs,
-                             tables.shape[1], scale, scratch[i].data_ptr())
+                             plan.lens.data_ptr(), out.data_ptr(), bounds[i], bounds[i + 1], hq, hkv, d, bs,
+                             tables.shape[1], scale, plan.scratch[i].data_ptr())
 
-    if workers == 1:
+    if len(bounds) == 2:
         run(0)
     else:
-        list(_pool(workers).map(run, range(workers)))
+        list(_pool(len(bounds) - 1).map(run, range(len(bounds) - 1)))
     return out

@@ -71,15 +71,20 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos().float().to(device), persistent=False)
         self.register_buffer("sin", freqs.sin().float().to(device), persistent=False)
 
-    def forward(self, positions: torch.Tensor, *xs: torch.Tensor) -> list[torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        out = []
-        for x in xs:
-            x1, x2 = x.float().chunk(2, dim=-1)
-            rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-            out.append(rotated.to(x.dtype))
-        return out
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's rotation, gathered once for every layer: cos and signed sin, [T, 1, D].
+
+        With them a rotation is x * cos + roll(x, D/2) * sin, four ops on the whole of x.
+        """
+        cos, sin = self.cos[positions], self.sin[positions]
+        return torch.cat((cos, cos), -1).unsqueeze(1), torch.cat((-sin, sin), -1).unsqueeze(1)
+
+    def forward(self, tables: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, H, D] (any number of heads) by the positions `tables` came from."""
+        cos, sin = tables
+        xf = x if x.dtype == torch.float32 else x.float()
+        rotated = xf * cos + xf.roll(self.head_dim // 2, -1) * sin
+        return rotated if x.dtype == torch.float32 else rotated.to(x.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -98,18 +103,18 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding, attn: Attention
+        self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor], rope: RotaryEmbedding,
+        attn: Attention,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
-        q, k, v = qkv.split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
-        q = q.view(t, self.nq, self.hd)
-        k = k.view(t, self.nkv, self.hd)
-        v = v.view(t, self.nkv, self.hd)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(positions, q, k)
-        o = attn(self.index, q, k, v).reshape(t, self.nq * self.hd)
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(t, self.nq + 2 * self.nkv, self.hd)
+        if self.q_norm is None:  # q and k rotate together: one set of ops for both
+            qk = rope(rope_tables, qkv[:, : self.nq + self.nkv])
+            q, k = qk[:, : self.nq], qk[:, self.nq :]
+        else:
+            q = rope(rope_tables, self.q_norm(qkv[:, : self.nq]))
+            k = rope(rope_tables, self.k_norm(qkv[:, self.nq : self.nq + self.nkv]))
+        o = attn(self.index, q, k, qkv[:, self.nq + self.nkv :]).reshape(t, self.nq * self.hd)
         x = x + self.o_proj(o)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
@@ -147,8 +152,9 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, H] of a flat token batch; logits come from compute_logits."""
         attn = attn or DenseCausalAttention()
         x = self.embed_tokens(input_ids)
+        tables = self.rope.tables(positions)
         for layer in self.layers:
-            x = layer(x, positions, self.rope, attn)
+            x = layer(x, tables, self.rope, attn)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
