@@ -2,15 +2,18 @@
 
 A GGUF file's Q4_0, Q4_1 and Q8_0 tensors are loaded as their bytes (4.5 to
 8.5 bits a weight instead of 32), and a QuantizedLinear multiplies with them
-directly through quant_matmul.c: the activations are quantized to int8 per
-block of 32 (as llama.cpp does) and each block product is one integer dot
-product. Hugging Face weights can be quantized at load to int8 per output
-channel, stored as Q8_0 blocks whose scales repeat the channel's (exact, so
-one kernel serves both). Guarantees: a QuantizedLinear's output equals
-dequantize(weight) @ dequantize(quantize_activations(x)) up to float rounding
-(tests/models/test_quant.py); nothing here keeps an fp32 copy of a weight;
-where the C kernel cannot be built, `available()` is False and the loader
-dequantizes instead.
+directly through quant_matmul.c: the activations are quantized to 16 bits per
+block of 32 (llama.cpp's 8 bits move this model's logits by ~5%; 16 bits keep
+them near fp32) and each block product is an integer dot product. Hugging
+Face weights can be quantized at load to int8 per output channel, stored as
+Q8_0 blocks whose scales repeat the channel's (exact, so one kernel serves both).
+
+Guarantees: below DENSE_MIN_ROWS input rows a QuantizedLinear's output equals
+dequantize(weight) @ dequantize(quantize_activations(x)) up to float rounding,
+and a row's result does not depend on the rows beside it; from there it equals
+dequantize(weight) @ x (tests/models/test_quant.py). No fp32 copy of a whole
+weight is kept. Where the C kernel cannot be built, `available()` is False and
+the loader dequantizes instead.
 """
 
 from __future__ import annotations
@@ -111,9 +114,9 @@ def _library() -> ctypes.CDLL | None:
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.quant_linear.argtypes = [i, p, i64, i64, p, i64, p, p]
     lib.quant_matmul.argtypes = [i, p, i64, i64, p, p, p, i64, p]
-    lib.quantize_q8_rows.argtypes = [p, i64, i64, p, p, p]
+    lib.quantize_act_rows.argtypes = [p, i64, i64, p, p, p]
     lib.dequant_rows.argtypes = [i, p, i64, p, i64, p]
-    for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_q8_rows, lib.dequant_rows):
+    for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_act_rows, lib.dequant_rows):
         fn.restype = None
     return lib
 
@@ -135,20 +138,20 @@ class _Scratch:
         return self.buf[:numel]
 
 
-_scratch = _Scratch(torch.uint8)  # the activations' int8 blocks
+_scratch = _Scratch(torch.uint8)  # the activations' 16-bit blocks
 _tiles = _Scratch(torch.float32)  # dequantized weight tiles for many-row inputs
-DENSE_MIN_ROWS = 16  # from this many input rows, dequantized tiles and sgemm beat the int8 kernel
+DENSE_MIN_ROWS = 16  # from this many input rows, dequantized tiles and sgemm beat the integer kernel
 _TILE_ELEMENTS = 2**19  # 2 MiB of fp32 weight rows at a time: cache-sized, never a whole matrix
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] fp32 -> (q int8 [M, K], d [M, K/32], s = d * sum(q) [M, K/32])."""
+    """x [M, K] fp32 -> (q int16 [M, K], d [M, K/32], s = d * sum(q) [M, K/32])."""
     x = x.float().contiguous()
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.int8)
+    q = torch.empty(m, k, dtype=torch.int16)
     d = torch.empty(m, k // BLOCK)
     s = torch.empty(m, k // BLOCK)
-    _library().quantize_q8_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr())
+    _library().quantize_act_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr())
     return q, d, s
 
 
@@ -164,7 +167,7 @@ def quant_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     if m >= DENSE_MIN_ROWS:
         return _dense_tiles_linear(lib, x, w)
     out = torch.empty(m, n)
-    scratch = _scratch.get(m * k + 8 * m * (k // BLOCK)).data_ptr()
+    scratch = _scratch.get(2 * m * k + 8 * m * (k // BLOCK)).data_ptr()
     lib.quant_linear(int(w.fmt), w.blocks.data_ptr(), n, k, x.data_ptr(), m, out.data_ptr(), scratch)
     return out
 
@@ -172,8 +175,8 @@ def quant_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
 def _dense_tiles_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """Many rows: dequantize the weight a cache-sized tile of rows at a time and use sgemm.
 
-    The fp32 activations are used as they are (no int8 rounding), so a batch this
-    large computes slightly more exactly than single rows do.
+    The fp32 activations are used as they are (no 16-bit rounding), so a batch this
+    large computes a little more exactly than single rows do.
     """
     m, k = x.shape
     n = w.blocks.shape[0]
