@@ -1,8 +1,8 @@
 """`llmos bench replicas`: where a request runs decides what its replica has cached.
 
 Many conversations, each with its own long system prompt, their turns
-arriving interleaved (a turn's prompt is its system prompt, the earlier
-turns and their answers, and a new question), over 2 engine replicas on Ray,
+arriving interleaved after random pauses (a turn's prompt is its system
+prompt, the earlier turns and their answers, and a new question), over 2 engine replicas on Ray,
 routed round-robin, least-loaded and prefix-aware, one after the other on
 the same pool (prefix caches and counters emptied between runs). Each
 replica's KV holds 60% of all the conversations' prefixes, as a busy
@@ -44,6 +44,7 @@ class Workload:
     question_tokens: int = 24
     answer_tokens: int = 16
     concurrency: int = 6  # turns in flight at once
+    think_s: float = 0.5  # mean pause before each turn (exponential; the same pauses under every router)
     seed: int = 0
 
     @classmethod
@@ -73,9 +74,10 @@ async def _run(pool: Any, w: Workload) -> dict[str, Any]:
 
     async def conversation(c: int) -> None:
         nonlocal generated
-        history = list(systems[c])
+        history, pauses = list(systems[c]), random.Random(w.seed * 1000 + c)
         for t in range(w.turns):
             prompt = history + questions[c][t]
+            await asyncio.sleep(pauses.expovariate(1 / w.think_s))
             async with gate:
                 start, first, last = time.perf_counter(), None, None
                 async for out in pool.generate(prompt, params, f"c{c}-t{t}", session=f"conversation-{c}"):
