@@ -239,12 +239,11 @@ def tune(
 
 def _sync_chat(model: str):
     from llmos import LLM, SamplingParams
-    from llmos.engine.guided import json_schema_grammar
 
     llm = LLM(model)
 
     def chat(messages, schema) -> str:
-        params = SamplingParams(max_tokens=96, temperature=0, grammar=json_schema_grammar(schema))
+        params = SamplingParams(max_tokens=96, temperature=0, json_schema=schema)
         return llm.chat([messages], params)[0].outputs[0].text
 
     return chat

@@ -6,7 +6,7 @@ rest of engine/ is private to it.
 """
 
 from llmos.engine.async_engine import AsyncLLM, EngineDeadError
-from llmos.engine.config import EngineConfig
+from llmos.engine.config import ConfigError, EngineConfig
 from llmos.engine.engine import LLMEngine
 from llmos.engine.llm import LLM
 from llmos.engine.outputs import CompletionOutput, RequestOutput
@@ -14,5 +14,5 @@ from llmos.engine.sampling_params import InvalidRequestError, SamplingParams
 
 __all__ = [
     "LLM", "AsyncLLM", "LLMEngine", "EngineConfig", "SamplingParams", "RequestOutput",
-    "CompletionOutput", "InvalidRequestError", "EngineDeadError",
+    "CompletionOutput", "InvalidRequestError", "ConfigError", "EngineDeadError",
 ]

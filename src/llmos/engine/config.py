@@ -92,8 +92,8 @@ class EngineConfig:
             return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
                     "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[self.dtype]
         except KeyError:
-            raise ConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}") \
-                from None
+            raise ConfigError(
+                f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}") from None
 
     def kv_budget_bytes(self) -> int:
         """The KV pool's size in bytes, resolving a fraction against free memory now."""

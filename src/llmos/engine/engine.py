@@ -24,7 +24,7 @@ import torch
 
 from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import ConfigError, EngineConfig
-from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler
+from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler, json_schema_grammar
 from llmos.engine.histograms import LatencyHistograms
 from llmos.engine.kv_cache import KVCache
 from llmos.engine.metrics import EngineMetrics
@@ -127,8 +127,10 @@ class LLMEngine:
             params.max_tokens = self.max_model_len - len(ids)
         req = _Request(request_id, text, ids, params, arrival=time.perf_counter())
         seq = self._new_sequence(req, 0, list(ids), priority)
-        if params.grammar is not None:
-            seq.matcher = self._grammars().matcher(params.grammar)
+        schema = params.json_schema
+        grammar = json_schema_grammar(schema) if schema is not None else params.grammar
+        if grammar is not None:
+            seq.matcher = self._grammars().matcher(grammar)
         req.seqs.append(seq)
         self.requests[request_id] = req
         self.scheduler.add(seq)

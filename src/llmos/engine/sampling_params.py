@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily (dividing by it would overflow)
 
@@ -30,7 +31,8 @@ class SamplingParams:
     logprobs: int | None = None  # also return this many top logprobs per token
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (benchmarks); stop strings then never match
-    grammar: str | None = None  # an llguidance grammar (see guided.json_schema_grammar)
+    grammar: str | None = None  # an llguidance grammar (Lark syntax) the output must match
+    json_schema: dict[str, Any] | None = None  # or a JSON schema the output must satisfy
     min_p: float = 0.0  # drop tokens below min_p times the most likely token's probability
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
@@ -68,6 +70,8 @@ class SamplingParams:
              f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"),
             (all(-100 <= v <= 100 for v in self.logit_bias.values()),
              "logit_bias values must be in [-100, 100]"),
+            (self.grammar is None or self.json_schema is None, "give a grammar or a json_schema, not both"),
+            (self.json_schema is None or isinstance(self.json_schema, dict), "json_schema must be an object"),
         ]
         for ok, message in checks:
             if not ok:

@@ -77,13 +77,12 @@ class EngineBackend:
         """Run one LLM call; with a `context` key, the KV it leaves is retained under that key
         and a call whose prompt extends it reuses it."""
         from llmos.engine import SamplingParams
-        from llmos.engine.guided import json_schema_grammar
 
         raw = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
         ids = prompt if raw else self.tokenizer.encode_chat(prompt)
-        grammar = json_schema_grammar(dict(params.json_schema)) if params.json_schema else None
+        schema = dict(params.json_schema) if params.json_schema else None
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                            stop=params.stop or [], seed=params.seed, grammar=grammar,
+                            stop=params.stop or [], seed=params.seed, json_schema=schema,
                             ignore_eos=params.ignore_eos)
 
         def added(request_id: str) -> None:  # on the engine thread

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from llmos.engine import SamplingParams
-from llmos.engine.guided import json_schema_grammar
 from llmos.kernel.api import ChatResult
 from llmos.kernel.backend import GenerationParams, OnSwitch, Prompt
 from llmos.kernel.sched import AgentScheduler, LLMCall
@@ -51,9 +50,9 @@ class ReplicaBackend:
         """Wait for the scheduler to admit the call, then run it where the router places it."""
         raw = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
         ids = prompt if raw else self.tokenizer.encode_chat(prompt)
-        grammar = json_schema_grammar(dict(params.json_schema)) if params.json_schema else None
+        schema = dict(params.json_schema) if params.json_schema else None
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
-                            stop=params.stop or [], seed=params.seed, grammar=grammar,
+                            stop=params.stop or [], seed=params.seed, json_schema=schema,
                             ignore_eos=params.ignore_eos)
         event = self._admitted[call.call_id] = asyncio.Event()
         self.sched.submit(call)

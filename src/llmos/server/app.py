@@ -28,7 +28,6 @@ from llmos import __version__
 from llmos.engine import AsyncLLM, InvalidRequestError, RequestOutput, SamplingParams
 from llmos.engine.async_engine import EngineDeadError
 from llmos.engine.engine import RequestFailedError
-from llmos.engine.guided import json_schema_grammar
 from llmos.models.config import ModelError
 from llmos.server import auth, dashboard, guidance, kernel_api, messages, metrics
 from llmos.server.embeddings import EMBEDDING_MODEL
@@ -234,7 +233,7 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
         limit = req.max_completion_tokens or req.max_tokens
         top = (req.top_logprobs or 0) if req.logprobs else None
         params = _params(req, limit, top)
-        params.grammar = json_schema_grammar(schema) if schema is not None else None
+        params.json_schema = schema
         shape = _Shape(llm, "chat.completion", model_name, params.n, tools, req.parallel_tool_calls)
         return await _respond(llm, request, req, [ids], params, shape)
 

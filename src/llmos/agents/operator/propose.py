@@ -75,10 +75,9 @@ class LLMProposer:
 def engine_chat(llm: Any, max_tokens: int = 96) -> Chat:
     """A Chat on an embedded `llmos.LLM`, greedy, under the schema's grammar (runs in a thread)."""
     from llmos.engine import SamplingParams
-    from llmos.engine.guided import json_schema_grammar
 
     async def chat(messages: list[dict[str, Any]], schema: dict[str, Any]) -> str:
-        params = SamplingParams(max_tokens=max_tokens, temperature=0, grammar=json_schema_grammar(schema))
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, json_schema=schema)
         out = await asyncio.to_thread(llm.chat, [messages], params)
         return out[0].outputs[0].text
 
