@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -14,6 +15,15 @@ from tests.server.test_service import Served
 
 CHROMIUM = Path("/usr/bin/chromium")
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+NOTES = [  # two messages that overflow a 640-token window between them
+    "My notes for today: a process is a program in execution, with its own address space, registers and "
+    "open files. The scheduler decides which process runs next; round robin gives each a quantum in turn. "
+    "Paging splits memory into fixed-size pages so that a process needs no contiguous memory. Please keep "
+    "these notes for me.",
+    "More notes: virtual memory lets a process use more memory than the machine has, by keeping some pages "
+    "on disk and bringing them back on a page fault. A context switch saves one process's registers and "
+    "loads another's. Thrashing is when the system spends its time paging instead of working. Thanks!",
+]
 
 
 @pytest.fixture
@@ -167,12 +177,14 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
             assert "not running" in page.locator("#operator-summary").inner_text()
             assert page.locator("#queue-now").inner_text() == "–"
 
-            # an API agent's message: its context appears, and changes while the message runs
+            # an API agent's messages on a small window: its context appears, changes while a message
+            # runs, and pages out (the oldest messages evicted to recall storage and summarized)
             human = {"label": "human", "value": "The user is learning how operating systems work."}
-            agent = http.post("/v1/agents", json={"name": "notes", "context_window_limit": 1024,
+            agent = http.post("/v1/agents", json={"name": "notes", "context_window_limit": 640,
                                                   "memory_blocks": [human]}).json()
-            run = http.post(f"/v1/agents/{agent['id']}/messages/async", json={
-                "messages": [{"role": "user", "content": "Hello! What do you remember about me?"}]}).json()
+            for text in NOTES:
+                run = http.post(f"/v1/agents/{agent['id']}/messages/async", json={
+                    "messages": [{"role": "user", "content": text}]}).json()
             context = f'#contexts .context[data-agent="{agent["id"]}"]'
             page.wait_for_selector(f"{context} .pill.running", timeout=60000)
             before = page.get_attribute(context, "data-queue"), page.get_attribute(context, "data-tokens")
@@ -183,6 +195,10 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
                 f"(e => e && (e.dataset.queue !== {before[0]!r} || e.dataset.tokens !== {before[1]!r}))"
                 f"(document.querySelector('{context}'))", timeout=120000)
             assert int(page.get_attribute(context, "data-tokens")) > 0
+            page.wait_for_function(f"Number(document.querySelector('{context}').dataset.evictions) > 0",
+                                   timeout=180000)
+            summary = page.locator(f"{context} .summary").inner_text()
+            assert summary.startswith("summary ") and "none yet" not in summary  # the model's own summary
 
             # an agent near its token quota; three talkers, two at a time (round robin) on the same
             # prompt, so its blocks are shared
@@ -218,11 +234,12 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
             with served.client(users.add("someone")[1]) as someone:  # not an admin: none of it is theirs
                 theirs = someone.get("/v1/dashboard/snapshot").json()
             assert (theirs["processes"], theirs["contexts"], theirs["operator"]) == ([], [], None)
-            # each agent's allowed-then-done calculator call is one folded row; the operator's polls too
+            # every agent's calculator call is listed; the operator's run of polls is folded into one row
             calls = page.eval_on_selector_all("#audit tbody tr", "rs => rs.map(r => r.cells[2].textContent + "
                                               "' ' + r.cells[3].textContent + ' ' + r.cells[4].textContent)")
             for name in ("greedy", "talker-0", "talker-1", "talker-2"):
-                assert f"{name} calculator ×2 allow, done" in calls
+                assert any(c.startswith(f"{name} calculator") for c in calls), calls
+            assert any(re.fullmatch(r"operator kernel\.stats ×\d+ allow, done", c) for c in calls), calls
             chain_ok = "document.querySelector('#chain').textContent.startsWith('audit chain: ok')"
             page.wait_for_function(chain_ok, timeout=30000)
             page.wait_for_function("Number(document.querySelector('#tok-now').textContent) > 0 && "
@@ -241,6 +258,9 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
                 timeout=60000)
             assert page.locator("#blockmap .cell.cached").count() > 0  # the prompt's blocks stay cached
             assert page.locator(f"{context} .pill").inner_text() == "idle"  # its context stays listed
+            assert http.delete(f"/v1/agents/{agent['id']}").status_code == 200  # until the agent is gone
+            page.wait_for_selector("#contexts p.empty", timeout=30000)
+            assert page.locator("#contexts .context").count() == 0
         finally:
             browser.close()
             http.close()

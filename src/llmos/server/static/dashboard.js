@@ -203,8 +203,13 @@ function drawSeries(s) {
 }
 
 // One agent's main context: a bar of its prompt's tokens against the window, then its memory.
+const NO_CONTEXTS = '<p class="empty">no context to show yet: an API agent (POST /v1/agents) appears here once it runs</p>';
+
 function drawContexts(rows) {
-  if (!rows.length) return;
+  if (!rows.length) {
+    $("contexts").innerHTML = NO_CONTEXTS;
+    return;
+  }
   $("contexts").innerHTML = rows.map((c) => {
     const pct = (n) => (100 * n / c.window).toFixed(2) + "%";
     const bar = `<div class="occupancy" title="${c.tokens} of ${c.budget} prompt tokens (window ${c.window}, ${c.reply_tokens} kept for the reply)">` +
@@ -216,7 +221,9 @@ function drawContexts(rows) {
     return `<div class="context" data-agent="${esc(c.agent_id)}" data-queue="${c.queue}" data-tokens="${c.tokens}" data-evictions="${c.evictions}">` +
       `<div class="context-head"><b>${esc(c.name)}</b> <small>${esc(c.agent_id)}</small> ` +
       `<span class="pill ${c.pid != null ? "running" : ""}">${c.pid != null ? "running, pid " + c.pid : "idle"}</span> ` +
-      `<span class="occ">${c.tokens} / ${c.budget} tokens (${(100 * c.tokens / c.budget).toFixed(0)}% of the prompt budget)</span></div>` +
+      `<span class="occ${c.tokens > c.budget ? " over" : ""}">${c.tokens} / ${c.budget} tokens ` +
+      `(${(100 * c.tokens / c.budget).toFixed(0)}% of the prompt budget` +
+      `${c.tokens > c.budget ? "; over it: the next step flushes the queue first" : ""})</span></div>` +
       bar +
       `<div class="counters"><span>queue <b class="queue-len">${c.queue}</b> messages</span>` +
       `<span>recall storage <b>${c.messages}</b> messages</span><span>archival <b>${c.passages}</b> passages</span>` +
@@ -250,15 +257,17 @@ function timeline(canvas, samples, names) {
   g.clearRect(0, 0, w, h);
   const pids = [...new Set(samples.flat())].sort((a, b) => a - b).slice(0, 8);
   const row = h / Math.max(1, pids.length);
+  const gutter = 170; // the labels' column; the bars fill the rest
+  const span = w - gutter;
   g.font = "10px system-ui";
   pids.forEach((pid, r) => {
     const label = names[pid] ? `${names[pid]} (pid ${pid})` : `pid ${pid}`;
     g.fillStyle = colour(pid);
     samples.forEach((running, i) => {
-      if (running.includes(pid)) g.fillRect((i / HISTORY) * w, r * row + 2, w / HISTORY + 0.5, row - 4);
+      if (running.includes(pid)) g.fillRect(gutter + (i / HISTORY) * span, r * row + 2, span / HISTORY + 0.5, row - 4);
     });
     g.fillStyle = "#1d2330";
-    g.fillText(label, 2, r * row + row / 2 + 3);
+    g.fillText(label, 2, r * row + row / 2 + 3, gutter - 6);
   });
 }
 
