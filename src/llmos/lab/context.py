@@ -161,7 +161,7 @@ def _observe(ctx: Any, steps: list[dict[str, Any]], where: dict[str, int]) -> No
 def plot(data: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     steps = data["steps"]
-    fig, (ax, text_ax) = plt.subplots(2, 1, figsize=(16, 9), height_ratios=[2.2, 1])
+    fig, (ax, text_ax) = plt.subplots(2, 1, figsize=(16, 8.5), height_ratios=[2.8, 1])
     x = [s["step"] for s in steps]
     ax.plot(x, [s["queue_tokens"] for s in steps], "o--", color="#9e9e9e",
             label="main context before the step's maintenance (tokens)")
@@ -181,9 +181,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
             ax.plot(s["step"], s["queue_tokens"], marker="^", markersize=12, color="#ef6c00", ls="none")
         if s["flushes"]:
             ax.axvline(s["step"], color="#c62828", alpha=0.25, lw=6)
-            ax.annotate(f"flush: {s['evicted']} messages\nto recall storage", (s["step"], s["prompt_tokens"]),
-                        (s["step"] + 0.15, s["prompt_tokens"] - 70), fontsize=7, color="#c62828",
-                        arrowprops={"arrowstyle": "->", "color": "#c62828"})
+            ax.text(s["step"], 60, f"flush\n{s['evicted']} out", fontsize=7, color="#c62828", ha="center")
     recall = data["recall"]
     if recall["step"] is not None:
         s = steps[recall["step"]]
@@ -196,7 +194,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
         ax.text(first, -35, "fact" if t == 0 else "Q" if t == turns[-1] else str(t), fontsize=7, ha="center",
                 color="#555")
     ax.plot([], [], marker="^", color="#ef6c00", ls="none", label="memory-pressure warning to the agent")
-    ax.set_ylim(-50, data["window"] * 1.12)
+    ax.plot([], [], color="#c62828", alpha=0.25, lw=6,
+            label="flush: messages evicted to recall storage,\nfolded into the summary by an LLM call")
+    ax.set_ylim(-50, max([data["window"]] + [s["queue_tokens"] for s in steps]) * 1.08)
     ax.set_xlabel("agent step (one LLM call of the agent; labels below: the user turn it belongs to)")
     ax.set_ylabel("tokens")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -210,8 +210,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
              f"question (last turn): {data['question']}  ->  conversation_search({recall['query']!r}) "
              f"{'found the evicted fact' if recall['hit'] else 'did not find the fact'}; "
              f"reply: {(data['reply'] or '')[:90]!r}"]
+    shown = summaries if len(summaries) <= 3 else summaries[:1] + summaries[-2:]  # the first and the last
     lines += [f"summary after the flush at step {s['step']} (the model's own words): "
-              f"{' / '.join(s['summary'].split(chr(10)))[:200]}" for s in summaries[-3:]]
+              f"{' / '.join(s['summary'].split(chr(10)))[:200]}" for s in shown]
     wrapped = [w for line in lines for w in textwrap.wrap(line, 150, subsequent_indent="    ")]
     text_ax.text(0, 1, "\n".join(wrapped), fontsize=8, va="top", family="monospace")
     fig.tight_layout()
