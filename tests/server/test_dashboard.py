@@ -191,6 +191,8 @@ def test_dashboard_in_a_real_browser(served, tmp_path, monkeypatch):
             assert "notes" in page.locator(context).inner_text()
             assert "learning how operating systems work" in page.locator(f"{context} .core").inner_text()
             assert f"notes ({agent['id'][:14]}…)" in page.locator("#procs").inner_text()  # its process
+            page.wait_for_function("[...document.querySelectorAll('#blockmap .cell.used')]"  # its KV blocks
+                                   ".some(c => / notes \\(pid \\d+\\)$/.test(c.title))", timeout=60000)
             page.wait_for_function(
                 f"(e => e && (e.dataset.queue !== {before[0]!r} || e.dataset.tokens !== {before[1]!r}))"
                 f"(document.querySelector('{context}'))", timeout=120000)

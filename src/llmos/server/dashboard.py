@@ -125,8 +125,9 @@ class Snapshotter:
         else:
             visible = set()
         if "engine" in out:
-            _name_holders(out["engine"], out.get("processes", []), visible, self.user,
-                          self.app.state.dashboard_owners)
+            agents = {c["agent_id"]: c["name"] for c in out.get("contexts", [])}  # API agents: their names
+            names = {p["pid"]: agents.get(p["name"], p["name"]) for p in out.get("processes", [])}
+            _name_holders(out["engine"], names, visible, self.user, self.app.state.dashboard_owners)
         return out
 
     def _calls(self) -> dict[str, Any] | None:
@@ -239,11 +240,10 @@ def _engine_view(engine: Any, calls: dict[str, Any] | None) -> dict[str, Any]:
             "histograms": engine.histograms.snapshot()}
 
 
-def _name_holders(view: dict[str, Any], processes: list[dict[str, Any]], visible: set[int],
-                  user: User, owners: RequestOwners) -> None:
-    """Label each holder with its agent, or the user of its API request, or "other" where the viewer
-    may not see whose it is."""
-    names = {p["pid"]: p["name"] for p in processes}
+def _name_holders(view: dict[str, Any], names: dict[int, str], visible: set[int], user: User,
+                  owners: RequestOwners) -> None:
+    """Label each holder with its agent (`names`: pid -> name), or the user of its API request, or
+    "other" where the viewer may not see whose it is."""
     for h in view["holders"]:
         sender = owners.of(h["request_id"]) if h["pid"] is None else None
         if h["pid"] is not None and h["pid"] in visible:
