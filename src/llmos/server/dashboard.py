@@ -94,7 +94,8 @@ async def events(request: Request, user: CurrentUser, interval: float = 0.5) -> 
 
 
 class Snapshotter:
-    """Takes successive snapshots for one viewer; keeps what rates are computed from."""
+    """Takes successive snapshots for one viewer; keeps the audit chain's last verdict and the token
+    counts of the contexts it drew between them (the rates are the server's, in `Throughput`)."""
 
     def __init__(self, app: Any, user: User) -> None:
         self.app = app
