@@ -40,14 +40,14 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)  # written by block_manager.py only
     block_hashes: list[int] = field(default_factory=list)  # prefix-cache hash per full block
     num_cached_blocks: int = 0  # leading blocks already registered in the prefix cache
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0  # tokens the prefix cache served at the latest admission
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
-    # Incremental detokenization state (see engine.detokenize).
+    # Incremental detokenization and stop-string state (see output_processor.py).
     output_text: str = ""
     read_offset: int = 0
     prefix_offset: int = 0
