@@ -79,8 +79,8 @@ def run(size: str, loaded: Any) -> dict[str, Any]:
         out = asyncio.run(go())
         store = open_store(Path(home))
         row = store.agent(AGENT)
-        fact_evicted = store.query("SELECT count(*) FROM messages WHERE agent = ? AND role = 'user' AND "
-                                   "content = ? AND in_context = 0", (AGENT, trial["fact"]))[0][0] > 0
+        fact_rows = store.query("SELECT in_context FROM messages WHERE agent = ? AND role = 'user' AND "
+                                "content = ?", (AGENT, trial["fact"]))
         stored = store.query("SELECT count(*) FROM messages WHERE agent = ?", (AGENT,))[0][0]
         store.close()
     budget = p["window"] - REPLY_TOKENS
@@ -94,7 +94,8 @@ def run(size: str, loaded: Any) -> dict[str, Any]:
             "largest_prompt_plus_reply": row["largest_prompt"] + REPLY_TOKENS, "overflows": row["overflows"],
             "evictions": row["evictions"], "summaries": row["summaries"], "messages_stored": stored,
             "fact_evicted_before_question": out["fact_evicted_before_question"],
-            "fact_in_recall_at_end": fact_evicted,
+            "fact_in_recall_storage": len(fact_rows) == 1,
+            "fact_in_context_at_end": bool(fact_rows and fact_rows[0][0]),
             "recall": out["recall"], "reply": reply,
             "reply_has_answer": all(v.lower() in reply.lower() for v in trial["answer"])}
 
