@@ -575,3 +575,22 @@ def test_a_context_expires_after_its_ttl_unless_a_queued_request_claims_it() -> 
     assert sched.retained.contexts["a"].on_host and sched.retained.stats.expired == 1  # off the device
     assert not sched.retained.contexts["b"].on_host
     assert sched.blocks.num_used_blocks == 2  # a's blocks are free (still in the prefix cache)
+
+
+def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_never_evicts_them() -> None:
+    sched = make_scheduler(num_blocks=6, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.swap_out("a")
+    sim.step()  # the context is on the host; its device copies wait in the prefix cache
+    z = make_seq(17, max_tokens=3)  # takes every free block and evicts the context's second one
+    sim.add(z)
+    sim.step()
+    assert list(sched.blocks._evictor) == [0] and not sched.blocks._free  # block 0: a's first, idle
+    d = make_seq(a.token_ids + [7000, 7001, 7002], max_tokens=1)
+    sched.retained.claims[d.request_id] = "a"
+    sim.add(d)
+    out = sim.step()  # bringing block 1 back needs one block, and pinning block 0 takes the other
+    assert out.swap_in == [] and d not in out.scheduled and sched.retained.contexts == {}
+    sim.run()  # recomputed after z ends, with the first block still a prefix hit
+    assert d.is_finished and d.num_cached_tokens == 4 and sched.blocks.num_used_blocks == 0

@@ -198,22 +198,23 @@ class RetainedContexts:
         ctx = self.contexts.get(key) if key is not None else None
         if ctx is None or not ctx.on_host:
             return []
-        bm, pairs, table = self.blocks, [], []
-        missing = [i for i, h in enumerate(ctx.hashes)
-                   if bm._block_key.get(bm._cached.get(h, -1)) != ctx.block_keys[i]]
-        if len(missing) > bm.num_free_blocks:
+        bm = self.blocks
+        hits = {i: bm._cached[h] for i, h in enumerate(ctx.hashes)
+                if bm._block_key.get(bm._cached.get(h, -1)) == ctx.block_keys[i]}
+        missing = [i for i in range(len(ctx.hashes)) if i not in hits]
+        # Hits still in the prefix cache's free list leave it when pinned, like fresh blocks.
+        idle_hits = sum(1 for b in hits.values() if bm.ref_counts[b] == 0)
+        if len(missing) + idle_hits > bm.num_free_blocks:
             self.release(ctx.key)  # no room: the tokens are recomputed
             return []
-        for i, h in enumerate(ctx.hashes):
-            if missing and i == missing[0]:
-                missing.pop(0)
-                [block] = bm.allocate_blocks(1)
-                bm.adopt(block, h, ctx.block_keys[i])
-                pairs.append((ctx.blocks[i], block))
-            else:
-                block = bm._cached[h]
-                bm.pin([block])
-            table.append(block)
+        bm.pin(list(hits.values()))  # first, so that allocating the missing blocks cannot evict them
+        fresh = bm.allocate_blocks(len(missing))
+        pairs = []
+        for i, block in zip(missing, fresh, strict=True):
+            bm.adopt(block, ctx.hashes[i], ctx.block_keys[i])
+            pairs.append((ctx.blocks[i], block))
+        placed = dict(zip(missing, fresh, strict=True))
+        table = [hits[i] if i in hits else placed[i] for i in range(len(ctx.hashes))]
         self._host_to_free += ctx.blocks
         ctx.blocks, ctx.on_host = table, False  # pinned on the device until the admission
         self.stats.swapped_in_blocks += len(pairs)
