@@ -168,7 +168,8 @@ def where_next() -> None:
                   "(OpenAI API at /v1, agents API, kernel API; `llmos top` watches it)")
     if importlib.util.find_spec("llmos.server.dashboard") is not None:
         console.print("  [bold]http://127.0.0.1:8000/dashboard[/]  while it serves: the KV block map, "
-                      "agents, the scheduler timeline and monitor decisions, live")
+                      "agents and their context windows, the scheduler timeline, latency, monitor "
+                      "decisions and the operator, live")
     if "lab" in commands:
         console.print("  [bold]llmos lab paging[/]  a figure drawn from live measurements "
                       "(`llmos lab --help` lists the labs)")
