@@ -577,7 +577,7 @@ def test_a_context_expires_after_its_ttl_unless_a_queued_request_claims_it() -> 
     assert sched.blocks.num_used_blocks == 2  # a's blocks are free (still in the prefix cache)
 
 
-def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_never_evicts_them() -> None:
+def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_waits_for_memory() -> None:
     sched = make_scheduler(num_blocks=6, swap_blocks=8)
     sim = Sim(sched)
     a = finished_context(sim, "a")
@@ -591,6 +591,24 @@ def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_never_evicts_them()
     sched.retained.claims[d.request_id] = "a"
     sim.add(d)
     out = sim.step()  # bringing block 1 back needs one block, and pinning block 0 takes the other
-    assert out.swap_in == [] and d not in out.scheduled and sched.retained.contexts == {}
-    sim.run()  # recomputed after z ends, with the first block still a prefix hit
-    assert d.is_finished and d.num_cached_tokens == 4 and sched.blocks.num_used_blocks == 0
+    assert out.swap_in == [] and d not in out.scheduled and sched.retained.contexts["a"].on_host
+    while d not in out.scheduled:  # it waits for z to end rather than recompute its context
+        out = sim.step()
+    assert len(out.swap_in) == 1 and out.scheduled[d] == 4 and d.num_cached_tokens == 8
+    sim.run()
+    assert d.is_finished and sched.blocks.num_used_blocks == 0 and sched.retained.contexts == {}
+
+
+def test_a_swap_in_with_no_room_and_nothing_running_recomputes() -> None:
+    sched = make_scheduler(num_blocks=3, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.swap_out("a")
+    sim.step()
+    sched.blocks.reset_prefix_cache()
+    sched.blocks.capacity = 1  # the operator shrank the KV: the context's 2 blocks cannot come back
+    d = make_seq(a.token_ids[:3], max_tokens=1)
+    sched.retained.claims[d.request_id] = "a"
+    sim.add(d)
+    out = sim.step()
+    assert out.swap_in == [] and out.scheduled == {d: 3} and sched.retained.contexts == {}

@@ -191,9 +191,11 @@ class RetainedContexts:
             swap_out += self._to_host(key, HOST_TTL) or []
         return True
 
-    def prepare(self, seq: Sequence) -> list[tuple[int, int]]:
+    def prepare(self, seq: Sequence, can_wait: bool = False) -> list[tuple[int, int]] | None:
         """Before a claiming sequence is matched against the prefix cache: bring its context's
-        evicted blocks back from host memory. Returns (host, device) pairs to copy this step."""
+        evicted blocks back from host memory. Returns (host, device) pairs to copy this step; with
+        no room for them, None when the caller `can_wait` for memory (running sequences will free
+        some: cheaper than recomputing the context), else the context is released."""
         key = self.claims.get(seq.request_id)
         ctx = self.contexts.get(key) if key is not None else None
         if ctx is None or not ctx.on_host:
@@ -205,7 +207,9 @@ class RetainedContexts:
         # Hits still in the prefix cache's free list leave it when pinned, like fresh blocks.
         idle_hits = sum(1 for b in hits.values() if bm.ref_counts[b] == 0)
         if len(missing) + idle_hits > bm.num_free_blocks:
-            self.release(ctx.key)  # no room: the tokens are recomputed
+            if can_wait:
+                return None
+            self.release(ctx.key)  # no room, and none will come: the tokens are recomputed
             return []
         bm.pin(list(hits.values()))  # first, so that allocating the missing blocks cannot evict them
         fresh = bm.allocate_blocks(len(missing))

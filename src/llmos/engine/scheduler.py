@@ -142,7 +142,12 @@ class Scheduler:
         self.waiting.sort(key=Sequence.sort_key)
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            out.swap_in += self.retained.prepare(seq)
+            pairs = self.retained.prepare(seq, can_wait=bool(self.running))
+            if pairs is None:  # its retained context cannot come back yet: memory first
+                if self._reclaim_paused(out):
+                    continue
+                break
+            out.swap_in += pairs
             hits = self.blocks.match_prefix(seq)
             n = min(len(seq) - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_allocate(seq, n, hits):
