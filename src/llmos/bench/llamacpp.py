@@ -234,7 +234,8 @@ def run_single_stream(console: Console, model: Path, config: ModelConfig, quick:
 
     prompt_len, gen_len = (128, 64) if quick else (512, 256)
     engine = EngineConfig(**engine_kwargs)
-    budget = single_stream.one_request_kv_budget(config, prompt_len + gen_len, engine.block_size,
+    # the first token comes with the prompt, then gen_len decode steps: prompt_len + gen_len + 1 tokens
+    budget = single_stream.one_request_kv_budget(config, prompt_len + gen_len + 1, engine.block_size,
                                                  engine.torch_dtype.itemsize)
     rows: list[dict[str, Any]] = []
     with console.status("one stream: llmos ..."):
@@ -282,8 +283,8 @@ def run_served_workload(console: Console, model: Path, config: ModelConfig, requ
                        run_server_workload(find_llamacpp(), model, requests, slots, threads,
                                            task("llama-server")))
     ours, theirs = results
-    table = Table(title=f"workload C through the HTTP server: {len(requests)} requests at once, "
-                        f"KV of {kv_tokens} tokens each")
+    table = Table(title=f"workload C through the HTTP server: {len(requests)} requests at once; KV for "
+                        f"{kv_tokens} tokens in both ({slots} slots of the longest request)")
     for col in ("system", "requested tok/s", "wall s", "peak RSS MiB", "llmos vs it"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in results:
