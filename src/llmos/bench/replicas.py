@@ -44,7 +44,7 @@ class Workload:
     question_tokens: int = 24
     answer_tokens: int = 16
     concurrency: int = 6  # turns in flight at once
-    think_s: float = 0.5  # mean pause before each turn (exponential; the same pauses under every router)
+    think_s: float = 0.5  # mean pause before each turn (exponential, the same under every router; 0: none)
     seed: int = 0
 
     @classmethod
@@ -77,7 +77,8 @@ async def _run(pool: Any, w: Workload) -> dict[str, Any]:
         history, pauses = list(systems[c]), random.Random(w.seed * 1000 + c)
         for t in range(w.turns):
             prompt = history + questions[c][t]
-            await asyncio.sleep(pauses.expovariate(1 / w.think_s))
+            if w.think_s:
+                await asyncio.sleep(pauses.expovariate(1 / w.think_s))
             async with gate:
                 start, first, last = time.perf_counter(), None, None
                 async for out in pool.generate(prompt, params, f"c{c}-t{t}", session=f"conversation-{c}"):
@@ -103,7 +104,7 @@ async def _run(pool: Any, w: Workload) -> dict[str, Any]:
 
 def run_replicas_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
                        replicas: int = 2, json_path: str | None = None, ray_address: str | None = None,
-                       kv_share: float = 0.6) -> dict[str, Any]:
+                       kv_share: float = 0.6, think_s: float | None = None) -> dict[str, Any]:
     """Run the workload under each router on one pool of `replicas`; `kv_share`: the part of all the
     conversations' prefixes one replica's KV holds."""
     import torch
@@ -114,6 +115,8 @@ def run_replicas_bench(console: Console, quick: bool = False, model: str = "smol
     from llmos.replicas import ReplicaPool
 
     w = Workload.quick() if quick else Workload()
+    if think_s is not None:
+        w.think_s = think_s
     engine = EngineConfig()
     block_size = engine.block_size
     per_token = KVCache.block_bytes(load_model(model).config, block_size, engine.torch_dtype) // block_size

@@ -15,6 +15,8 @@ def bench_replicas(
     model: Annotated[str, typer.Option(help="Embedded model.")] = "smollm2-135m-instruct",
     ray_address: Annotated[str | None, typer.Option(help="A Ray cluster to run on (default: a local Ray).")]
     = None,
+    think_s: Annotated[float | None, typer.Option(help="Mean pause before each turn, s (default 0.5; 0: turns "
+                                                   "follow each other at once).")] = None,
     output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
 ) -> None:
     """Conversations with long system prompts, turns interleaved, routed round-robin, least-loaded and
@@ -25,7 +27,7 @@ def bench_replicas(
     from llmos.bench.replicas import run_replicas_bench
 
     run_replicas_bench(console, quick=quick, model=model, replicas=replicas, json_path=output,
-                       ray_address=ray_address)
+                       ray_address=ray_address, think_s=think_s)
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:
