@@ -15,8 +15,8 @@ def bench_replicas(
     model: Annotated[str, typer.Option(help="Embedded model.")] = "smollm2-135m-instruct",
     ray_address: Annotated[str | None, typer.Option(help="A Ray cluster to run on (default: a local Ray).")]
     = None,
-    think_s: Annotated[float | None, typer.Option(help="Mean pause before each turn, s (default 0.5; 0: turns "
-                                                   "follow each other at once).")] = None,
+    think_s: Annotated[float | None, typer.Option(help="Mean pause before each turn, s (default 0.5; "
+                                                   "0: turns follow each other at once).")] = None,
     output: Annotated[str | None, typer.Option("--json", help="Where to write the JSON results.")] = None,
 ) -> None:
     """Conversations with long system prompts, turns interleaved, routed round-robin, least-loaded and
