@@ -57,6 +57,13 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """Zeros; on the CPU from calloc'ed pages, so a large pool costs memory only once used."""
     if device.type == "cpu" and dtype == torch.float32:
         import numpy as np
+        from numpy._core.multiarray import _set_madvise_hugepage
 
-        return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+        # numpy asks for transparent huge pages on large arrays: a written slot would then make
+        # 2 MiB resident in each layer; with small pages only the slots used cost memory.
+        before = _set_madvise_hugepage(False)
+        try:
+            return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+        finally:
+            _set_madvise_hugepage(before)
     return torch.zeros(shape, dtype=dtype, device=device)

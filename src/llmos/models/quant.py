@@ -180,15 +180,18 @@ def _dense_tiles_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight) -> to
     """
     m, k = x.shape
     n = w.blocks.shape[0]
-    out_t = torch.empty(n, m)
+    out = torch.empty(m, n)
     rows = max(1, _TILE_ELEMENTS // k)
     buf = _tiles.get(min(rows, n) * k)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         tile = buf[: (r1 - r0) * k].view(r1 - r0, k)
         lib.dequant_rows(int(w.fmt), w.blocks[r0].data_ptr(), k, None, r1 - r0, tile.data_ptr())
-        torch.mm(tile, x.T, out=out_t[r0:r1])
-    return out_t.T.contiguous()
+        if r0 == 0 and r1 == n:
+            torch.mm(x, tile.T, out=out)
+        else:
+            out[:, r0:r1] = x @ tile.T
+    return out
 
 
 class QuantizedLinear(nn.Module):
