@@ -105,3 +105,35 @@ def test_a_short_chaos_run_on_real_faults(tmp_path):
     if spin["detected"]:  # on a loaded machine a busy loop may not get 80% of a core: then no rule fires
         assert spin["repaired"] and [a["kind"] for a in spin["actions"]] == ["kill_process"]
     assert all(not r["other_actions"] and not r["off_target"] for r in run["faults"])
+
+
+def test_each_trial_has_its_own_approval_queue_and_window(tmp_path):
+    """An action approved too late for its trial never runs in the next; a fault's window counts from
+    when its measurement crossed the line."""
+    from llmos.agents.operator import Grants, host_kernel
+    from llmos.agents.operator.actions import KillProcess
+    from llmos.bench.operator import Fault, _Run, _Sandbox
+
+    async def go():
+        sb = _Sandbox(tmp_path)
+        kernel = host_kernel(home=tmp_path / "home", audit_path=tmp_path / "audit.db")
+        try:
+            run = _Run(BenchConfig(), sb, FallbackPolicy(), kernel, Grants(), Observer())
+            first = await run.operator()
+            first.approvals.decide(first.approvals.submit(KillProcess(pid=4242), {}))
+            second = await run.operator()
+            return second.approvals.take_approved(), first.approvals.path != second.approvals.path
+        finally:
+            await kernel.shutdown()
+
+    leftover, distinct = asyncio.run(go())
+    assert leftover == [] and distinct
+    levels = iter([100.0, 300.0, 200.0])
+    fault = Fault("scratch_full", "fill", {}, "path:/x", 0.0, lambda: None, lambda: True,
+                  lambda: next(levels), 256.0, settle_s=1.0)
+    fault.sample()
+    assert fault.crossed is None and not fault.over_line
+    fault.sample()
+    crossed = fault.crossed
+    fault.sample()
+    assert crossed is not None and fault.crossed == crossed and fault.over_line and fault.peak == 300.0

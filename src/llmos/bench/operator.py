@@ -88,7 +88,7 @@ class BenchConfig:
     trials: int = 3  # per fault kind
     seed: int = 0
     interval_s: float = 1.0  # `llmos operator`'s default
-    window_s: float = 30.0  # a fault's time limit to be detected and recovered
+    window_s: float = 30.0  # a fault's time to be detected and repaired, from when it crossed its line
     quiet_s: float = 30.0  # the no-fault period
     warmup_s: float = 12.0  # the baselines' 10-sample warm-up, before the no-fault period
     kv_budget: str = "128MiB"  # the engine's KV pool in the kernel faults (a bound on a shared machine)
@@ -121,12 +121,15 @@ class Fault:
     line: float
     settle_s: float  # by then a fault below the line has shown all it will
     peak: float = 0.0
+    crossed: float | None = None  # when the measurement first crossed the line
 
     def sample(self) -> None:
         try:
             self.peak = max(self.peak, self.level())
         except Exception:  # noqa: BLE001 - the subject went away (killed, exited): nothing to measure
-            pass
+            return
+        if self.crossed is None and self.peak > self.line:
+            self.crossed = time.monotonic()
 
     @property
     def over_line(self) -> bool:
@@ -285,27 +288,31 @@ def _observation(obs: Any) -> dict[str, Any]:
 class _Run:
     """One proposer's run: the operator's process, observer and detector persist (a long-running
     operator that has learned the sandbox); each fault trial gets fresh guardrails, as if faults came a
-    rate-limit window apart."""
+    rate-limit window apart, and its own approval queue (an action approved too late for its trial never
+    runs in the next one)."""
 
     def __init__(self, cfg: BenchConfig, sb: _Sandbox, proposer: Any, kernel: Any, grants: Grants,
                  observer: Observer) -> None:
         self.cfg, self.sb, self.proposer, self.kernel, self.grants = cfg, sb, proposer, kernel, grants
         self.observer = observer
         self.detector = Detector()
-        self.approvals = ApprovalQueue(sb.root / f"approvals-{id(self)}.db")
         self.actuator: Actuator | None = None
+        self._queues = 0
 
     async def operator(self) -> Operator:
         if self.actuator is None:
             self.actuator = Actuator(await operator_process(self.kernel, self.grants), self.grants)
+        self._queues += 1
+        approvals = ApprovalQueue(self.sb.root / f"approvals-{id(self)}-{self._queues}.db")
         return Operator(self.observer, self.proposer, self.actuator, Guardrails(Limits()),
-                        detector=self.detector, approvals=self.approvals)
+                        detector=self.detector, approvals=approvals)
 
     async def drive(self, op: Operator, seconds: float, fault: Fault | None = None,
                     until: Callable[[], bool] | None = None) -> None:
-        """Tick `op` for `seconds` (or until `until()`), approving what it queues, as a human would."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+        """Tick `op` for `seconds` (or until `until()`), approving what it queues, as a human would; with a
+        `fault`, the seconds count from when it crossed its line (a slow fault gets the whole window)."""
+        start = time.monotonic()
+        while time.monotonic() < (fault.crossed if fault is not None and fault.crossed else start) + seconds:
             started = time.monotonic()
             if fault is not None:
                 fault.sample()
