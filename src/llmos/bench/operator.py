@@ -377,6 +377,7 @@ def _summarise(fault: Fault, events: list[Any]) -> dict[str, Any]:
         "off_target": [e.action for e in acted if not _on_target(fault.subject, e.action)],
         "approvals": sum(e.step == "queued" for e in mine),
         "refused": [e.detail for e in mine if e.step == "refused"],
+        "failed": [e.detail for e in mine if e.step == "failed"],  # run, but the syscall reported an error
         "repaired": repaired,
         "time_to_repair_s": round(recovered.t - fault.started, 2) if repaired and recovered else None,
         "rolled_back": sum(e.step == "rolled_back" for e in mine),
