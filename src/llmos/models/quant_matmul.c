@@ -115,12 +115,18 @@ static inline __attribute__((always_inline)) void block_step(
     const float *xd, const float *xs, __m256 *acc, float *off) {
     const float d = load_f16(blk);
     const float mo = fmt == FMT_Q4_1 ? load_f16(blk + 2) : -8.f * d;
-    __m256i wv;
-    if (fmt == FMT_Q8_0) wv = _mm256_loadu_si256((const __m256i *)(blk + 2));
-    else wv = unpack_q4(blk + (fmt == FMT_Q4_1 ? 4 : 2));
-    const __m128i wlo = _mm256_castsi256_si128(wv), whi = _mm256_extracti128_si256(wv, 1);
-    const __m256i w0 = fmt == FMT_Q8_0 ? _mm256_cvtepi8_epi16(wlo) : _mm256_cvtepu8_epi16(wlo);
-    const __m256i w1 = fmt == FMT_Q8_0 ? _mm256_cvtepi8_epi16(whi) : _mm256_cvtepu8_epi16(whi);
+    /* The weights as 16-bit lanes, elements 0..15 in w0 and 16..31 in w1. A Q4 block's byte j
+     * holds element j (low nibble) and element j + 16 (high nibble): one widening and two
+     * ALU ops split them, instead of two cross-lane widenings. */
+    __m256i w0, w1;
+    if (fmt == FMT_Q8_0) {
+        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
+        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
+    } else {
+        const __m256i b16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + (fmt == FMT_Q4_1 ? 4 : 2))));
+        w0 = _mm256_and_si256(b16, _mm256_set1_epi16(0x0f));
+        w1 = _mm256_srli_epi16(b16, 4);
+    }
     for (int r = 0; r < R; r++) {
         const int64_t i = r * nb + b;
         const int16_t *xb = xq + r * K + b * QK;
