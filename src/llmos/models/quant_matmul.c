@@ -204,11 +204,17 @@ static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t
 }
 #endif
 
+/* Products smaller than this run on the calling thread alone. A decode step makes over a
+ * hundred small products; with a fork and join each, a second thread that the OS has
+ * descheduled (a busy machine) stalls every one of them: 2 threads were 10x slower than 1
+ * at load 3 on 2 cores. Only products as large as a vocabulary's lm_head are split. */
+#define PARALLEL_MIN_MACS (1 << 22)
+
 /* out [M, N] = x [M, K] @ w [N, K]^T, x given quantized by quantize_act_rows. */
 void quant_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int16_t *xq, const float *xd,
                   const float *xs, int64_t M, float *out) {
     const int64_t nb = K / QK, row_bytes = nb * block_bytes(fmt);
-#pragma omp parallel for schedule(static) if (N * M * K >= 65536)
+#pragma omp parallel for schedule(static) if (N * M * K >= PARALLEL_MIN_MACS)
     for (int64_t n = 0; n < N; n++) row_block(fmt, w + n * row_bytes, nb, K, M, N, xq, xd, xs, out + n);
 }
 
