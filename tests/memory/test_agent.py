@@ -248,3 +248,27 @@ def test_paging_in_task_scores_what_the_agent_did(tmp_path, count_tokens, embedd
     guess = ScriptedBackend(count_tokens, [*fact_turns, say("I don't remember.")])
     r = run_paging("scripted", tmp_path / "guess", console, trials=1, filler=12, backend=guess)
     assert [r[k] for k in scores] == [1, 0, 0, 0]
+
+
+def test_paging_in_task_counts_an_agent_that_fails_its_trial_and_goes_on(tmp_path, count_tokens, embedder):
+    """An agent that fills its core memory until main context no longer fits the window ends with an error:
+    the trial is scored as failed (with the reason) and the next trial still runs."""
+    from llmos.bench.virtual_context import paging_trials, run_paging
+
+    dense = " ".join(f"q{i}x{i * 7}z" for i in range(40))[:390]  # many tokens per character
+    fill = [{"function": "core_memory_append", "arguments": {"label": label, "content": dense,
+                                                              "request_heartbeat": True}}
+            for label in ("human", "persona")]
+    second = paging_trials(2, 12)[1]
+    good = [*[say(f"Noted ({i}).") for i in range(13)],
+            {"function": "conversation_search", "arguments": {"query": second["question"],
+                                                              "request_heartbeat": True}},
+            say(f"It is {' '.join(second['answer'])}.")]
+    # 12 more replies fill the queue; then main context must evict and cannot fit the window any more
+    backend = ScriptedBackend(count_tokens, [*fill, *[say("Noted.")] * 12, *good])
+    r = run_paging("scripted", tmp_path, Console(file=open(tmp_path / "log.txt", "w")), trials=2, filler=12,
+                   backend=backend)
+    first = r["per_trial"][0]
+    assert r["agent_errors"] == 1 and "context window of 576 tokens cannot hold" in first["error"]
+    assert not first["answered"] and not first["searched"]
+    assert [r[k] for k in ("searched", "answered")] == [1, 1] and r["trials"] == 2

@@ -430,6 +430,7 @@ def run_paging(model: str, home: Path, console: Console, trials: int = 10, fille
         try:
             for k, trial in enumerate(paging_trials(trials, filler, seed)):
                 name = f"paging-{k}"
+                error = None
                 with console.status(f"paging-in task: trial {k + 1} of {trials} ..."):
                     for batch, steps in (([trial["fact"], *trial["filler"]], 2), ([trial["question"]], 3)):
                         if steps == 3:
@@ -441,7 +442,14 @@ def run_paging(model: str, home: Path, console: Console, trials: int = 10, fille
                                                  args={"message": batch, "max_steps": steps, **settings})
                         reply = await kernel.wait(pid)
                         if kernel.process(pid).exit_reason != "exited":
-                            raise RuntimeError(f"the agent ended with {kernel.process(pid).exit_reason}")
+                            # the agent failed the trial (its own core memory edits outgrew the window, say)
+                            error = kernel.process(pid).exit_reason
+                            break
+                if error is not None:
+                    rows.append({"evicted": False, "calls": [], "search_found_fact": False, "searched": False,
+                                 "answered": False, "error": error, "question": trial["question"],
+                                 "answer": trial["answer"], "reply": None})
+                    continue
                 after = store.query("SELECT role, content, name FROM messages WHERE agent = ? AND id > ? "
                                     "ORDER BY id", (name, first))
                 calls = [json.loads(c)["function"] for r, c, fn in after if r == "assistant" and fn]
@@ -463,6 +471,7 @@ def run_paging(model: str, home: Path, console: Console, trials: int = 10, fille
             "search_found_fact": sum(r["search_found_fact"] for r in rows),
             "answered": sum(r["answered"] for r in rows),
             "answered_after_searching": sum(r["answered"] and r["searched"] for r in rows),
+            "agent_errors": sum("error" in r for r in rows),
             "calls_after_question": dict(sorted(Counter(c for r in rows for c in r["calls"]).items())),
             "per_trial": rows, "wall_s": time.perf_counter() - t0}
 
@@ -547,7 +556,7 @@ def _print(console: Console, report: dict[str, Any]) -> None:
         t.add_column("measure")
         t.add_column(f"of {p['trials']} trials", justify="right")
         for key in ("evicted_before_question", "searched", "search_found_fact", "answered",
-                    "answered_after_searching"):
+                    "answered_after_searching", "agent_errors"):
             t.add_row(key, str(p[key]))
         console.print(t)
         console.print(f"functions the agent called after the question: {p['calls_after_question']}")
