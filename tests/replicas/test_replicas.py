@@ -20,6 +20,7 @@ import openai
 import pytest
 import ray
 
+from llmos.commands.kernel import agents_view
 from llmos.engine import SamplingParams
 from llmos.replicas import ReplicaPool
 from llmos.server.system import boot
@@ -75,6 +76,18 @@ def test_requests_through_the_api_are_served_by_both_replicas(served: Served) ->
     assert 'llmos_replica_up{replica="0"} 1.0' in metrics and 'llmos_replica_up{replica="1"} 1.0' in metrics
     assert 'llmos_replica_kv_blocks_used{replica="1"}' in metrics
     assert "llmos_requests_finished_total" in metrics  # the pool's totals under the engine's names
+
+    # the dashboard and `llmos top` show each replica: its queues, KV and what the router sent it
+    snap = httpx.get(served.url + "/v1/dashboard/snapshot").json()
+    rows = snap["replicas"]["replicas"]
+    assert snap["replicas"]["router"] == "prefix" and [r["replica"] for r in rows] == [0, 1]
+    assert all(r["up"] == 1 and r["kv_blocks_total"] > 0 and r["served"] >= 1 for r in rows), rows
+    assert sum(r["routed"] for r in rows) == sum(r["served"] for r in rows)
+    status = served.run(served.system.kernel.stats())
+    lines = [ln for ln in agents_view([], status, "").renderables[-1].plain.splitlines()
+             if ln.startswith("replica ")]
+    assert [ln.split(" (")[0] for ln in lines] == ["replica 0", "replica 1"]
+    assert all("(up, pid " in ln and "routed " in ln for ln in lines), lines
 
 
 def _conversation_hits(served: Served, policy: str, system_prompt: str) -> list[int]:

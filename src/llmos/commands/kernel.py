@@ -174,6 +174,13 @@ def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title
                  f"paused {engine.get('num_paused', 0)}, swapped {engine.get('num_swapped', 0)}  |  "
                  f"KV blocks {engine.get('kv_blocks_used', 0)} used / {engine.get('kv_blocks_free', 0)} free"
                  f"  |  {engine.get('generation_tokens', 0)} tokens generated")
+    for r in engine.get("replicas", []):  # an engine pool (`llmos serve --replicas N`)
+        line += (f"\nreplica {r['replica']} ({'up' if r['up'] else 'DOWN'}, pid {r.get('pid')}): "
+                 f"batch {r.get('num_running', 0)}, waiting {r.get('num_waiting', 0)}, in flight "
+                 f"{r['in_flight']}  |  KV blocks {r.get('kv_blocks_used', 0)} / "
+                 f"{r.get('kv_blocks_total', 0)}"
+                 f"  |  routed {r['routed']}, served {r['served']}, restarts {r['restarts']}, prefix hits "
+                 f"{r.get('prefix_cache_hits', 0)} / {r.get('prefix_cache_queries', 0)}")
     if "kv_retained_contexts" in engine:
         line += (f"\nKV across tool calls: {engine['kv_retained_contexts']} contexts retained "
                  f"({engine.get('kv_retained_blocks', 0)} blocks pinned)  |  decisions: keep "

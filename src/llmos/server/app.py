@@ -137,7 +137,8 @@ def create_app(llm: AsyncLLM | None = None, model_name: str | None = None, api_k
         mcp_api.install(app)  # /v1/mcp: MCP servers' tools as pinned syscalls
         remote_api.install(app)  # /v1/remote: agent programs in other processes
     pool = hasattr(llm, "generate_final")  # a replica pool (replicas/): no one engine's block map to draw
-    dashboard.install(app, None if pool else llm)  # GET /dashboard: the live view of this OS
+    # GET /dashboard: the live view of this OS (a pool: its replicas' rows instead of a block map)
+    dashboard.install(app, None if pool else llm, llm if pool else None)
     if llm is None:
         return app
     tokenizer = llm.tokenizer

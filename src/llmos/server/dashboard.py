@@ -117,6 +117,14 @@ class Snapshotter:
             series.sample(now, out["engine"]["stats"], out["engine"].pop("histograms"))
             out["series"] = series.as_dict()
             out["engine"]["tok_s"] = series.tok_s[-1] if series.tok_s else 0.0
+        pool = self.app.state.dashboard_pool
+        if pool is not None:  # engine replicas: each one's queues, KV and routing counters
+            keep = ("replica", "up", "pid", "in_flight", "num_running", "num_waiting", "kv_blocks_used",
+                    "kv_blocks_total", "routed", "served", "restarts", "prefix_cache_hits",
+                    "prefix_cache_queries")
+            stats = await pool.stats()
+            out["replicas"] = {"router": stats["router"],
+                               "replicas": [{k: r.get(k) for k in keep} for r in stats["replicas"]]}
         if self.system is not None:
             out["processes"], visible = self._processes()
             out["kernel"] = await self._kernel()
@@ -375,9 +383,11 @@ class _TokenCounts:
         return n
 
 
-def install(app: Any, llm: Any = None) -> None:
-    """Mount the dashboard on `app`; `llm` is the AsyncLLM whose engine it shows (None: no block map)."""
+def install(app: Any, llm: Any = None, pool: Any = None) -> None:
+    """Mount the dashboard on `app`; `llm` is the AsyncLLM whose engine it shows (None: no block map),
+    `pool` a ReplicaPool whose replicas it lists instead."""
     app.state.dashboard_llm = llm
+    app.state.dashboard_pool = pool
     app.state.dashboard_owners = RequestOwners()
     app.state.dashboard_series = Throughput()
     app.include_router(router)

@@ -113,6 +113,17 @@ function drawProcs(procs, kernel, contexts) {
   }
 }
 
+// An engine pool (`llmos serve --replicas N`): each replica's queues, KV and routing counters.
+function drawReplicas(pool) {
+  $("replica-panel").hidden = false;
+  $("replica-summary").textContent = `router ${pool.router}, ${pool.replicas.filter((r) => r.up).length} of ${pool.replicas.length} up`;
+  $("replicas").tBodies[0].innerHTML = pool.replicas.map((r) =>
+    `<tr data-replica="${r.replica}"><td>${r.replica}</td><td>${r.up ? "up" : "DOWN"}</td><td>${r.pid ?? ""}</td>` +
+    `<td>${r.num_running ?? 0}</td><td>${r.num_waiting ?? 0}</td><td>${r.in_flight}</td>` +
+    `<td>${r.kv_blocks_used ?? 0} / ${r.kv_blocks_total ?? 0}</td><td>${r.routed}</td><td>${r.served}</td>` +
+    `<td>${r.restarts}</td><td>${r.prefix_cache_hits ?? 0} / ${r.prefix_cache_queries ?? 0}</td></tr>`).join("");
+}
+
 // The labels of a call's arguments, in short: which arguments carry untrusted data, and from where.
 function labels(l) {
   if (!l || typeof l !== "object") return "";
@@ -273,6 +284,7 @@ function timeline(canvas, samples, names) {
 
 function draw(snap) {
   if (snap.engine) drawKV(snap.engine);
+  if (snap.replicas) drawReplicas(snap.replicas);
   if (snap.series) drawSeries(snap.series);
   if (snap.contexts) drawContexts(snap.contexts);
   if ("operator" in snap) drawOperator(snap.operator, snap.user.admin);
