@@ -12,7 +12,11 @@ TYPED := src/llmos/db.py src/llmos/security/fs.py src/llmos/security/audit.py sr
 	src/llmos/kernel/approvals.py src/llmos/kernel/remote.py src/llmos/agents/tool_rules.py \
 	src/llmos/agents/messages.py src/llmos/tools/mcp.py src/llmos/tools/host.py src/llmos/memory/agents.py \
 	src/llmos/server/auth.py src/llmos/server/system.py src/llmos/server/kernel_api.py \
-	src/llmos/server/dashboard.py src/llmos/lab/*.py src/llmos/commands/lab.py
+	src/llmos/server/dashboard.py src/llmos/lab/*.py src/llmos/commands/lab.py \
+	src/llmos/replicas/*.py src/llmos/models/quant.py src/llmos/models/cbuild.py \
+	src/llmos/engine/output_processor.py src/llmos/engine/retained.py src/llmos/kernel/retention.py \
+	src/llmos/kernel/sched.py src/llmos/bench/llamacpp.py src/llmos/bench/replicas.py \
+	src/llmos/bench/served.py src/llmos/bench/single_stream.py src/llmos/bench/rss.py
 MYPY := $(BIN)/mypy --ignore-missing-imports --follow-imports=silent
 
 $(STAMP): pyproject.toml

@@ -79,6 +79,14 @@ def _program(name: str) -> Path | None:
     return Path(found) if found else None
 
 
+def _require_llamacpp() -> LlamaCpp:
+    """llama.cpp where `why_not` said it runs; an error if it has gone since."""
+    cpp = find_llamacpp()
+    if cpp is None:
+        raise RuntimeError(f"llama.cpp is no longer found: {INSTALL_HINT}")
+    return cpp
+
+
 def why_not(model: Path) -> str | None:
     """Why llama.cpp cannot run `model` here (not installed, not a GGUF), or None when it can."""
     if find_llamacpp() is None:
@@ -245,11 +253,11 @@ def run_single_stream(console: Console, model: Path, config: ModelConfig, quick:
     if (reason := why_not(model)) is not None:
         rows.append({"system": "llama.cpp", "skipped": reason})
     else:
-        cpp = find_llamacpp()
+        cpp = _require_llamacpp()
         with console.status("one stream: llama-bench ..."):
-            speed = run_bench(cpp, model, prompt_len, gen_len, threads)
-        rows.append({"system": "llama-bench", **asdict(speed)} if speed else
-                    {"system": "llama-bench", "skipped": speed.reason})
+            bench = run_bench(cpp, model, prompt_len, gen_len, threads)
+        rows.append({"system": "llama-bench", **asdict(bench)} if isinstance(bench, SingleStream) else
+                    {"system": "llama-bench", "skipped": bench.reason})
         with console.status("one stream: llama-server (1 slot) ..."):
             speed, rss = run_server_single_stream(cpp, model, single_stream.prompt_ids(prompt_len), gen_len,
                                                   threads)
@@ -277,18 +285,18 @@ def run_served_workload(console: Console, model: Path, config: ModelConfig, requ
             return lambda n: bar.advance(t, n)
 
         warmup = BenchRequest(requests[0].prompt_token_ids[:8], 2)
-        results.append(run_llmos_served(model, requests, budget, task("llmos serve"), warmup))
+        ours = run_llmos_served(model, requests, budget, task("llmos serve"), warmup)
+        results.append(ours)
         reason = why_not(model)
         results.append(PeerSkipped(f"llama-server ({slots} slots)", reason) if reason else
-                       run_server_workload(find_llamacpp(), model, requests, slots, threads,
+                       run_server_workload(_require_llamacpp(), model, requests, slots, threads,
                                            task("llama-server")))
-    ours, theirs = results
     table = Table(title=f"workload C through the HTTP server: {len(requests)} requests at once; KV for "
                         f"{kv_tokens} tokens in both ({slots} slots of the longest request)")
     for col in ("system", "requested tok/s", "wall s", "peak RSS MiB", "llmos vs it"):
         table.add_column(col, justify="left" if col == "system" else "right")
     for r in results:
-        if not r:
+        if isinstance(r, PeerSkipped):
             table.add_row(r.name, "-", "-", "-", "skipped")
             continue
         ratio = "-" if r is ours else f"{ours.throughput / r.throughput:.2f}x"

@@ -30,7 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from llmos.bench.engine import write_report
-from llmos.engine import SamplingParams
+from llmos.engine import RequestOutput, SamplingParams
 
 ROUTERS = ("round-robin", "least-loaded", "prefix")
 _TOKENS = (1000, 20000)  # token ids drawn from here: plain vocabulary of any model llmos runs
@@ -80,10 +80,14 @@ async def _run(pool: Any, w: Workload) -> dict[str, Any]:
             if w.think_s:
                 await asyncio.sleep(pauses.expovariate(1 / w.think_s))
             async with gate:
-                start, first, last = time.perf_counter(), None, None
+                start = time.perf_counter()
+                first: float | None = None
+                last: RequestOutput | None = None
                 async for out in pool.generate(prompt, params, f"c{c}-t{t}", session=f"conversation-{c}"):
                     first = first if first is not None else time.perf_counter()
                     last = out
+            if first is None or last is None:
+                raise RuntimeError(f"request c{c}-t{t} ended without any output")
             ttft.append(first - start)
             answer = last.outputs[0].token_ids
             generated += len(answer)

@@ -36,23 +36,26 @@ class OutputProcessor:
         stops now, or None when it goes on."""
         p = seq.params
         if p.detokenize and self.tokenizer is not None:
-            self._detokenize(seq)
+            self._detokenize(seq, self.tokenizer)
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             return ("stop", token)
         if seq.matcher is not None and seq.matcher.is_stopped():
             return ("stop", None)  # the grammar is complete
         if (hit := _find_stop_string(seq)) is not None:
             return ("stop", hit)
-        if seq.num_output_tokens >= p.max_tokens or len(seq) >= self.max_model_len:
+        # max_tokens None: up to the model's context (the engine normally resolves it on admission)
+        out_of_budget = p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens
+        if out_of_budget or len(seq) >= self.max_model_len:
             return ("length", None)
         return None
 
-    def _detokenize(self, seq: Sequence) -> None:
+    @staticmethod
+    def _detokenize(seq: Sequence, tokenizer: Tokenizer) -> None:
         """Incremental detokenization; waits while the last token ends mid-character."""
         ids = seq.output_token_ids
         skip = seq.params.skip_special_tokens
-        prefix = self.tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip)
-        full = self.tokenizer.decode(ids[seq.prefix_offset :], skip)
+        prefix = tokenizer.decode(ids[seq.prefix_offset : seq.read_offset], skip)
+        full = tokenizer.decode(ids[seq.prefix_offset :], skip)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             seq.output_text += full[len(prefix) :]
             seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)

@@ -69,9 +69,10 @@ class QuantWeight:
 
 def cat_weights(parts: list[torch.Tensor | QuantWeight]) -> torch.Tensor | QuantWeight:
     """Concatenate rows; weights of one format stay packed, a mix is dequantized first."""
-    if all(isinstance(p, QuantWeight) for p in parts) and len({p.fmt for p in parts}) == 1:
-        blocks = np.concatenate([p.blocks.numpy() for p in parts])
-        return QuantWeight(torch.from_numpy(blocks), parts[0].fmt, parts[0].cols)
+    packed = [p for p in parts if isinstance(p, QuantWeight)]
+    if len(packed) == len(parts) and len({p.fmt for p in packed}) == 1:
+        blocks = np.concatenate([p.blocks.numpy() for p in packed])
+        return QuantWeight(torch.from_numpy(blocks), packed[0].fmt, packed[0].cols)
     dense = [p.dequantize() if isinstance(p, QuantWeight) else p for p in parts]
     return torch.from_numpy(np.concatenate([p.numpy() for p in dense]))
 
@@ -126,6 +127,15 @@ def available() -> bool:
     return _library() is not None
 
 
+def _require_library() -> ctypes.CDLL:
+    """The quantized kernels; an error when they could not be built (check `available()` first)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the quantized matmul kernel is not available here (no C compiler, or "
+                           "LLMOS_NATIVE=0): packed GGML weights cannot be used; dequantize them instead")
+    return lib
+
+
 class _Scratch:
     """One growing buffer, reused by every call (calls run one at a time, in the engine's thread)."""
 
@@ -151,13 +161,13 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     q = torch.empty(m, k, dtype=torch.int16)
     d = torch.empty(m, k // BLOCK)
     s = torch.empty(m, k // BLOCK)
-    _library().quantize_act_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr())
+    _require_library().quantize_act_rows(x.data_ptr(), m, k, q.data_ptr(), d.data_ptr(), s.data_ptr())
     return q, d, s
 
 
 def quant_linear(x: torch.Tensor, w: QuantWeight) -> torch.Tensor:
     """x [M, K] fp32 @ w.T -> [M, N] fp32, reading w's blocks in place."""
-    lib = _library()
+    lib = _require_library()
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     m, k = x.shape
@@ -227,8 +237,8 @@ class QuantizedEmbedding(nn.Module):
         if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range [0, {self.num_embeddings})")
         out = torch.empty(flat.numel(), self.embedding_dim)
-        _library().dequant_rows(int(self.qweight.fmt), self.qweight.blocks.data_ptr(), self.embedding_dim,
-                                flat.data_ptr(), flat.numel(), out.data_ptr())
+        _require_library().dequant_rows(int(self.qweight.fmt), self.qweight.blocks.data_ptr(),
+                                        self.embedding_dim, flat.data_ptr(), flat.numel(), out.data_ptr())
         return out.view(*ids.shape, self.embedding_dim)
 
     def extra_repr(self) -> str:

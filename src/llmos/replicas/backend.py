@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from llmos.engine import SamplingParams
 from llmos.kernel.api import ChatResult
@@ -42,20 +42,29 @@ class ReplicaBackend:
     def attach(self, sched: AgentScheduler, on_switch: OnSwitch) -> None:
         self.sched, self._on_switch = sched, on_switch
 
+    def _attached(self) -> tuple[AgentScheduler, OnSwitch]:
+        if self.sched is None or self._on_switch is None:
+            raise RuntimeError("ReplicaBackend has no scheduler: the kernel attach()es one before any call")
+        return self.sched, self._on_switch
+
     def count_tokens(self, messages: list[dict[str, Any]]) -> int:
         return len(self.tokenizer.encode_chat(messages))
 
     async def complete(self, call: LLMCall, prompt: Prompt, params: GenerationParams,
                        on_tokens: Callable[[int], None], context: str | None = None) -> ChatResult:
         """Wait for the scheduler to admit the call, then run it where the router places it."""
-        raw = isinstance(prompt, str) or (prompt and isinstance(prompt[0], int))
-        ids = prompt if raw else self.tokenizer.encode_chat(prompt)
+        sched, _ = self._attached()
+        ids: str | list[int]
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            ids = cast("str | list[int]", prompt)  # raw text, or token ids (prompt[0] is an int)
+        else:
+            ids = self.tokenizer.encode_chat(prompt)
         schema = dict(params.json_schema) if params.json_schema else None
         sp = SamplingParams(max_tokens=params.max_tokens, temperature=params.temperature,
                             stop=params.stop or [], seed=params.seed, json_schema=schema,
                             ignore_eos=params.ignore_eos)
         event = self._admitted[call.call_id] = asyncio.Event()
-        self.sched.submit(call)
+        sched.submit(call)
         self._schedule()
         try:
             await event.wait()
@@ -63,7 +72,7 @@ class ReplicaBackend:
                                                    session=context or f"pid:{call.pid}")
         finally:
             self._admitted.pop(call.call_id, None)
-            self.sched.finish(call)
+            sched.finish(call)
             self._schedule()
         o = final.outputs[0]
         on_tokens(len(o.token_ids))
@@ -71,12 +80,13 @@ class ReplicaBackend:
         return ChatResult(o.text, o.finish_reason, len(final.prompt_token_ids), len(o.token_ids))
 
     def _schedule(self) -> None:
-        started, _ = self.sched.schedule(preemptive=False)
+        sched, on_switch = self._attached()
+        started, _ = sched.schedule(preemptive=False)
         for call in started:
             event = self._admitted.get(call.call_id)
             if event is not None:
                 event.set()
-                self._on_switch(call, True)
+                on_switch(call, True)
 
     async def run_in_scheduler(self, fn: Callable[[], Any]) -> Any:
         return fn()

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -162,16 +162,19 @@ class ReplicaPool:
         tried: list[int] = []
         while True:
             i = self._choose(hashes, session, tried)
-            last = None
+            last: RequestOutput | None = None
             try:
                 async with contextlib.aclosing(self._attempt(i, ids, params, request_id, priority, hashes,
                                                              session)) as stream:
                     async for out in stream:
                         last = out
-                return last
             except _Lost:
                 logger.warning("request %s: replica %d died; re-running it from its prompt", request_id, i)
                 tried.append(i)
+                continue
+            if last is None:
+                raise RuntimeError(f"request {request_id}: engine replica {i} ended it without any output")
+            return last
 
     def _prepare(self, prompt: str | list[int], request_id: str | None) -> tuple[list[int], list[int], str]:
         if self._closed:
@@ -187,7 +190,8 @@ class ReplicaPool:
             raise EngineDeadError(f"no engine replica can serve the request: every {what}") from None
 
     async def _attempt(self, i: int, ids: list[int], params: SamplingParams | None, request_id: str,
-                       priority: int, hashes: list[int], session: str | None) -> AsyncIterator[RequestOutput]:
+                       priority: int, hashes: list[int], session: str | None
+                       ) -> AsyncGenerator[RequestOutput, None]:
         """One try on replica i; raises `_Lost` if the replica dies, the request's own error otherwise."""
         from ray.exceptions import RayActorError, RayTaskError
 
