@@ -79,6 +79,8 @@ def run(size: str, loaded: Any) -> dict[str, Any]:
         out = asyncio.run(go())
         store = open_store(Path(home))
         row = store.agent(AGENT)
+        if row is None:
+            raise RuntimeError(f"the lab's agent {AGENT!r} left no row in its memory store")
         fact_rows = store.query("SELECT in_context FROM messages WHERE agent = ? AND role = 'user' AND "
                                 "content = ?", (AGENT, trial["fact"]))
         stored = store.query("SELECT count(*) FROM messages WHERE agent = ?", (AGENT,))[0][0]
@@ -105,9 +107,10 @@ async def _conversation(sys: Any, turns: list[str], question: str, query: str, w
     from llmos.agents import memgpt
     from llmos.agents.tool_rules import ToolRules
 
-    common = {"context_window": window, "reply_tokens": REPLY_TOKENS, "summary_tokens": SUMMARY_TOKENS,
-              "warning_fraction": WARNING_FRACTION, "flush_fraction": FLUSH_FRACTION, "max_steps": 2,
-              "tools": TOOLS, "max_string": 72, "system": SYSTEM}
+    common: dict[str, Any] = {
+        "context_window": window, "reply_tokens": REPLY_TOKENS, "summary_tokens": SUMMARY_TOKENS,
+        "warning_fraction": WARNING_FRACTION, "flush_fraction": FLUSH_FRACTION, "max_steps": 2,
+        "tools": TOOLS, "max_string": 72, "system": SYSTEM}
     from llmos.agents.messages import ToolReturnMessage
 
     steps: list[dict[str, Any]] = []

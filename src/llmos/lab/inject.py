@@ -146,12 +146,16 @@ def _graph(plan: str) -> dict[str, Any]:
     edges: list[dict[str, Any]] = []
     depth = {"constants": 0}
     for i, stmt in enumerate(ast.parse(plan).body):
-        target = stmt.targets[0].id if isinstance(stmt, ast.Assign) else None
+        if not isinstance(stmt, ast.Assign | ast.Expr):
+            raise ValueError(f"plan line {i + 1}: only assignments and calls are drawn, "
+                             f"not {ast.unparse(stmt)!r}")
+        first = stmt.targets[0] if isinstance(stmt, ast.Assign) else None
+        target = first.id if isinstance(first, ast.Name) else None
         value = stmt.value
         call = value if isinstance(value, ast.Call) and isinstance(value.func, ast.Name) else None
-        fn = call.func.id if call is not None else "expression"
+        fn = call.func.id if call is not None and isinstance(call.func, ast.Name) else "expression"
         node = target or f"{fn}#{i}"
-        parts = [(kw.arg, kw.value) for kw in call.keywords] + [("value", a) for a in call.args] \
+        parts = [(kw.arg or "**", kw.value) for kw in call.keywords] + [("value", a) for a in call.args] \
             if call is not None else [("value", value)]
         reads: dict[str, list[str]] = {}
         for arg, expr in parts:
@@ -200,6 +204,7 @@ def _draw_graph(ax: Any, data: dict[str, Any], name: str) -> None:
     calls = {c["tool"]: c for c in r["calls"]}
     boxes = {}
     for n in g["nodes"]:
+        label: dict[str, Any]
         if n["kind"] == "constants":
             label, title = {"trusted": True, "untrusted": []}, "the request's constants\n(in the plan)"
         elif n["kind"] == "value":

@@ -41,11 +41,13 @@ class _TimelineBackend(EngineBackend):
 
     def attach(self, sched: Any, on_switch: Any) -> None:
         super().attach(sched, on_switch)
-        self.t0, self.steps = time.perf_counter(), []
+        self.t0 = time.perf_counter()
+        self.steps: list[tuple[float, list[int]]] = []
 
     def _step_hook(self, engine: Any, outputs: list[Any]) -> None:
         super()._step_hook(engine, outputs)
-        self.steps.append((time.perf_counter() - self.t0, sorted({c.pid for c in self.sched.running})))
+        running = self.sched.running if self.sched is not None else []
+        self.steps.append((time.perf_counter() - self.t0, sorted({c.pid for c in running})))
 
 
 def run(size: str, loaded: Any) -> dict[str, Any]:

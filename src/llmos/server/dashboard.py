@@ -354,7 +354,7 @@ class Throughput:
         self.queue_s.append(_mean_since(histograms["queue"], last[2]["queue"]))
         return True
 
-    def as_dict(self) -> dict[str, list[Any]]:
+    def as_dict(self) -> dict[str, Any]:
         return {"t": list(self.t), "tok_s": list(self.tok_s), "ttft_s": list(self.ttft_s),
                 "queue_s": list(self.queue_s), "every_s": self.every_s, "size": self.t.maxlen}
 
