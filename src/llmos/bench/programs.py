@@ -43,7 +43,7 @@ from llmos.kernel.backend import GenerationParams, new_call_id
 
 @dataclass
 class ProgramsWorkload:
-    programs: int = 12
+    programs: int = 48
     calls: tuple[int, int] = (3, 12)  # LLM calls per program, from a Pareto tail
     calls_alpha: float = 1.2
     first_prompt: tuple[int, int] = (48, 128)  # tokens of the task
@@ -53,9 +53,9 @@ class ProgramsWorkload:
     tool_sigma: float = 1.5
     tool_min_s: float = 0.01
     tool_max_s: float = 10.0
-    arrival_mean_s: float = 2.0  # mean time between two programs' arrivals (Poisson)
-    max_running: int = 4  # LLM calls on the engine at once
-    kv_blocks: int = 128  # the KV capacity every configuration runs under (16 tokens a block)
+    arrival_mean_s: float = 0.5  # mean time between two programs' arrivals (Poisson): a loaded engine
+    max_running: int = 2  # LLM calls on the engine at once
+    kv_blocks: int = 64  # the KV capacity every configuration runs under (16 tokens a block)
     threads: int = 1  # torch's intra-op threads (1 is the fastest on a shared 2-core machine)
     seed: int = 0
 
