@@ -58,3 +58,13 @@ def audited(tmp_path: Path):
         return [(r["tool"], r["decision"], r["reason"]) for r in log.tail(1000) if r["agent"] == "operator"]
 
     return rows
+
+
+@pytest.fixture(scope="module")
+def llm():
+    """The embedded engine, one per test module (the operator's changes to it stay in the module)."""
+    from llmos.engine import AsyncLLM
+
+    engine = AsyncLLM("smollm2-135m-instruct", kv_budget="128MiB")
+    yield engine
+    engine.shutdown()

@@ -3,8 +3,6 @@
 import asyncio
 import time
 
-import pytest
-
 from llmos.agents.operator import (
     Actuator,
     Detector,
@@ -18,15 +16,6 @@ from llmos.agents.operator import (
     operator_process,
 )
 from llmos.agents.operator.actions import SetSetting
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from llmos.engine import AsyncLLM
-
-    engine = AsyncLLM("smollm2-135m-instruct", kv_budget="128MiB")
-    yield engine
-    engine.shutdown()
 
 
 async def _operator(kernel, budget: int = 10**9, verify_s: float = 10.0) -> Operator:

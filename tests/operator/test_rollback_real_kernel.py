@@ -4,8 +4,6 @@ found out by the operator's own verification and undone through the kernel, with
 import asyncio
 import time
 
-import pytest
-
 from llmos.agents.operator import (
     Actuator,
     Detector,
@@ -18,15 +16,6 @@ from llmos.agents.operator import (
 )
 from llmos.agents.operator.actions import SetSetting
 from llmos.security import AuditLog, ReferenceMonitor
-
-
-@pytest.fixture(scope="module")
-def llm():
-    from llmos.engine import AsyncLLM
-
-    engine = AsyncLLM("smollm2-135m-instruct", kv_budget="128MiB")
-    yield engine
-    engine.shutdown()
 
 
 class Harmful:

@@ -140,26 +140,32 @@ def _agent_traceback(exc: BaseException) -> str:
                      *traceback.format_exception_only(exc)]).rstrip()
 
 
-def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title: str) -> Group:
-    """The live view: one row per agent (with, for a live one, its program stats: prompt tokens
-    reused of all, seconds waiting for the engine and in tools, KV retention decisions), then the
-    engine and scheduler line."""
-    programs = {p["pid"]: p for p in (status or {}).get("programs", [])}
+def _wide() -> bool:
+    """Room for the per-program columns (prompt tokens reused, engine and tool seconds, retention)."""
+    return console.width >= 120
+
+
+def agents_view(rows: list[dict[str, Any]], status: dict[str, Any] | None, title: str,
+                wide: bool = True) -> Group:
+    """The live view: one row per agent (with, for a live one and when `wide`, its program stats:
+    prompt tokens reused of all, seconds waiting for the engine and in tools, KV retention
+    decisions), then the engine and scheduler line. Narrow terminals get the first columns whole."""
+    programs = {p["pid"]: p for p in (status or {}).get("programs", [])} if wide else {}
     table = Table(title=title, title_justify="left", expand=False)
-    for col in ("pid", "name", "state", "tokens", "tools", "syscall", "reused", "engine s", "tool s",
-                "kv retention", "exit"):
+    program_cols = ("reused", "engine s", "tool s", "kv retention") if wide else ()
+    for col in ("pid", "name", "state", "tokens", "tools", "syscall", *program_cols, "exit"):
         table.add_column(col, justify="right" if col in ("pid", "tokens", "tools", "reused", "engine s",
                                                          "tool s") else "left")
     for r in rows:
         state = r["state"]
         prog = r.get("program") or programs.get(r["pid"])
-        if prog:
+        if prog and wide:
             prompt = prog["prompt_tokens_reused"] + prog["prompt_tokens_computed"]
             kv = " ".join(f"{k} {v}" for k, v in sorted(prog["retention"].items()))
-            shown = (f"{prog['prompt_tokens_reused']}/{prompt}", f"{prog['llm_s']:.1f}",
-                     f"{prog['tool_s']:.1f}", kv)
+            shown: tuple[str, ...] = (f"{prog['prompt_tokens_reused']}/{prompt}", f"{prog['llm_s']:.1f}",
+                                      f"{prog['tool_s']:.1f}", kv)
         else:
-            shown = ("", "", "", "")
+            shown = ("",) * len(program_cols)
         table.add_row(str(r["pid"]), r["name"], Text(state, style=_STATE_STYLE.get(state, "")),
                       str(r["tokens_used"] or 0), str(r["tool_calls"] or 0), r["current_syscall"] or "",
                       *shown, r["exit_reason"] or "")
@@ -323,10 +329,11 @@ async def _run(kernel, programs, args, live: bool) -> int:
         title = f"llmos kernel (boot {kernel.boot})"
         waiter = asyncio.gather(*(kernel.wait(p) for p in pids))
         if live:
-            with Live(agents_view([], None, title), console=console, refresh_per_second=4,
+            with Live(agents_view([], None, title, _wide()), console=console, refresh_per_second=4,
                       transient=True) as view:
                 while not waiter.done():
-                    view.update(agents_view([p.info() for p in kernel.ps()], await kernel.stats(), title))
+                    rows = [p.info() for p in kernel.ps()]
+                    view.update(agents_view(rows, await kernel.stats(), title, _wide()))
                     await asyncio.wait([waiter], timeout=0.25)
         await waiter
     except (KeyboardInterrupt, asyncio.CancelledError):
@@ -396,7 +403,7 @@ def ps(show_all: Annotated[bool, typer.Option("--all", "-a", help="Ended agents 
     if not rows:
         console.print("[dim]no agents running (llmos ps --all shows ended ones)[/]")
         return
-    console.print(agents_view(rows, None, "agents"))
+    console.print(agents_view(rows, None, "agents", _wide()))
 
 
 def top(
@@ -419,14 +426,14 @@ def top(
         def snapshot():
             return _snapshot(table, False)
     if once:
-        console.print(agents_view(*snapshot(), "llmos top"))
+        console.print(agents_view(*snapshot(), "llmos top", _wide()))
         return
     try:
-        with Live(agents_view(*snapshot(), "llmos top"), console=console,
+        with Live(agents_view(*snapshot(), "llmos top", _wide()), console=console,
                   refresh_per_second=max(1, int(1 / interval))) as view:
             while True:
                 time.sleep(interval)
-                view.update(agents_view(*snapshot(), "llmos top (Ctrl-C leaves)"))
+                view.update(agents_view(*snapshot(), "llmos top (Ctrl-C leaves)", _wide()))
     except KeyboardInterrupt:
         pass
 
