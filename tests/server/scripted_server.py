@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import uvicorn
+from letta_client import Letta
 
 from llmos.kernel import ChatResult
 from llmos.memory import CoreMemory, open_store
@@ -93,3 +94,19 @@ if __name__ == "__main__":
     home, port, *script = sys.argv[1:]
     app = create_app(system=scripted_system(home, [json.loads(c) for c in script]))
     uvicorn.run(app, host="127.0.0.1", port=int(port), log_level="warning")
+
+
+def client(scripted: dict[str, Any], user: str) -> Letta:
+    """The official letta-client for `user` of a server from a `scripted` fixture."""
+    return Letta(base_url=scripted["url"], api_key=scripted["keys"][user], max_retries=0)
+
+
+def wait_run(c: Letta, run_id: str, timeout: float = 30) -> Any:
+    """An async run once it has ended (completed, failed or cancelled)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = c.runs.retrieve(run_id)
+        if run.status in ("completed", "failed", "cancelled"):
+            return run
+        assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
+        time.sleep(0.05)

@@ -21,7 +21,7 @@ from llmos.memory import ArchivalStorage, CoreMemory, RecallStorage, open_store
 from llmos.memory.agents import INTERRUPTED, AgentDef, AgentStore
 from llmos.server import create_app
 from tests.server.conftest import _free_port
-from tests.server.scripted_server import scripted_system, serve
+from tests.server.scripted_server import client, scripted_system, serve, wait_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,20 +36,6 @@ def scripted(tmp_path_factory) -> Iterator[dict]:
     yield {"url": url, "keys": keys, "system": system}
     server.should_exit = True
     thread.join(timeout=10)
-
-
-def client(scripted: dict, user: str) -> Letta:
-    return Letta(base_url=scripted["url"], api_key=scripted["keys"][user], max_retries=0)
-
-
-def wait_run(c: Letta, run_id: str, timeout: float = 30) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        run = c.runs.retrieve(run_id)
-        if run.status in ("completed", "failed", "cancelled"):
-            return run
-        assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
-        time.sleep(0.05)
 
 
 def test_users_cannot_see_each_others_agents(scripted):

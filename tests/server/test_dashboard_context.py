@@ -5,7 +5,6 @@ to its owner; the engine's rates over time from its own counters and histograms.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 
 import httpx
@@ -18,7 +17,7 @@ from llmos.memory import open_store
 from llmos.memory.context import RECALL_FUNCTIONS
 from llmos.server import create_app
 from llmos.server.dashboard import RequestOwners, Throughput, _operator_line
-from tests.server.scripted_server import say, scripted_system, serve
+from tests.server.scripted_server import client, say, scripted_system, serve, wait_run
 
 
 def _search(query: str) -> dict:
@@ -36,18 +35,6 @@ def scripted(tmp_path) -> Iterator[dict]:
     thread.join(timeout=10)
 
 
-def _letta(scripted: dict, user: str) -> Letta:
-    return Letta(base_url=scripted["url"], api_key=scripted["keys"][user], max_retries=0)
-
-
-def _wait_run(c: Letta, run_id: str, timeout: float = 60) -> object:
-    deadline = time.monotonic() + timeout
-    while (run := c.runs.retrieve(run_id)).status not in ("completed", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"run {run_id} still {run.status}"
-        time.sleep(0.05)
-    return run
-
-
 def _events(url: str, key: str, count: int) -> list[str]:
     """The raw text of `count` events of the dashboard stream, as `key`'s user receives them."""
     out: list[str] = []
@@ -63,7 +50,7 @@ def _events(url: str, key: str, count: int) -> list[str]:
 
 
 def test_a_users_stream_never_shows_another_users_agents(scripted):
-    alice, bob = _letta(scripted, "alice"), _letta(scripted, "bob")
+    alice, bob = client(scripted, "alice"), client(scripted, "bob")
     mine = alice.agents.create(name="alice-diary", memory_blocks=[
         {"label": "human", "value": "ALICE-MARKER likes the cello"}])
     theirs = bob.agents.create(name="bob-ledger", memory_blocks=[
@@ -75,7 +62,7 @@ def test_a_users_stream_never_shows_another_users_agents(scripted):
                 {"role": "user", "content": "BOB-QUESTION about the ledger"}]))]
     seen = _events(scripted["url"], scripted["keys"]["alice"], 6)  # while both runs run
     for c, run in runs:
-        assert _wait_run(c, run.id).status == "completed"
+        assert wait_run(c, run.id, timeout=60).status == "completed"
     seen += _events(scripted["url"], scripted["keys"]["alice"], 2)  # and after: the contexts stay listed
     text = "\n".join(seen)
     for secret in ("bob-ledger", theirs.id, "BOB-MARKER", "BOB-QUESTION", users["bob"]):
@@ -109,11 +96,11 @@ def test_the_context_panel_reads_occupancy_evictions_and_recall_hits(tmp_path):
         agent = c.agents.create(name="pager", context_window_limit=1400, max_tokens=128,
                                 memory_blocks=[{"label": "human", "value": "plays the cello"}])
         first = c.agents.messages.create_async(agent.id, messages=[{"role": "user", "content": "my cello"}])
-        assert _wait_run(c, first.id).status == "completed"
+        assert wait_run(c, first.id, timeout=60).status == "completed"
         for i in range(4):  # long messages on a small window: the queue overflows and is flushed
             run = c.agents.messages.create_async(agent.id, messages=[
                 {"role": "user", "content": f"story {i}: " + "word " * 300}])
-            assert _wait_run(c, run.id).status == "completed"
+            assert wait_run(c, run.id, timeout=60).status == "completed"
         snap = httpx.get(f"{url}/v1/dashboard/snapshot", headers={"Authorization": f"Bearer {key}"}).json()
     finally:
         server.should_exit = True
