@@ -75,11 +75,17 @@ def test_qwen3_config_shape():
 # ---------------------------------------------------------------------------------------------- peers
 
 transformers = pytest.importorskip("transformers")
+from llmos.bench.engine import _sweep_sizes  # noqa: E402
 from llmos.bench.peers import (  # noqa: E402
+    PeerResult,
     PeerSkipped,
     build_hf_model,
+    fastest,
+    plan_batches,
     random_state_dict,
+    run_hf_continuous_batching,
     run_hf_generate,
+    sweep,
 )
 
 
@@ -133,7 +139,7 @@ def test_hf_generate_counts_requested_tokens_only():
     hf = build_hf_model(cfg, random_state_dict(cfg, torch.float32))
     reqs = [BenchRequest([5, 6, 7], 4), BenchRequest(list(range(10, 30)), 7), BenchRequest([9] * 5, 2)]
     advanced = []
-    result = run_hf_generate(hf, reqs, batch_size=2, progress=advanced.append)
+    result = run_hf_generate(hf, reqs, batch_size=2, progress=advanced.append, order="arrival")
     assert result.requested_output_tokens == 13 == sum(advanced)
     assert [len(o) for o in result.outputs] == [4, 7, 2]
     assert result.throughput == pytest.approx(13 / result.wall_s)
@@ -143,3 +149,84 @@ def test_hf_generate_counts_requested_tokens_only():
     alone = run_hf_generate(hf, reqs[:1], warmup=False)
     assert alone.outputs[0] == result.outputs[0]
     assert not PeerSkipped("x", "why")
+
+
+def sized(prompt_len: int, max_tokens: int) -> BenchRequest:
+    return BenchRequest(list(range(3, 3 + prompt_len)), max_tokens)
+
+
+def test_sorted_batches_group_by_max_tokens_then_prompt_length():
+    reqs = [sized(30, 8), sized(5, 2), sized(12, 8), sized(40, 2), sized(7, 5), sized(12, 8), sized(9, 5)]
+    assert plan_batches(reqs, 3, "arrival") == [[0, 1, 2], [3, 4, 5], [6]]
+    # max_tokens 2, 2, 5, 5, 8, 8, 8; among equals the shorter prompt, then the earlier request
+    assert plan_batches(reqs, 3) == [[1, 3, 4], [6, 2, 5], [0]]
+    assert plan_batches(reqs, 2) == [[1, 3], [4, 6], [2, 5], [0]]
+    assert plan_batches(reqs, 10) == [[1, 3, 4, 6, 2, 5, 0]]
+    with pytest.raises(ValueError, match="batch_size"):
+        plan_batches(reqs, 0)
+    with pytest.raises(ValueError, match="unknown batch order 'random'"):
+        plan_batches(reqs, 2, "random")
+
+
+def test_sorted_batches_cut_unrequested_tokens_on_workload_c():
+    reqs = workload_c()
+
+    def waste(batches):
+        generated = sum(max(reqs[i].max_tokens for i in b) * len(b) for b in batches)
+        return 1 - requested_output_tokens(reqs) / generated
+
+    assert round(waste(plan_batches(reqs, 16, "arrival")), 2) == 0.46  # the untuned figure
+    assert waste(plan_batches(reqs, 16)) < 0.2
+
+
+def test_sorted_generate_returns_outputs_in_request_order_and_counts_its_own_batches():
+    cfg = tiny_config("llama")
+    hf = build_hf_model(cfg, random_state_dict(cfg, torch.float32))
+    reqs = [BenchRequest([5, 6, 7], 4), BenchRequest(list(range(10, 30)), 7), BenchRequest([9] * 5, 2)]
+    arrival = run_hf_generate(hf, reqs, batch_size=2, order="arrival")
+    ordered = run_hf_generate(hf, reqs, batch_size=2, warmup=False)
+    assert ordered.extra["order"] == "sorted" and ordered.extra["batches"] == 2
+    assert ordered.outputs == arrival.outputs and [len(o) for o in ordered.outputs] == [4, 7, 2]
+    # batches [2, 0] (4 new tokens each) and [1] (7): 15 generated, 3 + 6 decode steps
+    assert ordered.extra["generated_tokens"] == 15 < arrival.extra["generated_tokens"] == 16
+    assert ordered.extra["decode_steps"] == 9
+    assert ordered.extra["unrequested_output_ratio"] == pytest.approx(2 / 15)
+
+
+def ran(name: str, throughput: float) -> PeerResult:
+    return PeerResult(name, 100, 100 / throughput, throughput)
+
+
+def test_sweep_stops_after_the_first_slower_setting_and_picks_the_fastest():
+    speeds = {4: 10.0, 8: 14.0, 16: 12.0, 32: 20.0}
+    tried = []
+
+    def run(size):
+        tried.append(size)
+        return ran(f"b{size}", speeds[size])
+
+    rows = sweep(run, [4, 8, 16, 32])
+    assert tried == [4, 8, 16] and fastest(rows).name == "b8"
+    tried.clear()
+    rows = sweep(lambda b: PeerSkipped("x", "no") if b == 8 else run(b), [4, 8, 16])
+    assert tried == [4] and len(rows) == 2 and fastest(rows).name == "b4"
+    assert fastest([PeerSkipped("x", "no")]) is None
+    assert fastest([ran("a", 3.0), ran("b", 3.0)]).name == "a"
+
+
+def test_sweep_sizes_stop_at_the_whole_workload():
+    assert _sweep_sizes((4, 8, 16, 32, 64), workload_c()) == [4, 8, 16, 32, 64]
+    assert _sweep_sizes((4, 8, 16, 32, 64), workload_c(quick=True)) == [4, 8, 16, 32]
+    assert _sweep_sizes((64, 4, 128), [sized(3, 2)] * 10) == [4, 10]
+    assert _sweep_sizes((2, 4), [sized(3, 2)] * 10) == [2, 4]
+
+
+def test_continuous_batching_caps_requests_per_forward_and_matches_generate():
+    cfg = tiny_config("llama")
+    hf = build_hf_model(cfg, random_state_dict(cfg, torch.float32))
+    reqs = [BenchRequest([5, 6, 7], 4), BenchRequest(list(range(10, 30)), 7), BenchRequest([9] * 5, 2)]
+    result = run_hf_continuous_batching(hf, reqs, max_requests_per_batch=2, page_size=16, timeout_s=60)
+    if not result:
+        pytest.skip(result.reason)
+    assert result.extra["max_requests_per_batch"] == 2 and result.extra["short_outputs"] == 0
+    assert result.outputs == run_hf_generate(hf, reqs, batch_size=3, warmup=False).outputs

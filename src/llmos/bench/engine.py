@@ -3,7 +3,11 @@
 Every system runs alone, one after the other in this process (on 2 cores a
 second busy process stalls torch's threads many-fold), on identical weights
 and requests; the table gives each one's requested output tokens per second
-and its ratio to HF `generate`. Results are also written as JSON.
+and llmos' ratio to it. Each HF peer runs at its best setting found by a sweep
+(`generate`: length-sorted static batches over batch sizes; continuous batching:
+its cap on requests per forward), with the sweep's rows printed and kept in the
+JSON; `generate` as a loop would run it (arrival order, batches of 16) stays as
+the row labelled untuned. Every row's greedy tokens are compared with llmos'.
 
 On the CPU the quantized weights' greedy tokens are first compared with fp32's,
 and `--profile` adds where one stream's decode step spends its time, phase by phase.
@@ -245,9 +249,22 @@ def _load_workload(name: str, model: str, quick: bool, device: torch.device, qua
     return loaded, lambda: reader(path)[1], workload_c(quick), torch.float32
 
 
+GENERATE_BATCH_SIZES = (4, 8, 16, 32, 64)
+CB_MAX_BATCHES = (4, 8, 16, 32, 64)  # 64: every request of workload C, transformers' default there
+
+
+def _sweep_sizes(sizes: tuple[int, ...], requests: list[BenchRequest]) -> list[int]:
+    """The sizes below the workload's request count, then that count if a size reaches it (any
+    larger size is the same run), in ascending order."""
+    n = len(requests)
+    return sorted(s for s in sizes if s < n) + ([n] if max(sizes) >= n else [])
+
+
 def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm2-135m-instruct",
                      json_path: str | None = None, peers_too: bool = True, workload: str = "auto",
                      profile: bool = False, quantization: str = "auto",
+                     generate_batch_sizes: tuple[int, ...] = GENERATE_BATCH_SIZES,
+                     cb_max_batches: tuple[int, ...] = CB_MAX_BATCHES,
                      **engine_kwargs: Any) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
@@ -273,6 +290,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
                   f"{info['prompt_tokens']} prompt tokens, {info['requested_output_tokens']} "
                   f"output tokens requested; {dtype}, {device}, {torch.get_num_threads()} threads")
     results: list[PeerResult | PeerSkipped] = []
+    sweeps: dict[str, list[PeerResult | PeerSkipped]] = {}
     with _progress(console) as bar:
         def task(label: str):
             t = bar.add_task(label, total=info["requested_output_tokens"])
@@ -284,24 +302,27 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         if peers_too:
             hf = peers.build_hf_model(loaded.config, peer_weights(), dtype, device)
             if name == "C":
-                results.append(peers.run_hf_generate(hf, requests, 16, task("hf generate (batch 16)")))
-            results.append(peers.run_hf_continuous_batching(hf, requests, task("hf continuous batching"),
-                                                            timeout_s=300 if name == "G" else None))
-    baseline = next((r for r in results if r and r.name == "hf-generate"), None)
-    baseline = baseline or next((r for r in results[1:] if r), None)
-    table = Table(title=f"llmos bench engine: workload {name}{' (quick)' if quick else ''}")
-    for col in ("system", "requested tok/s", "wall s", "vs " + (baseline.name if baseline else "-"),
-                "same tokens as llmos"):
-        table.add_column(col, justify="right" if col != "system" else "left")
-    for r in results:
-        if not r:
-            table.add_row(r.name, "-", "-", "-", f"skipped: {r.reason}"[:60])
-            continue
-        ratio = f"{r.throughput / baseline.throughput:.2f}x" if baseline else "-"
-        same = "-" if r is ours or r.outputs is None else (
-            f"{sum(a == b for a, b in zip(r.outputs, ours.outputs, strict=True))}/{len(requests)}")
-        table.add_row(r.name, f"{r.throughput:.1f}", f"{r.wall_s:.1f}", ratio, same)
-    console.print(table)
+                sweeps["hf-generate"] = peers.sweep(
+                    lambda b: peers.run_hf_generate(hf, requests, b, task(f"hf generate sorted, {b}")),
+                    _sweep_sizes(generate_batch_sizes, requests))
+                results.append(_best(sweeps["hf-generate"], "batch_size", "length-sorted batches of {}"))
+                untuned = peers.run_hf_generate(hf, requests, 16, task("hf generate untuned"),
+                                                order="arrival")
+                results.append(_labelled(untuned, "hf-generate untuned (arrival order, batch 16)"))
+                sweeps["hf-continuous-batching"] = peers.sweep(
+                    lambda b: peers.run_hf_continuous_batching(
+                        hf, requests, task(f"hf continuous b., max {b}"), max_requests_per_batch=b,
+                        timeout_s=900),
+                    _sweep_sizes(cb_max_batches, requests))
+                results.append(_best(sweeps["hf-continuous-batching"], "max_requests_per_batch",
+                                     "at most {} requests per forward"))
+            else:
+                results.append(peers.run_hf_continuous_batching(hf, requests, task("hf continuous batching"),
+                                                                timeout_s=300))
+    _print_results(console, f"llmos bench engine: workload {name}{' (quick)' if quick else ''}",
+                   results, ours, len(requests))
+    for peer, rows in sweeps.items():
+        _print_sweep(console, peer, rows, ours)
     budget_tokens = ours.extra["kv_blocks_total"] * ours.extra["block_size"]
     kv = kv_comparison(requests, ours.extra["kv_utilization"], ours.extra["block_size"], budget_tokens)
     console.print(
@@ -320,13 +341,85 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         or platform.machine(),
         "threads": torch.get_num_threads(),
-        "results": [{k: v for k, v in asdict(r).items() if k != "outputs"} for r in results],
+        "results": [_row(r, ours) for r in results],
+        "best_peer": best_peer.name if (best_peer := peers.fastest(results[1:])) else None,
+        "llmos_vs_best_peer": ours.throughput / best_peer.throughput if best_peer else None,
+        "sweeps": {peer: [_row(r, ours) for r in rows] for peer, rows in sweeps.items()},
         "kv": kv,
         **side_by_side,
         **quality,
     }
     write_report(report, json_path, f"bench-results/engine-{name}{'-quick' if quick else ''}.json", console)
     return report
+
+
+def _best(rows: list[PeerResult | PeerSkipped], setting: str, label: str) -> PeerResult | PeerSkipped:
+    """A sweep's fastest run, named as the peer with its setting (`label` with {} for the value) and the
+    settings tried; the last skip when none ran."""
+    best = peers.fastest(rows)
+    if best is None:
+        return rows[-1]
+    tried = ", ".join(str(r.extra[setting]) for r in rows if r)
+    return _labelled(best, f"{best.name} ({label.format(best.extra[setting])}; best of {tried})")
+
+
+def _labelled(result: PeerResult, name: str) -> PeerResult:
+    return PeerResult(name, result.requested_output_tokens, result.wall_s, result.throughput,
+                      result.extra, result.outputs)
+
+
+def _same(r: PeerResult, ours: PeerResult) -> int | None:
+    """Requests whose greedy tokens equal llmos' (None for llmos itself or a peer without outputs)."""
+    if r is ours or r.outputs is None or ours.outputs is None:
+        return None
+    return sum(a == b for a, b in zip(r.outputs, ours.outputs, strict=True))
+
+
+def _row(r: PeerResult | PeerSkipped, ours: PeerResult) -> dict[str, Any]:
+    if not r:
+        return asdict(r)
+    return {**{k: v for k, v in asdict(r).items() if k != "outputs"}, "same_tokens_as_llmos": _same(r, ours),
+            "llmos_vs_this": ours.throughput / r.throughput}
+
+
+def _print_results(console: Console, title: str, results: list[PeerResult | PeerSkipped], ours: PeerResult,
+                   n: int) -> None:
+    table = Table(title=title)
+    for col in ("system", "requested tok/s", "wall s", "llmos vs this", "same tokens as llmos"):
+        table.add_column(col, justify="right" if col != "system" else "left")
+    for r in results:
+        if not r:
+            table.add_row(r.name, "-", "-", "-", f"skipped: {r.reason}"[:60])
+            continue
+        same = _same(r, ours)
+        table.add_row(r.name, f"{r.throughput:.1f}", f"{r.wall_s:.1f}",
+                      f"{ours.throughput / r.throughput:.2f}x", "-" if same is None else f"{same}/{n}")
+    console.print(table)
+    best = peers.fastest(results[1:])
+    if best is not None:
+        console.print(f"llmos vs the best peer ({best.name}): {ours.throughput / best.throughput:.2f}x "
+                      "requested output tokens per second")
+
+
+def _print_sweep(console: Console, peer: str, rows: list[PeerResult | PeerSkipped], ours: PeerResult) -> None:
+    """One peer's sweep: every setting tried, in order (it stops after the first slower one)."""
+    generate = peer == "hf-generate"
+    setting = "batch_size" if generate else "max_requests_per_batch"
+    what = "length-sorted batches, batch size" if generate else "max requests per forward"
+    table = Table(title=f"{peer} sweep ({what})")
+    for col in ("setting", "requested tok/s", "wall s", "prompt padding", "unrequested output",
+                "same tokens"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        if not r:
+            table.add_row("-", "-", "-", "-", "-", f"skipped: {r.reason}"[:60])
+            continue
+        same = _same(r, ours)
+        table.add_row(str(r.extra[setting]), f"{r.throughput:.1f}", f"{r.wall_s:.1f}",
+                      f"{r.extra['prompt_pad_ratio']:.0%}" if generate else "-",
+                      f"{r.extra['unrequested_output_ratio']:.0%}" if generate else "-",
+                      "-" if same is None else f"{same}/{len(r.outputs or [])}")
+    console.print(table)
 
 
 def _llamacpp_rows(console: Console, model: str, loaded: LoadedModel, requests: list[BenchRequest],

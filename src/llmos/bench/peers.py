@@ -232,6 +232,29 @@ def _generate(model, batch: list[BenchRequest], new_tokens: int, clock: _StepClo
     return generated
 
 
+BATCH_ORDERS = ("sorted", "arrival")
+
+
+def plan_batches(requests: list[BenchRequest], batch_size: int, order: str = "sorted") -> list[list[int]]:
+    """The static batches of a workload, as request indices, `batch_size` to a batch.
+
+    "arrival": request order, as a loop over the requests would batch them.
+    "sorted": requests ordered by max_tokens, then prompt length, then index (all
+    ascending) and cut into batches, so a batch's requests ask for about as many tokens as
+    its longest (a batch decodes until its largest max_tokens; on workload C a decode
+    token costs several times a prompt token) and, among those, prompts of close
+    length share a batch (less left padding).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if order not in BATCH_ORDERS:
+        raise ValueError(f"unknown batch order {order!r}; choose from {', '.join(BATCH_ORDERS)}")
+    indices = list(range(len(requests)))
+    if order == "sorted":
+        indices.sort(key=lambda i: (requests[i].max_tokens, len(requests[i].prompt_token_ids), i))
+    return [indices[s:s + batch_size] for s in range(0, len(indices), batch_size)]
+
+
 def run_hf_generate(
     model,
     requests: list[BenchRequest],
@@ -239,15 +262,17 @@ def run_hf_generate(
     progress: Progress | None = None,
     warmup: bool = True,
     threads: int | None = None,
+    order: str = "sorted",
 ) -> PeerResult:
-    """transformers `generate` on static batches: what most users of HF do.
+    """transformers `generate` on static batches (see `plan_batches` for `order`).
 
-    Requests go in order, `batch_size` at a time, left-padded with an attention mask;
-    each batch generates greedily, ignoring EOS, as many tokens as its largest
-    max_tokens, so shorter requests wait for the longest (and their extra tokens are
-    not counted). Throughput = requested output tokens / wall seconds. `extra` holds the
-    prefill and decode time (from per-step timestamps), the mean decode step, and how
-    much of the computed tokens were padding or unrequested output.
+    Each batch is left-padded with an attention mask and generates greedily, ignoring
+    EOS, as many tokens as its largest max_tokens, so shorter requests wait for the
+    longest; each request's output is cut at its own max_tokens and only those tokens
+    count. Outputs come back in request order whatever the batch order. Throughput =
+    requested output tokens / wall seconds. `extra` holds the prefill and decode time
+    (from per-step timestamps), the mean decode step, and how much of the computed
+    tokens were padding or unrequested output.
 
     `threads` defaults to torch's setting on CPU and to 1 on a GPU, where generate's
     host-side work is launch-bound and more intra-op threads make each step slower
@@ -256,22 +281,24 @@ def run_hf_generate(
     name = "hf-generate"
     if threads is None and model.device.type != "cpu":
         threads = 1
+    batches = plan_batches(requests, batch_size, order)
     with torch_threads(threads), torch.inference_mode():
         if warmup:
             first = requests[0]
             _generate(model, [BenchRequest(first.prompt_token_ids[:8], 2)], 2, None)
-        outputs: list[list[int]] = []
+        outputs: list[list[int]] = [[] for _ in requests]
         prefill_s = decode_s = 0.0
         decode_steps = 0
         prompt_pad = prompt_total = output_total = 0
         t0 = time.perf_counter()
-        for start in range(0, len(requests), batch_size):
-            batch = requests[start:start + batch_size]
+        for indices in batches:
+            batch = [requests[i] for i in indices]
             new_tokens = max(r.max_tokens for r in batch)
             clock = _StepClock([r.max_tokens for r in batch], progress)
             b0 = time.perf_counter()
             generated = _generate(model, batch, new_tokens, clock).tolist()
-            outputs += [row[:r.max_tokens] for row, r in zip(generated, batch, strict=True)]
+            for i, row, r in zip(indices, generated, batch, strict=True):
+                outputs[i] = row[:r.max_tokens]
             prefill_s += clock.times[0] - b0
             decode_s += clock.times[-1] - clock.times[0]
             decode_steps += len(clock.times) - 1
@@ -282,8 +309,9 @@ def run_hf_generate(
         wall = time.perf_counter() - t0
     requested = requested_output_tokens(requests)
     extra = {
+        "order": order,
         "batch_size": batch_size,
-        "batches": -(-len(requests) // batch_size),
+        "batches": len(batches),
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "decode_steps": decode_steps,
@@ -298,6 +326,28 @@ def run_hf_generate(
     return PeerResult(name, requested, wall, requested / wall, extra, outputs)
 
 
+def sweep(
+    run: Callable[[int], PeerResult | PeerSkipped], settings: list[int]
+) -> list[PeerResult | PeerSkipped]:
+    """`run(setting)` for each setting in the given order, stopping after the first run slower than
+    the best so far (throughput taken as unimodal along the settings, so the settings past a peak
+    are not run) or after the first that is skipped. `fastest` picks the best."""
+    results: list[PeerResult | PeerSkipped] = []
+    for setting in settings:
+        result = run(setting)
+        best = fastest(results)
+        results.append(result)
+        if not result or (best is not None and result.throughput < best.throughput):
+            break
+    return results
+
+
+def fastest(results: list[PeerResult | PeerSkipped]) -> PeerResult | None:
+    """The run with the highest throughput (the first of equals); None when none ran."""
+    ran = [r for r in results if r]
+    return max(ran, key=lambda r: r.throughput) if ran else None
+
+
 # ---------------------------------------------------------------------------- continuous batching
 
 
@@ -308,6 +358,7 @@ def run_hf_continuous_batching(
     threads: int | None = None,
     page_size: int = 256,
     max_batch_tokens: int | None = None,
+    max_requests_per_batch: int | None = None,
     timeout_s: float | None = None,
 ) -> PeerResult | PeerSkipped:
     """transformers' own continuous batching (paged KV cache, the engine behind `generate_batch`).
@@ -318,8 +369,11 @@ def run_hf_continuous_batching(
     max_tokens when it finishes). The KV cache is sized to the workload (prompt +
     max_tokens of every request, in pages of `page_size`) instead of 60% of RAM. wall_s
     counts from the first request added to the last finished; the manager's setup
-    (cache allocation, warmup) is `extra["setup_s"]`. Returns PeerSkipped with the reason
-    if this transformers has no continuous batching or it fails here.
+    (cache allocation, warmup) is `extra["setup_s"]`. `max_requests_per_batch` caps the
+    requests in one forward (None: transformers' default, every request of the workload);
+    on the CPU a forward attends over the batch's whole paged cache under a dense mask, so
+    a smaller batch can be faster. Returns PeerSkipped with the reason if this transformers
+    has no continuous batching or it fails here.
     """
     name = "hf-continuous-batching"
     try:
@@ -339,6 +393,7 @@ def run_hf_continuous_batching(
             **{"page_size" if "page_size" in fields else "block_size": page_size},
             num_blocks=pages + 1,
             max_batch_tokens=max_batch_tokens,
+            max_requests_per_batch=max_requests_per_batch,
         )
         max_new = max(r.max_tokens for r in requests)
         gen_config = GenerationConfig(
@@ -401,6 +456,7 @@ def run_hf_continuous_batching(
         "page_size": page_size,
         "num_blocks": getattr(resolved, "num_blocks", None),
         "max_batch_tokens": getattr(resolved, "max_batch_tokens", None),
+        "max_requests_per_batch": getattr(resolved, "max_requests_per_batch", max_requests_per_batch),
         "attn_implementation": attn,
         "short_outputs": short,  # requests that got fewer than max_tokens (should be 0)
         "delivered_output_tokens": delivered,
