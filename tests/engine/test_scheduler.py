@@ -541,6 +541,48 @@ def test_a_retained_context_is_reclaimed_before_a_paused_sequence_loses_its_bloc
     assert len(b.block_table) == 3 and b.status is SequenceStatus.RUNNING
 
 
+def test_a_claimed_context_under_pressure_goes_to_the_host_and_comes_back_without_recompute() -> None:
+    sched = make_scheduler(num_blocks=8, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.keep("a", ttl=3600)
+    d = make_seq(a.token_ids + [7000, 7001, 7002], max_tokens=1)
+    sched.retained.claims[d.request_id] = "a"  # its next call waits in the kernel's queue
+    c = make_seq(28, max_tokens=2)  # needs 7 blocks; 6 are free
+    sim.add(c)
+    out = sim.step()
+    assert out.scheduled == {c: 28} and out.swap_out == [(0, 0), (1, 1)] and not out.preempted
+    assert sched.retained.contexts["a"].on_host and sched.retained.stats.reclaimed == 1
+    sim.run()  # c's last token takes the eighth block: the context's device copies are gone
+    sim.add(d)
+    out = sim.step()
+    assert len(out.swap_in) == 2 and out.scheduled == {d: 4} and d.num_cached_tokens == 8
+    sim.run()
+    assert d.is_finished and sched.retained.contexts == {}
+
+
+def test_a_context_brought_back_in_this_step_is_never_copied_out_in_the_same_step() -> None:
+    sched = make_scheduler(num_blocks=6, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.swap_out("a")
+    sim.step()
+    sched.blocks.reset_prefix_cache()
+    z = make_seq(12, max_tokens=2)  # 3 of the 6 blocks, and a fourth for its next token
+    sim.add(z)
+    sim.step()
+    d = make_seq(a.token_ids + [7000, 7001, 7002], max_tokens=1)
+    sched.retained.claims[d.request_id] = "a"
+    sim.add(d)
+    # The context's 2 blocks come back into the last 2 free ones; d's new tokens then need a
+    # third, and the only pinned context is the one whose swap-in this step has not run yet.
+    out = sim.step()
+    assert out.swap_out == [] and d not in out.scheduled and sched.retained.stats.reclaimed == 1
+    assert "a" not in sched.retained.contexts
+    sim.run()
+    assert d.is_finished and z.is_finished and sched.blocks.num_used_blocks == 0
+
+
 def test_a_swapped_context_comes_back_with_its_kv_and_only_new_tokens_are_computed() -> None:
     sched = make_scheduler(num_blocks=8, swap_blocks=8)
     sim = Sim(sched)

@@ -17,9 +17,9 @@ admitted, so it recomputes only its new tokens. After its admission the pin
 is dropped: the request's own block table holds the blocks.
 
 Guarantees: memory pressure always wins, since `reclaim` gives up pinned
-contexts (soonest expiry first) before the scheduler swaps or preempts any
-sequence: to host memory when it has room (copied in the same step, before
-any block is written), else to the prefix cache; a context whose time-to-live
+contexts (unclaimed ones first, soonest expiry first) before the scheduler
+swaps or preempts any sequence: to host memory when it has room (copied in
+the same step, before any block is written), else to the prefix cache; a context whose time-to-live
 ends leaves the device the same way (and one on the host is then released),
 unless a queued request already claims it (its wait in the queue is not the
 tool's time); pinned and host blocks are counted by the allocators like any
@@ -82,6 +82,7 @@ class RetainedContexts:
     stats: RetentionStats = field(default_factory=RetentionStats)
     _swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host) for the next step
     _host_to_free: list[int] = field(default_factory=list)  # read by the last step's swap-ins
+    _prepared: set[str] = field(default_factory=set)  # brought back to the device in this step
 
     # -- capture and decisions (between steps) --------------------------------
 
@@ -112,10 +113,11 @@ class RetainedContexts:
         self.stats.kept += 1
         return True
 
-    def swap_out(self, key: str, ttl: float = math.inf) -> bool:
-        """Move a pinned context to host memory (copied at the next step); False when the host
-        has no room (then it is released)."""
-        pairs = self._to_host(key, ttl)
+    def swap_out(self, key: str, ttl: float = HOST_TTL) -> bool:
+        """Move a pinned context to host memory (copied at the next step) for `ttl` seconds, and
+        at least HOST_TTL: host memory is plentiful, and a tool that outlasts its prediction should
+        not cost a recompute; False when the host has no room (then it is released)."""
+        pairs = self._to_host(key, max(ttl, HOST_TTL))
         if pairs is None:
             return False
         self._swap_out += pairs
@@ -165,6 +167,7 @@ class RetainedContexts:
         step (the engine copies them before this step writes any KV)."""
         self.swap.free(self._host_to_free)
         self._host_to_free = []
+        self._prepared.clear()
         now, claimed = self.clock(), set(self.claims.values())
         for key in [k for k, c in self.contexts.items() if c.expires <= now and k not in claimed]:
             if self.contexts[key].on_host:
@@ -176,19 +179,22 @@ class RetainedContexts:
         return pairs
 
     def reclaim(self, swap_out: list[tuple[int, int]]) -> bool:
-        """Memory is needed: the device-pinned context that expires soonest leaves the device, to
-        the host when it has room (its copies appended to `swap_out`, this step's), else to the
-        prefix cache. A context a queued request claims is released instead: swapping it out would
-        only bring it back."""
+        """Memory is needed: a device-pinned context leaves the device, to the host when it has room
+        (its copies appended to `swap_out`, this step's), else to the prefix cache. Contexts no
+        queued request claims go first, soonest expiry first; then claimed ones, which are still
+        swapped, not released: copying a context back costs far less than recomputing it. One that
+        `prepare` brought back in this step is released, and only when nothing else is pinned: its
+        swap-in has not run yet, so there is nothing to copy out."""
         pinned = [c for c in self.contexts.values() if not c.on_host]
         if not pinned:
             return False
-        key = min(pinned, key=lambda c: c.expires).key
+        claimed = set(self.claims.values())
+        ctx = min(pinned, key=lambda c: (c.key in self._prepared, c.key in claimed, c.expires))
         self.stats.reclaimed += 1
-        if key in set(self.claims.values()):
-            self._drop(key)
+        if ctx.key in self._prepared:
+            self._drop(ctx.key)
         else:
-            swap_out += self._to_host(key, HOST_TTL) or []
+            swap_out += self._to_host(ctx.key, HOST_TTL) or []
         return True
 
     def prepare(self, seq: Sequence, can_wait: bool = False) -> list[tuple[int, int]] | None:
@@ -221,6 +227,7 @@ class RetainedContexts:
         table = [hits[i] if i in hits else placed[i] for i in range(len(ctx.hashes))]
         self._host_to_free += ctx.blocks
         ctx.blocks, ctx.on_host = table, False  # pinned on the device until the admission
+        self._prepared.add(ctx.key)
         self.stats.swapped_in_blocks += len(pairs)
         return pairs
 

@@ -136,7 +136,7 @@ class EngineBackend:
             if d.action == "keep":
                 retained.keep(context, d.ttl)
             elif d.action == "swap":
-                retained.swap_out(context, d.ttl * 4)
+                retained.swap_out(context, d.ttl)
             else:
                 retained.release(context)
             return d
