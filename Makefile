@@ -40,7 +40,7 @@ test: $(STAMP)
 		echo "no chromium: the dashboard's browser test will be skipped"
 	$(BIN)/ruff check src tests
 	$(MYPY) $(TYPED)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests
