@@ -172,3 +172,48 @@ def test_auto_keeps_gguf_formats_on_cpu_and_int8_quantizes(smollm):
     w = smollm.model.layers[0].qkv_proj.weight
     step = w.abs().amax(1, keepdim=True) / 127
     assert ((qkv.qweight.dequantize() - w).abs() <= step * 0.51 + 1e-6).all()
+
+
+def _layer_inputs(model, rows: int):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, model.config.hidden_size, generator=gen)
+    return x, model.rope.tables(torch.arange(7, 7 + rows))
+
+
+def test_fused_layer_computes_what_the_layer_operations_do(quantized_smollm):
+    # The two kernel calls around attention against the same layer's tensor operations.
+    model = quantized_smollm.model
+    assert all(layer.fused for layer in model.layers)
+    layer = model.layers[5]
+    x, tables = _layer_inputs(model, 5)
+    seen = []
+
+    def attn(index, q, k, v):
+        seen.append((q.clone(), k.clone(), v.clone()))
+        return q * 0.5  # any function of q, the same in both runs
+
+    with torch.inference_mode():
+        fused = layer(x, tables, model.rope, attn)
+        layer.fused = False
+        try:
+            reference = layer(x, tables, model.rope, attn)
+        finally:
+            layer.fused = True
+    for a, b in zip(seen[0], seen[1], strict=True):  # q and k rotated, v as projected
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max(), rtol=1e-5)
+    torch.testing.assert_close(fused, reference, atol=1e-4 * reference.abs().max(), rtol=1e-4)
+
+
+def test_fused_layer_rows_do_not_depend_on_the_batch(quantized_smollm):
+    model = quantized_smollm.model
+    layer = model.layers[2]
+    x, tables = _layer_inputs(model, quant.DENSE_MIN_ROWS - 1)
+
+    def attn(index, q, k, v):
+        return q + v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+
+    with torch.inference_mode():
+        batch = layer(x, tables, model.rope, attn)
+        for i in (0, 6, len(x) - 1):
+            one = layer(x[i : i + 1], (tables[0][i : i + 1], tables[1][i : i + 1]), model.rope, attn)
+            assert torch.equal(one[0], batch[i])

@@ -1,6 +1,7 @@
 """Native kernels: a C source built once with the system compiler, loaded with ctypes.
 
-The build is keyed by the source, the flags and the machine, written into the
+The build is keyed by the source (with the headers it includes from its own
+directory), the flags and the machine, written into the
 llmos cache directory under a temporary name and renamed into place, so
 concurrent builders agree and a changed source rebuilds. Where no compiler
 works (or LLMOS_NATIVE=0), `build_library` returns None and callers keep their
@@ -12,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -29,7 +31,7 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = (), what: str = "
     if os.environ.get("LLMOS_NATIVE", "1") == "0":
         return None
     flags = [*FLAGS, *extra_flags]
-    text = source.read_bytes()
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in _local_headers(source))
     key = hashlib.sha256(text + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()
     target = cache_dir() / "native" / f"{source.stem}-{key[:16]}.so"
     if not target.exists():
@@ -38,10 +40,16 @@ def build_library(source: Path, extra_flags: tuple[str, ...] = (), what: str = "
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             try:
-                subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm"],
+                subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm", "-lpthread"],
                                check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 print(f"llmos: {what} not built ({e}); using PyTorch", file=sys.stderr)
                 return None
             os.replace(built, target)  # atomic: concurrent builders agree
     return ctypes.CDLL(str(target))
+
+
+def _local_headers(source: Path) -> list[Path]:
+    """The headers `source` includes with quotes from its own directory (they change the build too)."""
+    names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', source.read_bytes(), flags=re.MULTILINE)
+    return [source.with_name(n.decode()) for n in names if source.with_name(n.decode()).is_file()]

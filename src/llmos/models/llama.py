@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmos.models import quant
 from llmos.models.config import ModelConfig
 from llmos.models.quant import QuantizedEmbedding, QuantizedLinear, QuantWeight
 
@@ -101,12 +102,25 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False  # set by LlamaForCausalLM.load_weights: see fusable()
+
+    def fusable(self) -> bool:
+        """Whether the quantized kernels can run this layer's work around attention in two calls.
+
+        They can when every product is a QuantizedLinear (a bias only on q/k/v) and there is
+        no q/k norm; they then compute what forward's operations do, row by row.
+        """
+        products = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+        return (self.q_norm is None and all(isinstance(p, QuantizedLinear) for p in products)
+                and all(p.bias is None for p in products[1:]) and quant.available())
 
     def forward(
         self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor], rope: RotaryEmbedding,
         attn: Attention,
     ) -> torch.Tensor:
         t = x.shape[0]
+        if self.fused and t < quant.DENSE_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+            return self._fused_forward(x.contiguous(), rope_tables, attn)
         qkv = self.qkv_proj(self.input_layernorm(x)).view(t, self.nq + 2 * self.nkv, self.hd)
         if self.q_norm is None:  # q and k rotate together: one set of ops for both
             qk = rope(rope_tables, qkv[:, : self.nq + self.nkv])
@@ -118,6 +132,17 @@ class DecoderLayer(nn.Module):
         x = x + self.o_proj(o)
         gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
+
+    def _fused_forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor],
+                       attn: Attention) -> torch.Tensor:
+        """forward's operations for a few rows, in two kernel calls around attention."""
+        t, nq, nkv = x.shape[0], self.nq, self.nkv
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = quant.fused_norm_qkv(x, norm1.weight, norm1.eps, self.qkv_proj, rope_tables, nq + nkv,
+                                   self.hd).view(t, nq + 2 * nkv, self.hd)
+        o = attn(self.index, qkv[:, :nq], qkv[:, nq : nq + nkv], qkv[:, nq + nkv :])
+        return quant.fused_out_mlp(x, o.reshape(t, nq * self.hd).contiguous(), self.o_proj, norm2.weight,
+                                   norm2.eps, self.gate_up_proj, self.down_proj)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -193,6 +218,8 @@ class LlamaForCausalLM(nn.Module):
             else:
                 param.copy_(tensor)
         self.tie_weights()
+        for layer in self.layers:
+            layer.fused = layer.fusable()
         device = self.norm.weight.device
         if self.rope.cos.device != device:
             self.rope.build(device)

@@ -19,6 +19,8 @@ the loader dequantizes instead.
 from __future__ import annotations
 
 import ctypes
+import os
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from functools import cache
@@ -109,17 +111,42 @@ def quantize_int8_per_channel(w: torch.Tensor) -> QuantWeight:
 @cache
 def _library() -> ctypes.CDLL | None:
     source = Path(__file__).with_name("quant_matmul.c")
-    lib = build_library(source, ("-fopenmp",), what="quantized matmul kernel")
+    lib = build_library(source, what="quantized matmul kernel")
     if lib is None:
         return None
     p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.quant_set_threads.argtypes = [i]
+    lib.quant_set_threads.restype = None
+    lib.quant_set_threads(num_threads())
     lib.quant_linear.argtypes = [i, p, i64, i64, p, i64, p, p]
     lib.quant_matmul.argtypes = [i, p, i64, i64, p, p, p, i64, p]
     lib.quantize_act_rows.argtypes = [p, i64, i64, p, p, p]
     lib.dequant_rows.argtypes = [i, p, i64, p, i64, p]
-    for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_act_rows, lib.dequant_rows):
+    f = ctypes.c_float
+    lib.fused_norm_qkv.argtypes = [p, i64, i64, p, f, i, p, i64, p, p, p, i64, i64, p, p, i64]
+    lib.fused_out_mlp.argtypes = [p, p, i64, i64, i64, i, p, p, f, i, p, i64, i, p, p, p, i64]
+    lib.fused_scratch_bytes.argtypes = [i64, i64]
+    lib.fused_scratch_bytes.restype = i64
+    for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_act_rows, lib.dequant_rows,
+               lib.fused_norm_qkv, lib.fused_out_mlp):
         fn.restype = None
     return lib
+
+
+def num_threads() -> int:
+    """Threads that share each product: LLMOS_NUM_THREADS, else the CPUs this process may run on."""
+    wanted = os.environ.get("LLMOS_NUM_THREADS", "")
+    if wanted.strip():
+        try:
+            return max(1, int(wanted))
+        except ValueError:
+            raise ModelError(f"LLMOS_NUM_THREADS must be a whole number, got {wanted!r}") from None
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_num_threads(threads: int) -> None:
+    """Share each product among this many threads from now on (the caller included)."""
+    _require_library().quant_set_threads(max(1, threads))
 
 
 def available() -> bool:
@@ -136,8 +163,8 @@ def _require_library() -> ctypes.CDLL:
     return lib
 
 
-class _Scratch:
-    """One growing buffer, reused by every call (calls run one at a time, in the engine's thread)."""
+class _Scratch(threading.local):
+    """One growing buffer per thread, reused by each of its calls (a thread's calls run one at a time)."""
 
     def __init__(self, dtype: torch.dtype) -> None:
         self.buf = torch.empty(0, dtype=dtype)
@@ -201,6 +228,48 @@ def _dense_tiles_linear(lib: ctypes.CDLL, x: torch.Tensor, w: QuantWeight) -> to
             torch.mm(x, tile.T, out=out)
         else:
             out[:, r0:r1] = x @ tile.T
+    return out
+
+
+def fused_norm_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv: QuantizedLinear,
+                   rope_tables: tuple[torch.Tensor, torch.Tensor], rotated_heads: int,
+                   head_dim: int) -> torch.Tensor:
+    """rope(rmsnorm(x) @ qkv.T + bias) for fewer than DENSE_MIN_ROWS rows x [M, H], in one call.
+
+    The first `rotated_heads` heads of each output row (queries, keys) are rotated
+    by RotaryEmbedding.tables' cos and signed sin; the result is [M, N].
+    """
+    lib = _require_library()
+    m, h = x.shape
+    n = qkv.out_features
+    out = torch.empty(m, n)
+    width = max(h, n)
+    cos, sin = rope_tables
+    bias = qkv.bias.data_ptr() if qkv.bias is not None else None
+    scratch = _scratch.get(lib.fused_scratch_bytes(m, width))
+    lib.fused_norm_qkv(x.data_ptr(), m, h, norm_weight.data_ptr(), eps, int(qkv.qweight.fmt),
+                       qkv.qweight.blocks.data_ptr(), n, bias, cos.data_ptr(), sin.data_ptr(),
+                       rotated_heads, head_dim, out.data_ptr(), scratch.data_ptr(), width)
+    return out
+
+
+def fused_out_mlp(x: torch.Tensor, attn: torch.Tensor, o_proj: QuantizedLinear, norm_weight: torch.Tensor,
+                  eps: float, gate_up: QuantizedLinear, down: QuantizedLinear) -> torch.Tensor:
+    """y + down(silu(gate) * up), y = x + o_proj(attn), gate|up = gate_up(rmsnorm(y)), in one call.
+
+    For fewer than DENSE_MIN_ROWS rows; x [M, H], attn [M, A]; no biases.
+    """
+    lib = _require_library()
+    m, h = x.shape
+    a, inter = attn.shape[1], down.in_features
+    out = torch.empty(m, h)
+    width = max(h, a, 2 * inter)
+    scratch = _scratch.get(lib.fused_scratch_bytes(m, width))
+    lib.fused_out_mlp(x.data_ptr(), attn.data_ptr(), m, h, a, int(o_proj.qweight.fmt),
+                      o_proj.qweight.blocks.data_ptr(), norm_weight.data_ptr(), eps,
+                      int(gate_up.qweight.fmt), gate_up.qweight.blocks.data_ptr(), inter,
+                      int(down.qweight.fmt), down.qweight.blocks.data_ptr(), out.data_ptr(),
+                      scratch.data_ptr(), width)
     return out
 
 

@@ -9,13 +9,19 @@
  * 8 bits here, which moves a small model's logits by several percent; 16 bits
  * keep them within ~0.1% of fp32). A block's product is then an integer dot
  * product of 16-bit pairs (AVX2 where the compiler targets it, plain C
- * otherwise) scaled once. Rows of the output are split
- * across OpenMP threads; each output element is computed the same way whatever
- * the thread count or batch, so results do not depend on batch composition.
+ * otherwise) scaled once.
+ *
+ * Every product's output rows are shared out, in small chunks claimed one at a
+ * time, between the calling thread and a persistent pool of workers (pool.h:
+ * created once, spinning briefly between products, then asleep). Each output
+ * element is computed the same way whoever computes it and whatever the batch,
+ * so results depend neither on the thread count nor on batch composition.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+
+#include "pool.h"
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -204,18 +210,27 @@ static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t
 }
 #endif
 
-/* Products smaller than this run on the calling thread alone. A decode step makes over a
- * hundred small products; with a fork and join each, a second thread that the OS has
- * descheduled (a busy machine) stalls every one of them: 2 threads were 10x slower than 1
- * at load 3 on 2 cores. Only products as large as a vocabulary's lm_head are split. */
-#define PARALLEL_MIN_MACS (1 << 22)
+struct matmul_job {
+    int fmt;
+    const uint8_t *w;
+    int64_t N, K, M, row_bytes;
+    const int16_t *xq;
+    const float *xd, *xs;
+    float *out;
+};
+
+static void matmul_rows(void *arg, int64_t begin, int64_t end) {
+    const struct matmul_job *j = arg;
+    const int64_t nb = j->K / QK;
+    for (int64_t n = begin; n < end; n++)
+        row_block(j->fmt, j->w + n * j->row_bytes, nb, j->K, j->M, j->N, j->xq, j->xd, j->xs, j->out + n);
+}
 
 /* out [M, N] = x [M, K] @ w [N, K]^T, x given quantized by quantize_act_rows. */
 void quant_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int16_t *xq, const float *xd,
                   const float *xs, int64_t M, float *out) {
-    const int64_t nb = K / QK, row_bytes = nb * block_bytes(fmt);
-#pragma omp parallel for schedule(static) if (N * M * K >= PARALLEL_MIN_MACS)
-    for (int64_t n = 0; n < N; n++) row_block(fmt, w + n * row_bytes, nb, K, M, N, xq, xd, xs, out + n);
+    struct matmul_job j = {fmt, w, N, K, M, K / QK * block_bytes(fmt), xq, xd, xs, out};
+    pool_for(N, M * K, matmul_rows, &j);
 }
 
 /* out [M, N] = x [M, K] @ w [N, K]^T for float x, quantized into scratch
@@ -229,14 +244,21 @@ void quant_linear(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *
     quant_matmul(fmt, w, N, K, xq, xd, xs, M, out);
 }
 
-/* out [n, K] = the dequantized rows ids[0..n) of w [*, K] (an embedding lookup), or rows
- * 0..n when ids is NULL. */
-void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int64_t n, float *out) {
-    const int64_t nb = K / QK, bb = block_bytes(fmt);
-#pragma omp parallel for schedule(static) if (n * K >= 262144)
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = w + (ids ? ids[i] : i) * nb * bb;
-        float *o = out + i * K;
+struct dequant_job {
+    int fmt;
+    const uint8_t *w;
+    int64_t K;
+    const int64_t *ids;
+    float *out;
+};
+
+static void dequant_range(void *arg, int64_t begin, int64_t end) {
+    const struct dequant_job *job = arg;
+    const int fmt = job->fmt;
+    const int64_t K = job->K, nb = K / QK, bb = block_bytes(fmt);
+    for (int64_t i = begin; i < end; i++) {
+        const uint8_t *row = job->w + (job->ids ? job->ids[i] : i) * nb * bb;
+        float *o = job->out + i * K;
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *blk = row + b * bb;
             const float d = load_f16(blk);
@@ -267,4 +289,109 @@ void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int6
             }
         }
     }
+}
+
+/* out [n, K] = the dequantized rows ids[0..n) of w [*, K] (an embedding lookup), or rows
+ * 0..n when ids is NULL. */
+void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int64_t n, float *out) {
+    struct dequant_job j = {fmt, w, K, ids, out};
+    pool_for(n, K, dequant_range, &j);
+}
+
+/* How many threads share each product, the caller included. */
+void quant_set_threads(int threads) { pool_set_threads(threads); }
+
+/* -- a decoder layer's work around attention, for a few rows at a time ----------------------
+ *
+ * The same operations as models/llama.py's DecoderLayer, for rows that the
+ * integer kernel multiplies, in two calls instead of a dozen tensor operations
+ * each: RMSNorm, the fused q/k/v product and RoPE before attention; the output
+ * projection, residual, RMSNorm, gate/up product, SiLU-gated product, down
+ * projection and residual after it. Every row is computed on its own, so a
+ * row's result does not depend on the rows beside it.
+ *
+ * scratch holds, for M rows of at most `width` features: two float buffers of
+ * M * width, the activations' scales and sums (2 * M * width / 32 floats) and
+ * their 16-bit values (M * width int16): fused_scratch_bytes(M, width). */
+
+int64_t fused_scratch_bytes(int64_t M, int64_t width) {
+    return M * width * (4 + 4 + 2) + 2 * 4 * M * (width / QK);
+}
+
+struct fused_scratch {
+    float *a, *b, *xd, *xs;
+    int16_t *xq;
+};
+
+static struct fused_scratch carve(uint8_t *scratch, int64_t M, int64_t width) {
+    struct fused_scratch s;
+    s.a = (float *)scratch;
+    s.b = s.a + M * width;
+    s.xd = s.b + M * width;
+    s.xs = s.xd + M * (width / QK);
+    s.xq = (int16_t *)(s.xs + M * (width / QK));
+    return s;
+}
+
+static void rms_norm_rows(const float *x, int64_t M, int64_t H, const float *w, float eps, float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xr = x + m * H;
+        float *o = out + m * H, ss = 0.f;
+        for (int64_t i = 0; i < H; i++) ss += xr[i] * xr[i];
+        const float r = 1.f / sqrtf(ss / (float)H + eps);
+        for (int64_t i = 0; i < H; i++) o[i] = xr[i] * r * w[i];
+    }
+}
+
+/* out [M, N] = quantize(x [M, K]) @ w^T, with x's quantized form in s. */
+static void product(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M,
+                    const struct fused_scratch *s, float *out) {
+    quantize_act_rows(x, M, K, s->xq, s->xd, s->xs);
+    quant_matmul(fmt, w, N, K, s->xq, s->xd, s->xs, M, out);
+}
+
+/* qkv [M, N] = rope(rmsnorm(x [M, H]) @ w^T + bias): the first `rotated` heads of hd features
+ * (queries and keys) rotated by cos and signed sin [M, hd] (RotaryEmbedding.tables' layout:
+ * r[i] = x[i] * cos[i] + x[i +- hd/2] * sin[i]). bias may be NULL. */
+void fused_norm_qkv(const float *x, int64_t M, int64_t H, const float *norm_w, float eps, int fmt,
+                    const uint8_t *w, int64_t N, const float *bias, const float *cos, const float *sin,
+                    int64_t rotated, int64_t hd, float *qkv, uint8_t *scratch, int64_t width) {
+    const struct fused_scratch s = carve(scratch, M, width);
+    rms_norm_rows(x, M, H, norm_w, eps, s.a);
+    product(fmt, w, N, H, s.a, M, &s, qkv);
+    const int64_t half = hd / 2;
+    for (int64_t m = 0; m < M; m++) {
+        float *row = qkv + m * N;
+        if (bias)
+            for (int64_t i = 0; i < N; i++) row[i] += bias[i];
+        const float *c = cos + m * hd, *sn = sin + m * hd;
+        for (int64_t h = 0; h < rotated; h++) {
+            float *r = row + h * hd;
+            for (int64_t i = 0; i < half; i++) {
+                const float lo = r[i], hi = r[i + half];
+                r[i] = lo * c[i] + hi * sn[i];
+                r[i + half] = hi * c[i + half] + lo * sn[i + half];
+            }
+        }
+    }
+}
+
+/* out [M, H] = y + down(silu(gate) * up) where y = x + o(attn) and gate, up = gate_up(rmsnorm(y)):
+ * attn [M, A]; gate_up's N = 2 * I (gate rows first); down [H, I]. */
+void fused_out_mlp(const float *x, const float *attn, int64_t M, int64_t H, int64_t A, int o_fmt,
+                   const uint8_t *o_w, const float *norm_w, float eps, int gu_fmt, const uint8_t *gu_w,
+                   int64_t I, int down_fmt, const uint8_t *down_w, float *out, uint8_t *scratch,
+                   int64_t width) {
+    const struct fused_scratch s = carve(scratch, M, width);
+    product(o_fmt, o_w, H, A, attn, M, &s, out);
+    for (int64_t i = 0; i < M * H; i++) out[i] = x[i] + out[i];
+    rms_norm_rows(out, M, H, norm_w, eps, s.a);
+    product(gu_fmt, gu_w, 2 * I, H, s.a, M, &s, s.b);
+    for (int64_t m = 0; m < M; m++) {
+        const float *gate = s.b + m * 2 * I, *up = gate + I;
+        float *act = s.a + m * I;
+        for (int64_t i = 0; i < I; i++) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+    }
+    product(down_fmt, down_w, H, I, s.a, M, &s, s.b);
+    for (int64_t i = 0; i < M * H; i++) out[i] += s.b[i];
 }
