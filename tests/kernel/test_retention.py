@@ -42,6 +42,36 @@ def test_a_short_tool_keeps_even_under_pressure_and_a_long_one_does_not():
     assert policy.decide("a", "search", 10, 160, tight).action == "swap"
 
 
+def test_a_measured_slow_prefill_makes_releasing_a_context_dearer_than_swapping_it():
+    policy = RetentionPolicy()
+    policy.predictor.observe("a", "search", 2.0)
+    # Slight pressure: at the GPU-like default a token costs 2e-4 s to recompute, so dropping the
+    # context (the prefix cache will likely keep it) is the cheapest waste.
+    light = Memory(capacity_blocks=100, used_blocks=51, host_free_blocks=500)
+    d = policy.decide("a", "search", 20, 320, light)
+    assert d.action == "release" and d.costs["release"] < d.costs["swap"]
+    # This engine measured 5 ms a token (a CPU): recomputing those 320 tokens is the dearest.
+    cpu = Memory(capacity_blocks=100, used_blocks=51, host_free_blocks=500, prefill_s_per_token=5e-3)
+    d = policy.decide("a", "search", 20, 320, cpu)
+    assert d.action == "swap" and d.costs["swap"] < d.costs["release"]
+
+
+def test_the_engine_measures_its_prefill_cost_a_token_on_prefill_steps(model):
+    engine = LLMEngine(model, kv_budget="8MiB")
+    assert engine.metrics.prefill_s_per_token == 0.0
+    engine.add_request(list(range(1000, 1008)), SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.metrics.prefill_s_per_token == 0.0  # 8 tokens and decode steps: not a prefill's cost
+    engine.add_request(list(range(1000, 1096)), SamplingParams(max_tokens=1))
+    while engine.has_unfinished_requests():
+        engine.step()
+    measured = engine.metrics.prefill_s_per_token
+    assert 0.0 < measured < 1.0 and engine.stats()["prefill_s_per_token"] == measured
+    engine.reset_metrics()
+    assert engine.metrics.prefill_s_per_token == measured  # a fact of the machine, not a counter
+
+
 def test_tool_time_is_learned_per_agent_and_tool_with_fallbacks():
     p = ToolTimePredictor(alpha=0.5, default=1.0)
     assert p.predict("a", "search") == 1.0

@@ -227,7 +227,9 @@ class LLMEngine:
             return []
         touched: dict[str, _Request] = {}
         self._record_queue_time(out.scheduled)
+        started = time.perf_counter()
         logits, sampled = self._execute(out.scheduled, touched)
+        self.metrics.observe_compute(sum(out.scheduled.values()), time.perf_counter() - started)
         for seq, n in out.scheduled.items():
             if not seq.is_finished:
                 seq.num_computed_tokens += n
@@ -390,7 +392,8 @@ class LLMEngine:
 
     def reset_metrics(self) -> None:
         """Start the counters afresh (after a warm-up, say); the prefix cache keeps its content."""
-        self.metrics = EngineMetrics(kv_blocks_total=self.blocks.num_blocks)
+        self.metrics = EngineMetrics(kv_blocks_total=self.blocks.num_blocks,
+                                     prefill_s_per_token=self.metrics.prefill_s_per_token)  # a machine fact
         self.scheduler.stats = SchedulerStats()
         self.blocks.prefix_stats = PrefixCacheStats()
 

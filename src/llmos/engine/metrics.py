@@ -39,6 +39,18 @@ class EngineMetrics:
     itl: deque[float] = field(default_factory=lambda: deque(maxlen=100000))
     e2e: deque[float] = field(default_factory=lambda: deque(maxlen=10000))
     started: float = field(default_factory=time.perf_counter)
+    # Seconds a step spends per token it computes, measured on prefill-sized steps (an EWMA;
+    # 0 until one ran): what recomputing a dropped context costs on this machine.
+    prefill_s_per_token: float = 0.0
+
+    def observe_compute(self, tokens: int, seconds: float, min_tokens: int = 32) -> None:
+        """A step computed `tokens` tokens in `seconds`; steps under `min_tokens` are decode steps,
+        whose time is mostly per-step overhead and says little about a prefill's."""
+        if tokens < min_tokens or seconds <= 0:
+            return
+        rate = seconds / tokens
+        old = self.prefill_s_per_token
+        self.prefill_s_per_token = rate if old == 0 else 0.8 * old + 0.2 * rate
 
     @property
     def kv_utilization(self) -> float:
@@ -77,4 +89,5 @@ class EngineMetrics:
             "itl_p99_s": _percentile(self.itl, 0.99),
             "e2e_p50_s": _percentile(self.e2e, 0.5),
             "generation_tok_per_s": self.generation_tokens / elapsed if elapsed > 0 else 0.0,
+            "prefill_s_per_token": self.prefill_s_per_token,
         }

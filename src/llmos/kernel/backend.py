@@ -131,7 +131,8 @@ class EngineBackend:
             ctx = retained.contexts.get(context)
             if ctx is None or ctx.on_host:
                 return None
-            memory = Memory(bm.capacity, bm.num_used_blocks, retained.swap.num_free_blocks)
+            memory = Memory(bm.capacity, bm.num_used_blocks, retained.swap.num_free_blocks,
+                            self.engine.metrics.prefill_s_per_token)
             d = self.retention.decide(agent, tool, len(ctx.blocks), ctx.num_tokens, memory)
             if d.action == "keep":
                 retained.keep(context, d.ttl)

@@ -10,7 +10,10 @@ measured here in block-seconds, the memory-time product the others lose:
   nobody wants costs nothing);
 - swap: the copy out and back in, during which the resident blocks stall;
 - release: the recompute of the context if the prefix cache loses it (more
-  likely the higher the pressure), during which the resident blocks stall.
+  likely the higher the pressure), during which the resident blocks stall;
+  its cost a token is the engine's own, measured on its prefill steps (a
+  GPU-like default until one ran), so a CPU that computes 20x slower values
+  its contexts 20x more.
 
 The cheapest wins; ties go to keep, then swap. The expected tool time is
 learned per (agent, tool) like sjf's length predictor, falling back to the
@@ -58,6 +61,7 @@ class Memory:
     capacity_blocks: int
     used_blocks: int  # held by sequences and pins (the prefix cache's free blocks not counted)
     host_free_blocks: int
+    prefill_s_per_token: float = 0.0  # the engine's measured compute cost a token (0: not measured)
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class RetentionDecision:
 
 @dataclass
 class RetentionPolicy:
-    prefill_s_per_token: float = 2e-4  # recompute cost of one context token
+    prefill_s_per_token: float = 2e-4  # recompute cost of one context token, until the engine measured it
     swap_s_per_block: float = 1e-4  # one block's copy to host (and the same back)
     ttl_factor: float = 2.0  # a kept context lives this many expected tool times ...
     min_ttl: float = 0.5  # ... at least this long
@@ -96,7 +100,8 @@ class RetentionPolicy:
             "keep": expected * context_blocks * pressure,
             "swap": (2 * self.swap_s_per_block * context_blocks * resident
                      if memory.host_free_blocks >= context_blocks else float("inf")),
-            "release": self.prefill_s_per_token * context_tokens * resident * pressure,
+            "release": (memory.prefill_s_per_token or self.prefill_s_per_token)
+                       * context_tokens * resident * pressure,
         }
         action = min(ACTIONS, key=lambda a: (costs[a], ACTIONS.index(a)))
         ttl = max(self.min_ttl, self.ttl_factor * expected)
