@@ -34,3 +34,6 @@ def test_quick_bench_runs_each_policy_on_the_same_work(tmp_path):
         assert r["tok_per_s_min"] <= r["tok_per_s"] <= r["tok_per_s_max"]
         assert 0 < r["jain_batch"] <= 1
         assert r["interactive_max_s"] >= r["interactive_p90_s"] >= r["interactive_p50_s"] > 0
+        assert len(r["run_p50s_s"]) == len(r["run_p90s_s"]) == 2  # each run's own, for the spread
+        assert all(p90 >= p50 > 0 for p50, p90 in zip(r["run_p50s_s"], r["run_p90s_s"], strict=True))
+        assert max(r["run_p90s_s"]) <= r["interactive_max_s"]

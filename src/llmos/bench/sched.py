@@ -10,7 +10,8 @@ its r-th policy), so no policy always runs first or last on a shared machine
 and the range over repeats), interactive latency from the moment a request
 was due to its last token (an agent still waiting for its previous answer
 is late, and that counts), pooled over the repeats: p50, p90 and the
-maximum, with the number of samples (no p99 is claimed from fewer than 100),
+maximum, with the number of samples (no p99 is claimed from fewer than 100)
+and the range of each run's own p50 and p90,
 Jain's fairness index of tokens per weight over the batch agents while all
 of them are still busy, and for sjf the length predictor's mean absolute
 error.
@@ -141,9 +142,15 @@ def _summary(policy: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             "latency_samples": len(lat), "interactive_p50_s": _percentile(lat, 0.5),
             "interactive_p90_s": _percentile(lat, 0.9), "interactive_max_s": max(lat, default=0.0),
             "run_p50s_s": [_percentile(r["interactive_latencies_s"], 0.5) for r in runs],
+            "run_p90s_s": [_percentile(r["interactive_latencies_s"], 0.9) for r in runs],
             "jain_batch": sum(r["jain_batch"] for r in runs) / len(runs),
             "preemptions": sum(r["preemptions"] for r in runs) / len(runs),
             "sjf_mae_tokens": sum(r["sjf_mae_tokens"] for r in runs) / len(runs), "runs": runs}
+
+
+def _span(values: list[float]) -> str:
+    """The range of per-run values, as (min-max)."""
+    return f"({min(values):.2f}-{max(values):.2f})"
 
 
 def interleaved(policies: tuple[str, ...], repeats: int) -> list[str]:
@@ -184,15 +191,17 @@ def run_sched_bench(console: Console, quick: bool = False, model: str = "smollm2
                         f"{w.max_running} running at once, {repeats} interleaved runs per policy; "
                         f"latency from when a request was due, {fifo['latency_samples']} samples per policy",
                   title_justify="left")
-    for col in ("policy", "tok/s (min-max)", "vs fifo", "latency p50 s", "p90 s", "max s", "p90 vs fifo",
-                "Jain (batch)", "preemptions", "sjf error (tokens)"):
+    for col in ("policy", "tok/s (min-max)", "vs fifo", "latency p50 s (runs)", "p90 s (runs)", "max s",
+                "p90 vs fifo", "Jain (batch)", "preemptions", "sjf error (tokens)"):
         table.add_column(col, justify="left" if col == "policy" else "right")
     for r in rows:
         r["throughput_vs_fifo"] = r["tok_per_s"] / fifo["tok_per_s"]
         r["p90_improvement_vs_fifo"] = fifo["interactive_p90_s"] / max(r["interactive_p90_s"], 1e-9)
         spread = f"{r['tok_per_s']:.1f} ({r['tok_per_s_min']:.1f}-{r['tok_per_s_max']:.1f})"
-        table.add_row(r["policy"], spread, f"{r['throughput_vs_fifo']:.2f}x", f"{r['interactive_p50_s']:.2f}",
-                      f"{r['interactive_p90_s']:.2f}", f"{r['interactive_max_s']:.2f}",
+        table.add_row(r["policy"], spread, f"{r['throughput_vs_fifo']:.2f}x",
+                      f"{r['interactive_p50_s']:.2f} {_span(r['run_p50s_s'])}",
+                      f"{r['interactive_p90_s']:.2f} {_span(r['run_p90s_s'])}",
+                      f"{r['interactive_max_s']:.2f}",
                       f"{r['p90_improvement_vs_fifo']:.1f}x", f"{r['jain_batch']:.3f}",
                       f"{r['preemptions']:.0f}", f"{r['sjf_mae_tokens']:.1f}" if r["policy"] == "sjf" else "")
     console.print(table)
