@@ -28,7 +28,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from llmos.lab._common import MODEL, engine, pyplot
+from llmos.lab._common import MODEL, engine, pyplot, save
 
 SIZE: dict[str, dict[str, Any]] = {  # user turns between the fact and the question, sentences in each
     "small": {"turns": 3, "sentences": 3, "window": 640},
@@ -219,9 +219,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
               f"{' / '.join(s['summary'].split(chr(10)))[:200]}" for s in shown]
     wrapped = [w for line in lines for w in textwrap.wrap(line, 150, subsequent_indent="    ")]
     text_ax.text(0, 1, "\n".join(wrapped), fontsize=8, va="top", family="monospace")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def describe(data: dict[str, Any]) -> str:

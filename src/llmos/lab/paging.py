@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmos.lab._common import MODEL, engine, pyplot
+from llmos.lab._common import MODEL, engine, pyplot, save
 
 SCHEMES = ("max-length reservation", "exact reservation", "paged")
 PARTS = ("used", "reservation", "internal", "external")
@@ -244,9 +244,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fit.set_title("requests running at once", fontsize=10)
     fit.legend(fontsize=8)
     fig.suptitle("llmos lab paging: the three kinds of KV waste that paging removes", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def describe(data: dict[str, Any]) -> str:

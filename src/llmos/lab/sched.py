@@ -25,7 +25,7 @@ from typing import Any
 
 from llmos.bench.sched import SchedWorkload, _percentile, run_policy
 from llmos.kernel import EngineBackend
-from llmos.lab._common import MODEL, engine, pyplot
+from llmos.lab._common import MODEL, engine, pyplot, save
 
 SIZE = {
     "small": SchedWorkload(interactive=1, batch=2, interactive_requests=2, interval=0.2, interactive_tokens=4,
@@ -155,9 +155,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"llmos lab sched: {w['interactive']} interactive agents (blue; a question every "
                  f"{w['interval']} s) and {w['batch']} batch agents (orange) on one engine, "
                  f"{w['max_running']} calls at once, under each policy", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def describe(data: dict[str, Any]) -> str:

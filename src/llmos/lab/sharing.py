@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llmos.lab._common import MODEL, engine, pyplot
+from llmos.lab._common import MODEL, engine, pyplot, save
 
 # n samples, their max tokens; k requests, their max tokens; system prompt repeats; pool blocks
 SIZE: dict[str, dict[str, Any]] = {
@@ -121,9 +121,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
           f"prompt tokens computed (of {b['prompt_tokens']})\n"
           f"same output tokens: {'yes' if b['outputs_identical'] else 'NO'}")
     fig.suptitle("llmos lab sharing: KV blocks shared by copy-on-write and the prefix cache", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def _bars(ax: Any, labels: list[str], values: list[int], title: str) -> None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmos.lab._common import MODEL, block_bytes, engine, pyplot
+from llmos.lab._common import MODEL, block_bytes, engine, pyplot, save
 
 MODES = ("kept", "swapped", "recomputed")
 SIZE: dict[str, dict[str, Any]] = {  # prompt repeats, tokens generated, suspended after, pool blocks
@@ -122,9 +122,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"llmos lab switch: a {data['prompt_tokens']}-token prompt's generation suspended after "
                  f"{data['suspended_after']} of {data['generated_tokens']} tokens and resumed; "
                  f"tokens identical to the uninterrupted run: {'yes' if same else 'NO'}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 def describe(data: dict[str, Any]) -> str:
