@@ -65,8 +65,7 @@ class PagedAttention:
             extra = {}
             if self._kernel is native.paged_decode:
                 if self._plan is None:
-                    self._plan = native.plan_decode(meta.decode_block_tables, meta.decode_context_lens,
-                                                    q.shape[1])
+                    self._plan = native.plan_decode(meta.decode_block_tables, meta.decode_context_lens)
                 extra["plan"] = self._plan
             decoded = self._kernel(q[:nd], k_cache, v_cache, meta.decode_block_tables,
                                    meta.decode_context_lens, **extra)

@@ -125,6 +125,8 @@ def _library() -> ctypes.CDLL | None:
     f = ctypes.c_float
     lib.fused_norm_qkv.argtypes = [p, i64, i64, p, f, i, p, i64, p, p, p, i64, i64, p, p, i64]
     lib.fused_out_mlp.argtypes = [p, p, i64, i64, i64, i, p, p, f, i, p, i64, i, p, p, p, i64]
+    lib.quant_parallel_for.argtypes = [i64, i64, p, p]
+    lib.quant_parallel_for.restype = None
     lib.fused_scratch_bytes.argtypes = [i64, i64]
     lib.fused_scratch_bytes.restype = i64
     for fn in (lib.quant_linear, lib.quant_matmul, lib.quantize_act_rows, lib.dequant_rows,
@@ -147,6 +149,15 @@ def num_threads() -> int:
 def set_num_threads(threads: int) -> None:
     """Share each product among this many threads from now on (the caller included)."""
     _require_library().quant_set_threads(max(1, threads))
+
+
+@cache
+def parallel_for_address() -> int:
+    """The C address of the pool's parallel-for, `void (int64 n, int64 cost, task, arg)`, for other
+    kernels to share the same threads (engine/native.py)."""
+    address = ctypes.cast(_require_library().quant_parallel_for, ctypes.c_void_p).value
+    assert address is not None
+    return address
 
 
 def available() -> bool:

@@ -395,3 +395,6 @@ void fused_out_mlp(const float *x, const float *attn, int64_t M, int64_t H, int6
     product(down_fmt, down_w, H, I, s.a, M, &s, s.b);
     for (int64_t i = 0; i < M * H; i++) out[i] += s.b[i];
 }
+
+/* The pool's parallel-for, for other kernels (engine/paged_attention.c) to share it. */
+void quant_parallel_for(int64_t n, int64_t cost, pool_task fn, void *arg) { pool_for(n, cost, fn, arg); }
