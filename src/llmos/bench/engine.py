@@ -98,7 +98,8 @@ def run_llmos(loaded: LoadedModel, requests: list[BenchRequest], advance=None,
 def profile_phases() -> Iterator[dict[str, float]]:
     """Time a step's phases (seconds, summed) by wrapping the model's parts for the duration.
 
-    matmul: every linear layer and the lm_head; attention: the paged attention
+    matmul: every linear layer and the lm_head (a fused quantized layer's two calls
+    count here whole, their norms, RoPE and SiLU included); attention: the paged attention
     (KV write and read); norm/rope: RMSNorm and RoPE; embed: the token lookup;
     sampling: the sampler; forward (total) and step (total) frame them, and the
     rest is the scheduler's and Python's (scheduling, inputs, outputs, glue ops).
@@ -110,6 +111,7 @@ def profile_phases() -> Iterator[dict[str, float]]:
 
     phases: dict[str, float] = {}
     targets = [(torch.nn.Linear, "forward", "matmul"), (quant.QuantizedLinear, "forward", "matmul"),
+               (quant, "fused_norm_qkv", "matmul"), (quant, "fused_out_mlp", "matmul"),
                (PagedAttention, "__call__", "attention"), (llama.RMSNorm, "forward", "norm/rope"),
                (llama.RotaryEmbedding, "forward", "norm/rope"), (torch.nn.Embedding, "forward", "embed"),
                (quant.QuantizedEmbedding, "forward", "embed"), (ModelRunner, "execute", "forward (total)"),

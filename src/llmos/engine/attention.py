@@ -46,6 +46,7 @@ class PagedAttention:
         self.meta = meta
         block_size = kv.shape[3]
         self._kernel = decode_kernel(kv.device.type, kv.dtype)
+        self._native_write = self._kernel is native.paged_decode and kv.is_contiguous()
         self._plan: native.DecodePlan | None = None  # the C kernel's, made at the first layer
         if meta.num_decodes and self._kernel is None:
             lens = meta.decode_context_lens
@@ -58,8 +59,9 @@ class PagedAttention:
         k_cache, v_cache = self.kv[layer, 0], self.kv[layer, 1]
         kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         slots = self.meta.slot_mapping
-        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+        if not (self._native_write and native.write_cache(k, v, slots.to(torch.int64), k_cache, v_cache)):
+            k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+            v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
         nd, meta = self.meta.num_decodes, self.meta
         if nd and self._kernel is not None:
             extra = {}

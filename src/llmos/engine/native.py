@@ -33,6 +33,8 @@ def _library() -> ctypes.CDLL | None:
     p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
     fn.argtypes = [p, p, p, p, p, p, i, i, i, i, i, i, ctypes.c_float, i64, p]
     fn.restype = None
+    lib.cache_write_f32.argtypes = [p, p, i64, p, i64, i64, p, p, i64]
+    lib.cache_write_f32.restype = i
     return lib
 
 
@@ -72,3 +74,25 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          plan.lens.data_ptr(), out.data_ptr(), b, hq, hkv, d, bs, plan.tables.shape[1],
                          1.0 / d**0.5, plan.total_tokens, quant.parallel_for_address())
     return out
+
+
+def write_cache(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> bool:
+    """k_cache's and v_cache's rows at `slots` = k and v [T, Hkv, D], in one call; False (nothing
+    written) where k and v's layout does not allow it (the caller then copies with PyTorch).
+
+    The caches must be contiguous float32 [blocks, block_size, Hkv, D] (paged_decode's);
+    k and v float32, each row contiguous, rows equally strided (views into a fused
+    q/k/v projection do). A slot outside the cache raises IndexError with nothing written.
+    """
+    t, hkv, d = k.shape
+    stride = k.stride()
+    if stride[1:] != (d, 1) or v.stride() != stride or k.dtype != torch.float32:
+        return False
+    lib = _library()
+    assert lib is not None, "check available() first"
+    num_slots = k_cache.numel() // (hkv * d)
+    if lib.cache_write_f32(k.data_ptr(), v.data_ptr(), stride[0], slots.data_ptr(), t, hkv * d,
+                                  k_cache.data_ptr(), v_cache.data_ptr(), num_slots):
+        raise IndexError(f"a KV slot is outside the cache's {num_slots} slots")
+    return True

@@ -130,3 +130,17 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
     const int64_t items = (int64_t)B * Hkv;
     parallel_for(items, 2 * D * (Hq / Hkv) * (total_tokens / B + 1), decode_items, &a);
 }
+
+/* k_cache[slots[t]] = k[t] and v_cache[slots[t]] = v[t] for T tokens of `row` floats (all KV
+ * heads), k and v rows `stride` floats apart (views into a fused q/k/v projection). Returns 0,
+ * or -1 having written nothing when a slot is outside [0, num_slots). */
+int cache_write_f32(const float *k, const float *v, int64_t stride, const int64_t *slots, int64_t T,
+                    int64_t row, float *k_cache, float *v_cache, int64_t num_slots) {
+    for (int64_t t = 0; t < T; t++)
+        if (slots[t] < 0 || slots[t] >= num_slots) return -1;
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(k_cache + slots[t] * row, k + t * stride, (size_t)row * sizeof(float));
+        memcpy(v_cache + slots[t] * row, v + t * stride, (size_t)row * sizeof(float));
+    }
+    return 0;
+}

@@ -43,7 +43,7 @@ typedef void (*pool_task)(void *arg, int64_t begin, int64_t end);
 
 #define POOL_MAX_THREADS 64
 #ifndef POOL_SPIN_NS
-#define POOL_SPIN_NS 100000 /* a worker's wait for the next job before it sleeps */
+#define POOL_SPIN_NS 50000 /* a worker's wait for the next job before it sleeps */
 #endif
 #define POOL_MIN_WORK 40000    /* jobs cheaper than this (in the caller's cost units) run alone */
 #define POOL_CHUNK_WORK 20000  /* work per chunk: a few microseconds */
