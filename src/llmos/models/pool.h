@@ -10,7 +10,9 @@
  * has not scheduled (a busy machine) simply claims nothing, and the caller only
  * ever waits for chunks already in progress elsewhere (a few microseconds each),
  * never for a worker to wake up. This replaces a fork and join per call, where
- * one descheduled thread stalled every product of a step.
+ * one descheduled thread stalled every product of a step. When a worker is
+ * descheduled in the middle of a chunk anyway, the caller notices the stall and
+ * runs the next POOL_SOLO_JOBS jobs alone before sharing again.
  *
  * Guarantees: every item of a job runs exactly once, before pool_for returns;
  * which thread runs it does not change what it computes. One job runs at a
@@ -36,9 +38,6 @@
 #define POOL_YIELD() sched_yield()
 #endif
 
-#ifdef POOL_STATS
-int64_t pool_stats[3];
-#endif
 typedef void (*pool_task)(void *arg, int64_t begin, int64_t end);
 
 #define POOL_MAX_THREADS 64
@@ -47,6 +46,8 @@ typedef void (*pool_task)(void *arg, int64_t begin, int64_t end);
 #endif
 #define POOL_MIN_WORK 40000    /* jobs cheaper than this (in the caller's cost units) run alone */
 #define POOL_CHUNK_WORK 20000  /* work per chunk: a few microseconds */
+#define POOL_STALL_NS 200000   /* a wait this long for another thread's chunk: it was descheduled */
+#define POOL_SOLO_JOBS 4096    /* after a stall, this many jobs run on the caller alone */
 
 static struct {
     pthread_mutex_t job_lock;   /* held by the caller whose job is running */
@@ -61,6 +62,7 @@ static struct {
     atomic_llong n, chunk, nchunks;
     atomic_int threads;         /* wanted, the caller included */
     int started;                /* workers created (guarded by job_lock) */
+    int solo_left;              /* jobs still to run alone after a stall (guarded by job_lock) */
     unsigned last_gen;          /* guarded by job_lock */
 } pool = {.job_lock = PTHREAD_MUTEX_INITIALIZER, .sleep_lock = PTHREAD_MUTEX_INITIALIZER,
           .wake = PTHREAD_COND_INITIALIZER};
@@ -160,6 +162,12 @@ static void pool_for(int64_t n, int64_t cost, pool_task fn, void *arg) {
         fn(arg, 0, n);
         return;
     }
+    if (pool.solo_left > 0) {
+        pool.solo_left--;
+        pthread_mutex_unlock(&pool.job_lock);
+        fn(arg, 0, n);
+        return;
+    }
     if (pool.started + 1 < threads) pool_start_workers(threads);
     int64_t chunk = cost > 0 ? (POOL_CHUNK_WORK + cost - 1) / cost : n;
     const int64_t most = (n + 4 * threads - 1) / (4 * threads); /* at least ~4 chunks a thread */
@@ -179,21 +187,20 @@ static void pool_for(int64_t n, int64_t cost, pool_task fn, void *arg) {
         pthread_cond_broadcast(&pool.wake);
         pthread_mutex_unlock(&pool.sleep_lock);
     }
-#ifdef POOL_STATS
-    const int64_t t0 = pool_now_ns();
     pool_run_chunks(g);
-    const int64_t t1 = pool_now_ns();
-#else
-    pool_run_chunks(g);
-#endif
-    /* Only chunks another thread has claimed and is running remain. */
+    /* Only chunks another thread has claimed and is running remain. A thread that the OS
+     * descheduled in one (a busy machine) stalls this job: then the next POOL_SOLO_JOBS run
+     * on the caller alone, so a loaded machine costs one stall now and then, not one a job. */
+    int64_t waited_since = 0;
     for (int i = 1; atomic_load_explicit(&pool.done, memory_order_acquire) < nchunks; i++) {
         POOL_PAUSE();
-        if (!(i & 1023)) sched_yield();
+        if (!(i & 255)) {
+            const int64_t now = pool_now_ns();
+            if (!waited_since) waited_since = now;
+            else if (now - waited_since > POOL_STALL_NS) pool.solo_left = POOL_SOLO_JOBS;
+            sched_yield();
+        }
     }
-#ifdef POOL_STATS
-    pool_stats[0] += t1 - t0; pool_stats[1] += pool_now_ns() - t1; pool_stats[2]++;
-#endif
     pthread_mutex_unlock(&pool.job_lock);
 }
 
