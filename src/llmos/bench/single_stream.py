@@ -10,7 +10,9 @@ floor every PyTorch engine pays before its first weight.
 
 Prefill is the time from the request's arrival to its first token (one
 chunk: the prompt fits the step's token budget); decode is the time per token
-after it, greedy with end of sequence ignored.
+after it, greedy with end of sequence ignored. threads is how many threads
+share each quantized product and each decode attention (LLMOS_NUM_THREADS,
+else the CPUs the process may run on).
 """
 
 from __future__ import annotations
@@ -48,10 +50,12 @@ def measure(model: str, prompt_len: int, gen_len: int, engine_kwargs: dict[str, 
     params = SamplingParams(temperature=0, max_tokens=gen_len + 1, ignore_eos=True, detokenize=False)
     t0 = time.perf_counter()
     llm.generate([prompt_ids(prompt_len)], params, on_step=lambda _: stamps.append(time.perf_counter()))
+    from llmos.models import quant
+
     return {"prefill_tok_s": prompt_len / (stamps[0] - t0),
             "decode_ms_per_token": 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1),
             "kv_budget_bytes": llm.engine.config.kv_budget_bytes(),
-            "peak_rss_bytes": peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes(), "threads": quant.num_threads()}
 
 
 def run_llmos(model: str, prompt_len: int, gen_len: int, **engine_kwargs: Any) -> dict[str, Any]:
