@@ -217,3 +217,38 @@ def test_fused_layer_rows_do_not_depend_on_the_batch(quantized_smollm):
         for i in (0, 6, len(x) - 1):
             one = layer(x[i : i + 1], (tables[0][i : i + 1], tables[1][i : i + 1]), model.rope, attn)
             assert torch.equal(one[0], batch[i])
+
+
+def _tiny_quantized(**arch) -> torch.nn.Module:
+    from llmos.models.config import ModelConfig
+    from llmos.models.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch.pop("arch"), vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, **arch)
+    model = LlamaForCausalLM(cfg)
+    state = {}
+    for name, p in model.named_parameters():
+        value = torch.randn_like(p) * 0.3 if p.dim() == 1 and "norm" not in name else p.detach().clone()
+        if p.dim() == 2 and "proj" in name:
+            value = quant.quantize(torch.randn_like(p), QuantFormat.Q8_0)
+        state[name] = value
+    model.load_weights(state)
+    return model
+
+
+def test_a_qkv_bias_is_fused_and_qk_norm_keeps_the_layer_operations():
+    qwen2 = _tiny_quantized(arch="qwen2", attention_bias=True)
+    layer = qwen2.layers[1]
+    assert layer.fused and layer.qkv_proj.bias is not None and layer.qkv_proj.bias.abs().sum() > 0
+    x, tables = torch.randn(3, 64), qwen2.rope.tables(torch.arange(3))
+
+    def attn(index, q, k, v):
+        return q * 2 + k.repeat_interleave(2, 1)
+
+    with torch.inference_mode():
+        fused = layer(x, tables, qwen2.rope, attn)
+        layer.fused = False
+        reference = layer(x, tables, qwen2.rope, attn)
+    torch.testing.assert_close(fused, reference, atol=1e-4 * reference.abs().max(), rtol=1e-4)
+    assert not any(layer.fused for layer in _tiny_quantized(arch="qwen3", qk_norm=True).layers)
