@@ -224,8 +224,8 @@ def _tiny_quantized(**arch) -> torch.nn.Module:
     from llmos.models.llama import LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch.pop("arch"), vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, **arch)
+    cfg = ModelConfig(arch=arch.pop("arch"), vocab_size=64, hidden_size=64, intermediate_size=96,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, **arch)
     model = LlamaForCausalLM(cfg)
     state = {}
     for name, p in model.named_parameters():
