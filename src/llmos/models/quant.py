@@ -8,9 +8,15 @@ them near fp32) and each block product is an integer dot product. Hugging
 Face weights can be quantized at load to int8 per output channel, stored as
 Q8_0 blocks whose scales repeat the channel's (exact, so one kernel serves both).
 
+Each product's output rows are shared between the calling thread and a
+persistent pool of workers in the C library (pool.h; LLMOS_NUM_THREADS threads,
+else the CPUs the process may run on), and for fewer than DENSE_MIN_ROWS rows a decoder
+layer's work around attention runs in two calls (fused_norm_qkv, fused_out_mlp).
+
 Guarantees: below DENSE_MIN_ROWS input rows a QuantizedLinear's output equals
 dequantize(weight) @ dequantize(quantize_activations(x)) up to float rounding,
-and a row's result does not depend on the rows beside it; from there it equals
+and a row's result does not depend on the rows beside it nor on the thread count;
+the fused calls compute the layer's operations the same way, row by row; from there it equals
 dequantize(weight) @ x (tests/models/test_quant.py). No fp32 copy of a whole
 weight is kept. Where the C kernel cannot be built, `available()` is False and
 the loader dequantizes instead.
@@ -255,7 +261,7 @@ def fused_norm_qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, qkv: 
     n = qkv.out_features
     out = torch.empty(m, n)
     width = max(h, n)
-    cos, sin = rope_tables
+    cos, sin = (t.contiguous() for t in rope_tables)
     bias = qkv.bias.data_ptr() if qkv.bias is not None else None
     scratch = _scratch.get(lib.fused_scratch_bytes(m, width))
     lib.fused_norm_qkv(x.data_ptr(), m, h, norm_weight.data_ptr(), eps, int(qkv.qweight.fmt),
