@@ -524,6 +524,19 @@ def finished_context(sim: Sim, key: str, prompt: int = 8) -> Sequence:
     return seq
 
 
+def context_on_host(num_blocks: int, lose_device_copy: bool = True) -> tuple[Scheduler, Sim, Sequence]:
+    """A finished call's context "a" swapped to 8 host blocks (the copy checked by Sim), its device
+    copy dropped from the prefix cache unless `lose_device_copy` is False."""
+    sched = make_scheduler(num_blocks=num_blocks, swap_blocks=8)
+    sim = Sim(sched)
+    a = finished_context(sim, "a")
+    assert sched.retained.swap_out("a")
+    sim.step()
+    if lose_device_copy:
+        sched.blocks.reset_prefix_cache()
+    return sched, sim, a
+
+
 def test_a_retained_context_is_reclaimed_before_a_paused_sequence_loses_its_blocks() -> None:
     sched = make_scheduler(num_blocks=8, swap_blocks=8)
     sim = Sim(sched)
@@ -562,12 +575,7 @@ def test_a_claimed_context_under_pressure_goes_to_the_host_and_comes_back_withou
 
 
 def test_a_context_brought_back_in_this_step_is_never_copied_out_in_the_same_step() -> None:
-    sched = make_scheduler(num_blocks=6, swap_blocks=8)
-    sim = Sim(sched)
-    a = finished_context(sim, "a")
-    assert sched.retained.swap_out("a")
-    sim.step()
-    sched.blocks.reset_prefix_cache()
+    sched, sim, a = context_on_host(6)
     z = make_seq(12, max_tokens=2)  # 3 of the 6 blocks, and a fourth for its next token
     sim.add(z)
     sim.step()
@@ -584,12 +592,7 @@ def test_a_context_brought_back_in_this_step_is_never_copied_out_in_the_same_ste
 
 
 def test_a_swapped_context_comes_back_with_its_kv_and_only_new_tokens_are_computed() -> None:
-    sched = make_scheduler(num_blocks=8, swap_blocks=8)
-    sim = Sim(sched)
-    a = finished_context(sim, "a")
-    assert sched.retained.swap_out("a")
-    sim.step()  # copies the context to host blocks (checked by Sim.check)
-    sched.blocks.reset_prefix_cache()  # its device copy is lost
+    sched, sim, a = context_on_host(8)  # the device copy is lost: only the host has it
     d = make_seq(a.token_ids + [7000, 7001, 7002], max_tokens=1)
     sched.retained.claims[d.request_id] = "a"
     sim.add(d)
@@ -620,11 +623,7 @@ def test_a_context_expires_after_its_ttl_unless_a_queued_request_claims_it() -> 
 
 
 def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_waits_for_memory() -> None:
-    sched = make_scheduler(num_blocks=6, swap_blocks=8)
-    sim = Sim(sched)
-    a = finished_context(sim, "a")
-    assert sched.retained.swap_out("a")
-    sim.step()  # the context is on the host; its device copies wait in the prefix cache
+    sched, sim, a = context_on_host(6, lose_device_copy=False)  # its device copies wait in the prefix cache
     z = make_seq(17, max_tokens=3)  # takes every free block and evicts the context's second one
     sim.add(z)
     sim.step()
@@ -642,12 +641,7 @@ def test_a_swap_in_counts_the_idle_cached_blocks_it_pins_and_waits_for_memory() 
 
 
 def test_a_swap_in_with_no_room_and_nothing_running_recomputes() -> None:
-    sched = make_scheduler(num_blocks=3, swap_blocks=8)
-    sim = Sim(sched)
-    a = finished_context(sim, "a")
-    assert sched.retained.swap_out("a")
-    sim.step()
-    sched.blocks.reset_prefix_cache()
+    sched, sim, a = context_on_host(3)
     sched.blocks.capacity = 1  # the operator shrank the KV: the context's 2 blocks cannot come back
     d = make_seq(a.token_ids[:3], max_tokens=1)
     sched.retained.claims[d.request_id] = "a"

@@ -2,11 +2,11 @@
 
 Pure PyTorch must gather every sequence's blocks into a padded copy each
 layer of each step; on a CPU that copy costs more than the whole model's
-matmuls. The kernel reads blocks in place, one item per (sequence, query
-head), shared out by the quantized kernels' thread pool (models/quant.py), so
-even a single stream's attention uses every core. Built on first use into the
-llmos cache directory; where no compiler works, the engine keeps the PyTorch
-path.
+matmuls. The kernel reads blocks in place, one item per (sequence, KV head:
+the query heads of its group read each key and value row once), shared out
+by the quantized kernels' thread pool (models/quant.py), so even a single
+stream's attention uses every core. Built on first use into the llmos cache
+directory; where no compiler works, the engine keeps the PyTorch path.
 """
 
 from __future__ import annotations
