@@ -31,16 +31,7 @@ def quantized():
     return load_model("smollm2-135m-instruct", quantization="gguf")
 
 
-@pytest.fixture
-def single_rows(monkeypatch):
-    """Every matmul through the 16-bit kernel, as a lone decode runs, even over a whole prompt."""
-    monkeypatch.setattr(quant, "DENSE_MIN_ROWS", 10**9)
-
-
-@pytest.mark.parametrize("path", ["decode kernel", "prefill tiles"])
-def test_quantized_logits_match_fp32_within_tolerance(quantized, smollm, request, path):
-    if path == "decode kernel":
-        request.getfixturevalue("single_rows")
+def test_quantized_logits_match_fp32_within_tolerance(quantized, smollm):
     for question in QUESTIONS:
         ids = torch.tensor(chat_ids(smollm, question))
         pos = torch.arange(len(ids))
@@ -53,7 +44,7 @@ def test_quantized_logits_match_fp32_within_tolerance(quantized, smollm, request
         assert torch.equal(lq.argmax(-1), lf.argmax(-1))
 
 
-def test_quantized_engine_batched_greedy_equals_dense_reference(quantized, single_rows):
+def test_quantized_engine_batched_greedy_equals_dense_reference(quantized):
     # Row results of the kernel do not depend on the batch: chunked prefill beside decodes,
     # paged over many blocks, gives exactly the dense recomputation's tokens.
     llm = LLM(quantized, kv_budget="64MiB", block_size=4, max_num_batched_tokens=24)

@@ -1,16 +1,17 @@
 """Quantized weights: the C kernels against dequantize-then-matmul references, the GGUF loader.
 
 The reference for every format is gguf.quants' own dequantization of the same
-blocks. Below DENSE_MIN_ROWS input rows the kernel quantizes the activations
-(16 bits per block of 32), so the reference multiplies them as quantized, and
-the kernel must equal it up to float rounding; against the unquantized
-activations the error is that of the 16-bit activations alone, bounded
-separately. From DENSE_MIN_ROWS rows, dequantized tiles meet the fp32
-activations, so the reference is plain dequantize-then-matmul.
+blocks. The kernel quantizes the activations (15 bits per block of 32), so the
+reference multiplies them as quantized, and the kernel must equal it up to
+float rounding; against the unquantized activations the error is that of the
+15-bit activations alone, bounded separately. The kernel layout is checked to
+be an exact rearrangement of the file's blocks, and the portable C path to give
+the AVX-512 path's bits.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -21,8 +22,9 @@ from llmos.models.quant import QuantFormat, QuantizedEmbedding, QuantizedLinear
 
 pytestmark = pytest.mark.skipif(not quant.available(), reason="the C kernel needs a compiler")
 
-# (rows of x, output features, input features): single rows, odd counts, one block, many blocks.
-SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (6, 5, 160), (17, 5, 160), (64, 130, 576)]
+# (rows of x, output features, input features): single rows, odd counts, one block, many blocks,
+# partial groups of 16 weight rows and partial tiles of 8 activation rows.
+SHAPES = [(1, 1, 32), (1, 7, 64), (3, 33, 96), (6, 5, 160), (17, 5, 160), (64, 130, 576), (13, 16, 64)]
 FORMATS = ["Q4_0", "Q4_1", "Q8_0", "int8"]
 
 
@@ -48,22 +50,63 @@ def test_kernel_equals_dequantize_then_matmul(fmt, shape):
     x = torch.randn(m, k, generator=gen) * 3
     qw = _quantized(fmt, w)
     dense = x @ qw.dequantize().T
-    int8_rows = m < quant.DENSE_MIN_ROWS
-    reference = _activations_as_quantized(x) @ qw.dequantize().T if int8_rows else dense
+    reference = _activations_as_quantized(x) @ qw.dequantize().T
     out = quant.quant_linear(x, qw)
     assert out.shape == (m, n) and out.dtype == torch.float32
     scale = reference.abs().max()
     torch.testing.assert_close(out, reference, atol=2e-5 * scale, rtol=1e-5)
-    # Against fp32 activations: only the 16-bit activations' error (under 1e-4 of the largest output).
+    # Against fp32 activations: only the 15-bit activations' error (under 1e-4 of the largest output).
     assert (out - dense).abs().max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 50])
+def test_the_kernel_layout_is_an_exact_rearrangement_of_the_files_blocks(fmt, rows):
+    # Random bytes for every value (all 256 patterns of a Q8 byte, both nibbles) and finite scales.
+    fmt = QuantFormat[fmt]
+    gen = np.random.default_rng(rows)
+    blocks = gen.integers(0, 256, size=(rows, 3, fmt.block_bytes), dtype=np.uint8)
+    scales = gen.standard_normal((rows, 3, 2)).astype(np.float16).view(np.uint8)
+    blocks[..., :4] = scales.reshape(rows, 3, 4)
+    ggml = quant.GGMLWeight(blocks.reshape(rows, -1), fmt, 96)
+    packed = ggml.pack()
+    assert packed.shape == (rows, 96) and packed.data.shape == (-(-rows // 16), 3 * fmt.group_block_bytes)
+    assert np.array_equal(packed.to_ggml().blocks, ggml.blocks)
+    dense = ggml.dequantize()
+    torch.testing.assert_close(QuantizedEmbedding(packed)(torch.arange(rows)), dense, atol=1e-6, rtol=1e-6)
+    # Every weight is multiplied where it belongs: each unit vector reads one column back.
+    out = quant.quant_linear(torch.eye(96), packed)
+    torch.testing.assert_close(out, dense.T, atol=1e-6 * dense.abs().max(), rtol=1e-4)
+
+
+def test_the_portable_path_gives_the_vectorized_paths_bits():
+    import ctypes
+    from pathlib import Path
+
+    from llmos.models.cbuild import build_library
+
+    source = Path(quant.__file__).with_name("quant_matmul.c")
+    portable = build_library(source, what="portable kernel", defines=("QUANT_PORTABLE",))
+    assert portable is not None and portable.quant_vectorized() == 0
+    p, i64, i = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    portable.quant_linear.argtypes = [i, p, i64, i64, p, i64, p, p]
+    portable.quant_act_bytes.argtypes = [i64, i64]
+    portable.quant_act_bytes.restype = i64
+    for fmt in ("Q4_0", "Q4_1", "Q8_0", "int8"):
+        x, qw = torch.randn(11, 128) * 4, _quantized(fmt, torch.randn(21, 128))
+        out = torch.empty(11, 21)
+        scratch = torch.empty(portable.quant_act_bytes(11, 128), dtype=torch.uint8)
+        portable.quant_linear(int(qw.fmt), qw.data.data_ptr(), 21, 128, x.data_ptr(), 11, out.data_ptr(),
+                              scratch.data_ptr())
+        assert torch.equal(out, quant.quant_linear(x, qw)), fmt
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_a_row_computes_the_same_alone_or_in_a_batch(fmt):
-    w, x = torch.randn(37, 96), torch.randn(quant.DENSE_MIN_ROWS - 1, 96)
+    w, x = torch.randn(37, 96), torch.randn(19, 96)  # two full tiles of 8 rows and a partial one
     qw = _quantized(fmt, w)
     batch = quant.quant_linear(x, qw)
-    for i in (0, 5, len(x) - 1):
+    for i in (0, 5, 8, 16, len(x) - 1):
         assert torch.equal(quant.quant_linear(x[i : i + 1], qw)[0], batch[i])
 
 
@@ -81,7 +124,7 @@ def test_int8_per_channel_is_exact_per_row():
 def test_activation_quantization_rounds_within_half_a_step():
     x = torch.randn(5, 96) * torch.logspace(-3, 3, 96)
     q, d, s = quant.quantize_activations(x)
-    assert q.dtype == torch.int16 and q.abs().max() <= 32767
+    assert q.dtype == torch.int16 and q.abs().max() == 16383  # each block's largest value
     back = _activations_as_quantized(x)
     step = d.repeat_interleave(32, dim=1)
     assert ((back - x).abs() <= step / 2 + 1e-6).all()
@@ -112,12 +155,12 @@ def test_embedding_rows_equal_dequantized_rows(fmt):
 
 
 def test_mixed_formats_concatenate_dequantized():
-    a = quant.quantize(torch.randn(4, 64), QuantFormat.Q4_1)
-    b = quant.quantize(torch.randn(2, 64), QuantFormat.Q4_1)
+    a = quant.quantize(torch.randn(4, 64), QuantFormat.Q4_1).to_ggml()
+    b = quant.quantize(torch.randn(2, 64), QuantFormat.Q4_1).to_ggml()
     packed = quant.cat_weights([a, b])
-    assert isinstance(packed, quant.QuantWeight) and packed.fmt is QuantFormat.Q4_1
+    assert isinstance(packed, quant.GGMLWeight) and packed.fmt is QuantFormat.Q4_1
     torch.testing.assert_close(packed.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
-    mixed = quant.cat_weights([a, quant.quantize(torch.randn(2, 64), QuantFormat.Q8_0)])
+    mixed = quant.cat_weights([a, quant.quantize(torch.randn(2, 64), QuantFormat.Q8_0).to_ggml()])
     assert isinstance(mixed, torch.Tensor) and mixed.shape == (6, 64)
 
 
@@ -137,7 +180,7 @@ def test_gguf_weights_stay_packed_and_equal_the_fp32_load(quantized_smollm, smol
     assert model.lm_head.qweight is model.embed_tokens.qweight  # tied: one copy of the blocks
     # No fp32 matrix is resident: only norms (1-D) remain float parameters.
     assert all(p.dim() == 1 for p in model.parameters())
-    packed = sum(m.qweight.blocks.numel() for m in model.modules() if isinstance(m, QuantizedLinear)
+    packed = sum(m.qweight.data.numel() for m in model.modules() if isinstance(m, QuantizedLinear)
                  and m is not model.lm_head)
     assert packed < 100 * 2**20  # ~90 MB packed, against ~540 MB in fp32
     # Fused, RoPE-unpermuted blocks dequantize to exactly the fp32 loader's weights.
@@ -207,14 +250,14 @@ def test_fused_layer_computes_what_the_layer_operations_do(quantized_smollm):
 def test_fused_layer_rows_do_not_depend_on_the_batch(quantized_smollm):
     model = quantized_smollm.model
     layer = model.layers[2]
-    x, tables = _layer_inputs(model, quant.DENSE_MIN_ROWS - 1)
+    x, tables = _layer_inputs(model, 19)
 
     def attn(index, q, k, v):
         return q + v.repeat_interleave(q.shape[1] // v.shape[1], 1)
 
     with torch.inference_mode():
         batch = layer(x, tables, model.rope, attn)
-        for i in (0, 6, len(x) - 1):
+        for i in (0, 6, 8, len(x) - 1):
             one = layer(x[i : i + 1], (tables[0][i : i + 1], tables[1][i : i + 1]), model.rope, attn)
             assert torch.equal(one[0], batch[i])
 

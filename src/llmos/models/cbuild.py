@@ -25,12 +25,14 @@ FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-fassoc
          "-fno-signed-zeros", "-fno-trapping-math"]
 
 
-def build_library(source: Path, what: str = "kernel") -> ctypes.CDLL | None:
-    """The shared library built from `source`, or None where it cannot be built."""
+def build_library(source: Path, what: str = "kernel", defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The shared library built from `source` (with these preprocessor names defined), or None
+    where it cannot be built."""
     if os.environ.get("LLMOS_NATIVE", "1") == "0":
         return None
+    flags = FLAGS + [f"-D{d}" for d in defines]
     text = source.read_bytes() + b"".join(h.read_bytes() for h in _local_headers(source))
-    key = hashlib.sha256(text + " ".join(FLAGS).encode() + os.uname().machine.encode()).hexdigest()
+    key = hashlib.sha256(text + " ".join(flags).encode() + os.uname().machine.encode()).hexdigest()
     target = cache_dir() / "native" / f"{source.stem}-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ def build_library(source: Path, what: str = "kernel") -> ctypes.CDLL | None:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             try:
-                subprocess.run([compiler, *FLAGS, str(source), "-o", str(built), "-lm", "-lpthread"],
+                subprocess.run([compiler, *flags, str(source), "-o", str(built), "-lm", "-lpthread"],
                                check=True, capture_output=True, timeout=120)
             except (OSError, subprocess.SubprocessError) as e:
                 print(f"llmos: {what} not built ({e}); using PyTorch", file=sys.stderr)

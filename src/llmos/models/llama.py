@@ -119,7 +119,7 @@ class DecoderLayer(nn.Module):
         attn: Attention,
     ) -> torch.Tensor:
         t = x.shape[0]
-        if self.fused and t < quant.DENSE_MIN_ROWS and x.dtype == torch.float32 and x.device.type == "cpu":
+        if self.fused and x.dtype == torch.float32 and x.device.type == "cpu":
             return self._fused_forward(x.contiguous(), rope_tables, attn)
         qkv = self.qkv_proj(self.input_layernorm(x)).view(t, self.nq + 2 * self.nkv, self.hd)
         if self.q_norm is None:  # q and k rotate together: one set of ops for both
@@ -135,7 +135,7 @@ class DecoderLayer(nn.Module):
 
     def _fused_forward(self, x: torch.Tensor, rope_tables: tuple[torch.Tensor, torch.Tensor],
                        attn: Attention) -> torch.Tensor:
-        """forward's operations for a few rows, in two kernel calls around attention."""
+        """forward's operations in two kernel calls around attention."""
         t, nq, nkv = x.shape[0], self.nq, self.nkv
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv = quant.fused_norm_qkv(x, norm1.weight, norm1.eps, self.qkv_proj, rope_tables, nq + nkv,

@@ -19,7 +19,7 @@ from llmos.models.cache import load_cached_weights, save_cached_weights, weight_
 from llmos.models.config import ModelConfig, ModelError
 from llmos.models.gguf_file import GGUFFile, read_gguf_file
 from llmos.models.llama import LlamaForCausalLM, fuse_hf_weights
-from llmos.models.quant import QuantFormat, QuantWeight, cat_weights, quantize_int8_per_channel
+from llmos.models.quant import GGMLWeight, QuantFormat, QuantWeight, cat_weights, quantize_int8_per_channel
 from llmos.models.registry import resolve_model
 from llmos.models.tokenizer import Tokenizer
 
@@ -183,14 +183,13 @@ def _gguf_quantized_state(path: Path, gg: GGUFFile, config: ModelConfig
     native = {int(f) for f in QuantFormat}
 
     def reader(t, name: str):
-        def read() -> torch.Tensor | QuantWeight:
+        def read() -> torch.Tensor | GGMLWeight:
             if int(t.type) in native and len(t.shape) == 2:
                 arr = np.array(t.data)  # a copy out of the map
                 if config.arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
                     n = config.num_heads if "q_proj" in name else config.num_kv_heads
                     arr = np.ascontiguousarray(_unpermute_rope(arr, n))
-                value: torch.Tensor | QuantWeight = QuantWeight(
-                    torch.from_numpy(arr), QuantFormat(int(t.type)), t.shape[-1])
+                value: torch.Tensor | GGMLWeight = GGMLWeight(arr, QuantFormat(int(t.type)), t.shape[-1])
             else:
                 value = _dequantized(path, t, name, config)
             gg.release(t)
@@ -199,10 +198,13 @@ def _gguf_quantized_state(path: Path, gg: GGUFFile, config: ModelConfig
 
     lazy = {name: _Lazy(reader(t, name)) for t in gg.tensors if (name := _gguf_name(t.name))}
 
-    def materialize(v):
-        return v.read() if isinstance(v, _Lazy) else v
+    def materialize(v) -> torch.Tensor | QuantWeight:
+        """The tensor, its blocks in the kernel layout (each file-layout copy lives only until packed)."""
+        value = v.read() if isinstance(v, _Lazy) else v
+        return value.pack() if isinstance(value, GGMLWeight) else value
 
-    state = fuse_hf_weights(config, lazy, cat=lambda parts: cat_weights([materialize(p) for p in parts]))
+    state = fuse_hf_weights(config, lazy, cat=lambda parts: materialize(
+        cat_weights([p.read() if isinstance(p, _Lazy) else p for p in parts])))
     return {k: materialize(v) for k, v in state.items()}
 
 

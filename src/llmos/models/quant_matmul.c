@@ -1,33 +1,61 @@
 /* Matrix products with GGUF-quantized weights read in place (Q4_0, Q4_1, Q8_0).
  *
- * The weights stay in GGML's block layout: each row is K/32 blocks of 32
- * weights, a Q4_0 block holds an fp16 scale d and 16 bytes of 4-bit values
- * (w = d * (q - 8)), a Q4_1 block d and an fp16 minimum m (w = d * q + m), a
- * Q8_0 block d and 32 signed bytes (w = d * q). The activations are quantized
- * per block of 32 to 16 bits: q = round(x / d) in [-32767, 32767] with
- * d = max|x| / 32767, and s = d * sum(q) kept for the offsets (llama.cpp uses
- * 8 bits here, which moves a small model's logits by several percent; 16 bits
- * keep them within ~0.1% of fp32). A block's product is then an integer dot
- * product of 16-bit pairs (AVX2 where the compiler targets it, plain C
- * otherwise) scaled once.
+ * The weights are kept in a kernel layout made once at load (quant.py's
+ * QuantWeight.from_ggml, its exact inverse to_ggml): rows in groups of 16,
+ * and for each group and block of 32 columns, the 16 rows' fp16 scales d, for
+ * Q4_1 their fp16 minimums m, then their quantized values as unsigned bytes
+ * four columns to a 32-bit lane, one lane per row:
+ *   Q4: 4 chunks of 64 bytes; chunk c's byte 4n + j holds row n's column 8c + j
+ *       in its low nibble and column 8c + 4 + j in its high nibble (w = d q + m
+ *       for Q4_1, d (q - 8) for Q4_0);
+ *   Q8_0: 8 chunks of 64 bytes; chunk c's byte 4n + j holds q + 128 for row n's
+ *       column 4c + j (w = d q).
+ * So a 64-byte load and at most two ALU ops give one operand of a VNNI dot
+ * product (vpdpbusd: 16 lanes, each four unsigned bytes times four signed
+ * bytes, summed into 32 bits) for 16 output rows at once, and the scales of
+ * the 16 rows are one vector. Rows past the weight's end are zero.
  *
- * Every product's output rows are shared out, in small chunks claimed one at a
- * time, between the calling thread and a persistent pool of workers (pool.h:
- * created once, spinning briefly between products, then asleep). Each output
- * element is computed the same way whoever computes it and whatever the batch,
- * so results depend neither on the thread count nor on batch composition.
+ * The activations are quantized per row and block of 32 to 15 bits: q =
+ * round(x / dx) in [-16383, 16383], dx = max|x| / 16383, split as q = 128 hi
+ * + lo into two signed bytes (hi in [-128, 127], lo in [0, 127]), with the
+ * block's integer sum kept for the offsets. (llama.cpp uses 8 bits here, which
+ * moves a small model's logits by several percent; 15 bits keep them within
+ * ~0.1% of fp32.) A block's product for one row and 16 weight rows is then
+ * exact in integers, 128 (w . hi) + (w . lo) - offset * sum(q), converted and
+ * scaled once by d dx; Q4_1 adds m dx sum(q).
+ *
+ * Every product's groups of 16 output rows are shared out, in small chunks
+ * claimed one at a time, between the calling thread and a persistent pool of
+ * workers (pool.h). Each output element is computed the same way whoever
+ * computes it and whatever the batch (the integers are exact, and the float
+ * steps run in one order per element), so results depend neither on the
+ * thread count nor on batch composition, and the portable C path (no AVX-512
+ * VNNI, or QUANT_PORTABLE defined) gives the same bits.
  */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "pool.h"
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(QUANT_PORTABLE)
+#define QUANT_VNNI 1
 #include <immintrin.h>
 #endif
 
 enum { FMT_Q4_0 = 2, FMT_Q4_1 = 3, FMT_Q8_0 = 8 }; /* GGML's type ids */
-#define QK 32
+#define QK 32      /* columns per block */
+#define GROUP 16   /* weight rows per group */
+#define QMAX 16383 /* the activations' largest magnitude */
+
+/* Bytes of one block of one group of 16 rows: scales (and minimums), then values. */
+int quant_block_bytes(int fmt) {
+    return fmt == FMT_Q4_0 ? 288 : fmt == FMT_Q4_1 ? 320 : fmt == FMT_Q8_0 ? 544 : 0;
+}
+
+static inline int values_at(int fmt) { return fmt == FMT_Q4_1 ? 64 : 32; }
+
+/* The integer offset of the stored values: w = d (stored - offset) (+ m for Q4_1). */
+static inline int int_offset(int fmt) { return fmt == FMT_Q4_0 ? 8 : fmt == FMT_Q8_0 ? 128 : 0; }
 
 static inline float f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -60,192 +88,250 @@ static inline float load_f16(const uint8_t *p) {
     return f16_to_f32(h);
 }
 
-static int block_bytes(int fmt) {
-    return fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : fmt == FMT_Q8_0 ? 34 : 0;
+/* Row n's stored value (0..255) for column k of a block's values. */
+static inline int stored_value(int fmt, const uint8_t *values, int n, int k) {
+    if (fmt == FMT_Q8_0) return values[64 * (k / 4) + 4 * n + k % 4];
+    const uint8_t byte = values[64 * (k / 8) + 4 * n + k % 4];
+    return k % 8 < 4 ? byte & 0x0f : byte >> 4;
 }
 
-#define QMAX 32767.f
+/* -- the layout ------------------------------------------------------------------------------- */
 
-/* x [M, K] -> q int16 [M, K], d and s float [M, K / 32]. */
-void quantize_act_rows(const float *x, int64_t M, int64_t K, int16_t *q, float *d, float *s) {
+struct pack_job {
+    int fmt;
+    const uint8_t *src;
+    int64_t nb;
+    uint8_t *dst;
+};
+
+static void pack_rows(void *arg, int64_t begin, int64_t end) {
+    const struct pack_job *j = arg;
+    const int fmt = j->fmt, bb = quant_block_bytes(fmt);
+    const int src_bytes = fmt == FMT_Q4_0 ? 18 : fmt == FMT_Q4_1 ? 20 : 34;
+    for (int64_t row = begin; row < end; row++) {
+        const int n = (int)(row % GROUP);
+        for (int64_t b = 0; b < j->nb; b++) {
+            const uint8_t *src = j->src + (row * j->nb + b) * src_bytes;
+            uint8_t *blk = j->dst + (row / GROUP * j->nb + b) * bb, *vals = blk + values_at(fmt);
+            memcpy(blk + 2 * n, src, 2);
+            if (fmt == FMT_Q4_1) memcpy(blk + 32 + 2 * n, src + 2, 2);
+            for (int k = 0; k < QK; k++) {
+                if (fmt == FMT_Q8_0) {
+                    vals[64 * (k / 4) + 4 * n + k % 4] = src[2 + k] ^ 0x80;
+                } else { /* GGML's byte j: column j in the low nibble, j + 16 in the high one */
+                    const uint8_t *qs = src + (fmt == FMT_Q4_1 ? 4 : 2);
+                    const int q = k < 16 ? qs[k] & 0x0f : qs[k - 16] >> 4;
+                    vals[64 * (k / 8) + 4 * n + k % 4] |= (uint8_t)(k % 8 < 4 ? q : q << 4);
+                }
+            }
+        }
+    }
+}
+
+/* dst (ceil(rows / 16) * nb * quant_block_bytes(fmt) bytes) = src's rows [rows, nb GGML blocks]
+ * in the kernel layout; the rows that fill the last group are zero. */
+void quant_pack(int fmt, const uint8_t *src, int64_t rows, int64_t nb, uint8_t *dst) {
+    memset(dst, 0, (size_t)((rows + GROUP - 1) / GROUP * nb * quant_block_bytes(fmt)));
+    struct pack_job j = {fmt, src, nb, dst};
+    pool_for(rows, nb * QK, pack_rows, &j);
+}
+
+/* -- activations ------------------------------------------------------------------------------ */
+
+/* The activations quantized, in tiles of 8 rows: for each tile and block of 32 columns, the
+ * high bytes then the low bytes of each group of 4 columns, row after row (so a kernel reads
+ * every operand at a constant offset from one pointer), then the rows' scales d, d * sum(q) and
+ * sum(q). Rows past M are zero. */
+#define TILE 8
+struct act_block {
+    int8_t q[QK / 4][2][TILE][4]; /* [column group][hi, lo][row][column in group] */
+    float d[TILE], s[TILE];
+    int32_t sum[TILE];
+};
+
+int64_t quant_act_bytes(int64_t M, int64_t K) {
+    return (M + TILE - 1) / TILE * (K / QK) * (int64_t)sizeof(struct act_block);
+}
+
+static void act_quantize(const float *x, int64_t M, int64_t K, struct act_block *act) {
     const int64_t nb = K / QK;
-    for (int64_t i = 0; i < M * nb; i++) {
-        const float *xb = x + i * QK;
-        int16_t *qb = q + i * QK;
-        float amax = 0.f;
-        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-        const float dd = amax / QMAX, id = dd != 0.f ? 1.f / dd : 0.f;
-        int sum = 0;
-        for (int j = 0; j < QK; j++) {
-            const float r = roundf(xb[j] * id);
-            const int v = (int)(r > QMAX ? QMAX : r < -QMAX ? -QMAX : r);
-            qb[j] = (int16_t)v;
-            sum += v;
+    memset(act, 0, (size_t)quant_act_bytes(M, K));
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *xb = x + m * K + b * QK;
+            struct act_block *blk = act + m / TILE * nb + b;
+            const int r = (int)(m % TILE);
+            float amax = 0.f;
+            for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
+            const float dd = amax / (float)QMAX, id = dd != 0.f ? 1.f / dd : 0.f;
+            int sum = 0;
+            for (int j = 0; j < QK; j++) {
+                const float f = roundf(xb[j] * id);
+                const int v = (int)(f > QMAX ? QMAX : f < -QMAX ? -QMAX : f);
+                blk->q[j / 4][0][r][j % 4] = (int8_t)(v >> 7); /* floor(v / 128): arithmetic shift */
+                blk->q[j / 4][1][r][j % 4] = (int8_t)(v & 127);
+                sum += v;
+            }
+            blk->d[r] = dd;
+            blk->s[r] = dd * (float)sum;
+            blk->sum[r] = sum;
         }
-        d[i] = dd;
-        s[i] = dd * (float)sum;
     }
 }
 
-#if defined(__AVX2__)
-/* acc + pairwise sums of 16-bit products, as 32-bit lanes (no overflow: |w| <= 128). */
-static inline __m256i dot_s16(__m256i acc, __m256i a, __m256i b) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpwssd_epi32(acc, a, b);
-#elif defined(__AVXVNNI__)
-    return _mm256_dpwssd_avx_epi32(acc, a, b);
-#else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
-#endif
-}
-
-static inline __m256i unpack_q4(const uint8_t *qs) {
-    const __m128i b = _mm_loadu_si128((const __m128i *)qs);
-    const __m128i m = _mm_set1_epi8(0x0f);
-    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
-}
-
-static inline float hsum(__m256 v) {
-    __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
-/* R rows of activations (K apart) against one weight row: each weight block is
- * unpacked once for the R rows. Every row's sums run in the same order for any
- * R (even and odd blocks in two accumulators, offsets by explicit fmaf), so a
- * row's result does not depend on how many rows share the call. */
-static inline __attribute__((always_inline)) void block_step(
-    int fmt, int R, const uint8_t *blk, int64_t b, int64_t nb, int64_t K, const int16_t *xq,
-    const float *xd, const float *xs, __m256 *acc, float *off) {
-    /* The weights stream from memory (a model is larger than the caches): ask for them ~2 KiB
-     * ahead, which the hardware prefetcher alone does not (a third less time a product here). */
-    _mm_prefetch((const char *)blk + 2048, _MM_HINT_T0);
-    const float d = load_f16(blk);
-    const float mo = fmt == FMT_Q4_1 ? load_f16(blk + 2) : -8.f * d;
-    /* The weights as 16-bit lanes, elements 0..15 in w0 and 16..31 in w1. A Q4 block's byte j
-     * holds element j (low nibble) and element j + 16 (high nibble): one widening and two
-     * ALU ops split them, instead of two cross-lane widenings. */
-    __m256i w0, w1;
-    if (fmt == FMT_Q8_0) {
-        w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 2)));
-        w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(blk + 18)));
-    } else {
-        const __m256i b16 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(blk + (fmt == FMT_Q4_1 ? 4 : 2))));
-        w0 = _mm256_and_si256(b16, _mm256_set1_epi16(0x0f));
-        w1 = _mm256_srli_epi16(b16, 4);
-    }
-    for (int r = 0; r < R; r++) {
-        const int64_t i = r * nb + b;
-        const int16_t *xb = xq + r * K + b * QK;
-        const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb);
-        const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb + 16));
-        const __m256i p = dot_s16(dot_s16(_mm256_setzero_si256(), w0, x0), w1, x1);
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d * xd[i]), acc[r]);
-        if (fmt != FMT_Q8_0) off[r] = fmaf(mo, xs[i], off[r]);
+/* For tests: x [M, K] -> q = 128 hi + lo [M, K] and the scales d, d * sum(q) [M, K/32], as the
+ * kernel sees them (scratch: quant_act_bytes(M, K)). */
+void quantize_act_rows(const float *x, int64_t M, int64_t K, uint8_t *scratch, int16_t *q, float *d,
+                       float *s) {
+    struct act_block *act = (struct act_block *)scratch;
+    const int64_t nb = K / QK;
+    act_quantize(x, M, K, act);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const struct act_block *blk = act + m / TILE * nb + b;
+            const int r = (int)(m % TILE);
+            for (int j = 0; j < QK; j++)
+                q[m * K + b * QK + j] = (int16_t)(128 * blk->q[j / 4][0][r][j % 4] + blk->q[j / 4][1][r][j % 4]);
+            d[m * nb + b] = blk->d[r];
+            s[m * nb + b] = blk->s[r];
+        }
     }
 }
 
-static inline __attribute__((always_inline)) void rows_dot(
-    int fmt, int R, const uint8_t *w, int64_t nb, int64_t K, const int16_t *xq, const float *xd,
-    const float *xs, float *res, int64_t res_stride) {
-    const int bb = block_bytes(fmt);
-    __m256 acc0[4], acc1[4];
-    float off0[4], off1[4];
-    for (int r = 0; r < R; r++) {
-        acc0[r] = acc1[r] = _mm256_setzero_ps();
-        off0[r] = off1[r] = 0.f;
-    }
-    int64_t b = 0;
-    for (; b + 1 < nb; b += 2) {
-        block_step(fmt, R, w + b * bb, b, nb, K, xq, xd, xs, acc0, off0);
-        block_step(fmt, R, w + (b + 1) * bb, b + 1, nb, K, xq, xd, xs, acc1, off1);
-    }
-    if (b < nb) block_step(fmt, R, w + b * bb, b, nb, K, xq, xd, xs, acc0, off0);
-    for (int r = 0; r < R; r++)
-        res[r * res_stride] = hsum(_mm256_add_ps(acc0[r], acc1[r])) + (off0[r] + off1[r]);
+/* -- the product ------------------------------------------------------------------------------ */
+
+#if defined(QUANT_VNNI)
+static inline __m512i bcast4(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
 }
 
-static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t M, int64_t N,
-                      const int16_t *xq, const float *xd, const float *xs, float *out) {
-    int64_t m = 0;
-    /* Each format and row count gets its own specialised copy of rows_dot. */
-#define ROWS(F)                                                                                   \
-    for (; m + 4 <= M; m += 4) rows_dot(F, 4, wr, nb, K, xq + m * K, xd + m * nb, xs + m * nb, out + m * N, N); \
-    for (; m < M; m++) rows_dot(F, 1, wr, nb, K, xq + m * K, xd + m * nb, xs + m * nb, out + m * N, N)
-    if (fmt == FMT_Q4_1) {
-        ROWS(FMT_Q4_1);
-    } else if (fmt == FMT_Q4_0) {
-        ROWS(FMT_Q4_0);
-    } else {
-        ROWS(FMT_Q8_0);
-    }
-#undef ROWS
-}
-#else
-static float row_dot(int fmt, const uint8_t *w, int64_t nb, const int16_t *xq, const float *xd,
-                     const float *xs) {
-    const int bb = block_bytes(fmt);
-    float total = 0.f;
+/* out[r, 0..valid) for the first R rows of an activation tile against one group of 16 weight
+ * rows. Per block, each row's integer sum takes the high bytes' products, is shifted left 7
+ * bits, then takes the low bytes' products: 128 (w . hi) + (w . lo) in one register. */
+static inline __attribute__((always_inline)) void group_rows(
+    int fmt, int R, const uint8_t *wg, const struct act_block *act, int64_t nb, float *out, int64_t ldo,
+    int valid) {
+    const int bb = quant_block_bytes(fmt), off = int_offset(fmt);
+    __m512 acc[TILE];
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = w + b * bb;
-        const int16_t *x = xq + b * QK;
-        const float d = load_f16(blk);
-        int dot = 0;
+        const uint8_t *blk = wg + b * bb, *vals = blk + values_at(fmt);
+        const struct act_block *x = act + b;
+        /* The weights stream from memory (a model is larger than the caches): ask for them a
+         * few blocks ahead, which the hardware prefetcher alone does not. */
+        for (int o = 0; o < bb; o += 64) _mm_prefetch((const char *)blk + 4 * bb + o, _MM_HINT_T0);
+        __m512i w[8]; /* the block's values as dpbusd operands, four columns a lane */
         if (fmt == FMT_Q8_0) {
-            const int8_t *q = (const int8_t *)(blk + 2);
-            for (int j = 0; j < QK; j++) dot += q[j] * x[j];
-            total += d * xd[b] * (float)dot;
+#pragma GCC unroll 8
+            for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512(vals + 64 * c);
         } else {
-            const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
-            for (int j = 0; j < QK / 2; j++) dot += (qs[j] & 0x0f) * x[j] + (qs[j] >> 4) * x[j + QK / 2];
-            total += d * xd[b] * (float)dot;
-            total += fmt == FMT_Q4_1 ? load_f16(blk + 2) * xs[b] : -8.f * d * xs[b];
+            const __m512i nibble = _mm512_set1_epi8(0x0f);
+#pragma GCC unroll 4
+            for (int c = 0; c < 4; c++) {
+                const __m512i raw = _mm512_loadu_si512(vals + 64 * c);
+                w[2 * c] = _mm512_and_si512(raw, nibble);
+                w[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+            }
+        }
+        __m512i t[TILE];
+        for (int r = 0; r < R; r++) t[r] = _mm512_setzero_si512();
+#pragma GCC unroll 2
+        for (int half = 0; half < 2; half++) {
+#pragma GCC unroll 8
+            for (int g = 0; g < 8; g++)
+                for (int r = 0; r < R; r++) t[r] = _mm512_dpbusd_epi32(t[r], w[g], bcast4(x->q[g][half][r]));
+            if (half == 0)
+                for (int r = 0; r < R; r++) t[r] = _mm512_slli_epi32(t[r], 7);
+        }
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)blk));
+        const __m512 mv = fmt == FMT_Q4_1 ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(blk + 32)))
+                                          : _mm512_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            if (off) t[r] = _mm512_sub_epi32(t[r], _mm512_set1_epi32(off * x->sum[r]));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(t[r]), _mm512_mul_ps(dv, _mm512_set1_ps(x->d[r])), acc[r]);
+            if (fmt == FMT_Q4_1) acc[r] = _mm512_fmadd_ps(mv, _mm512_set1_ps(x->s[r]), acc[r]);
         }
     }
-    return total;
+    const __mmask16 mask = (__mmask16)((1u << valid) - 1);
+    for (int r = 0; r < R; r++) _mm512_mask_storeu_ps(out + r * ldo, mask, acc[r]);
 }
-
-static void row_block(int fmt, const uint8_t *wr, int64_t nb, int64_t K, int64_t M, int64_t N,
-                      const int16_t *xq, const float *xd, const float *xs, float *out) {
-    for (int64_t m = 0; m < M; m++) out[m * N] = row_dot(fmt, wr, nb, xq + m * K, xd + m * nb, xs + m * nb);
+#else
+/* The same steps in portable C, one output element at a time (the same bits). */
+static inline void group_rows(int fmt, int R, const uint8_t *wg, const struct act_block *act, int64_t nb,
+                              float *out, int64_t ldo, int valid) {
+    const int bb = quant_block_bytes(fmt), off = int_offset(fmt);
+    for (int r = 0; r < R; r++) {
+        float acc[GROUP] = {0};
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = wg + b * bb, *vals = blk + values_at(fmt);
+            const struct act_block *x = act + b;
+            for (int n = 0; n < GROUP; n++) {
+                int32_t h = 0, l = 0;
+                for (int k = 0; k < QK; k++) {
+                    const int v = stored_value(fmt, vals, n, k);
+                    h += v * x->q[k / 4][0][r][k % 4];
+                    l += v * x->q[k / 4][1][r][k % 4];
+                }
+                const int32_t t = 128 * h + l - off * x->sum[r];
+                acc[n] = fmaf((float)t, load_f16(blk + 2 * n) * x->d[r], acc[n]);
+                if (fmt == FMT_Q4_1) acc[n] = fmaf(load_f16(blk + 32 + 2 * n), x->s[r], acc[n]);
+            }
+        }
+        for (int n = 0; n < valid; n++) out[r * ldo + n] = acc[n];
+    }
 }
 #endif
 
 struct matmul_job {
     int fmt;
     const uint8_t *w;
-    int64_t N, K, M, row_bytes;
-    const int16_t *xq;
-    const float *xd, *xs;
+    int64_t N, M, nb;
+    const struct act_block *act;
     float *out;
 };
 
-static void matmul_rows(void *arg, int64_t begin, int64_t end) {
+static inline __attribute__((always_inline)) void groups_of(int fmt, const struct matmul_job *j,
+                                                            int64_t begin, int64_t end) {
+    const int64_t nb = j->nb, M = j->M, N = j->N;
+    for (int64_t g = begin; g < end; g++) {
+        const uint8_t *wg = j->w + g * nb * quant_block_bytes(fmt);
+        const int valid = (int)(N - g * GROUP < GROUP ? N - g * GROUP : GROUP);
+        for (int64_t m = 0; m < M; m += TILE) {
+            const struct act_block *x = j->act + m / TILE * nb;
+            float *out = j->out + m * N + g * GROUP;
+            switch (M - m < TILE ? M - m : TILE) { /* each row count gets its own specialised copy */
+            case 8: group_rows(fmt, 8, wg, x, nb, out, N, valid); break;
+            case 7: group_rows(fmt, 7, wg, x, nb, out, N, valid); break;
+            case 6: group_rows(fmt, 6, wg, x, nb, out, N, valid); break;
+            case 5: group_rows(fmt, 5, wg, x, nb, out, N, valid); break;
+            case 4: group_rows(fmt, 4, wg, x, nb, out, N, valid); break;
+            case 3: group_rows(fmt, 3, wg, x, nb, out, N, valid); break;
+            case 2: group_rows(fmt, 2, wg, x, nb, out, N, valid); break;
+            default: group_rows(fmt, 1, wg, x, nb, out, N, valid); break;
+            }
+        }
+    }
+}
+
+static void matmul_groups(void *arg, int64_t begin, int64_t end) {
     const struct matmul_job *j = arg;
-    const int64_t nb = j->K / QK;
-    for (int64_t n = begin; n < end; n++)
-        row_block(j->fmt, j->w + n * j->row_bytes, nb, j->K, j->M, j->N, j->xq, j->xd, j->xs, j->out + n);
+    if (j->fmt == FMT_Q4_1) groups_of(FMT_Q4_1, j, begin, end);
+    else if (j->fmt == FMT_Q4_0) groups_of(FMT_Q4_0, j, begin, end);
+    else groups_of(FMT_Q8_0, j, begin, end);
 }
 
-/* out [M, N] = x [M, K] @ w [N, K]^T, x given quantized by quantize_act_rows. */
-void quant_matmul(int fmt, const uint8_t *w, int64_t N, int64_t K, const int16_t *xq, const float *xd,
-                  const float *xs, int64_t M, float *out) {
-    struct matmul_job j = {fmt, w, N, K, M, K / QK * block_bytes(fmt), xq, xd, xs, out};
-    pool_for(N, M * K, matmul_rows, &j);
-}
-
-/* out [M, N] = x [M, K] @ w [N, K]^T for float x, quantized into scratch
- * (2 * M * K bytes + 8 * M * K / 32 bytes) first. */
+/* out [M, N] = x [M, K] @ w [N, K]^T, x quantized into scratch (quant_act_bytes(M, K)) first. */
 void quant_linear(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M,
                   float *out, uint8_t *scratch) {
-    const int64_t nb = K / QK;
-    float *xd = (float *)scratch, *xs = xd + M * nb;
-    int16_t *xq = (int16_t *)(xs + M * nb);
-    quantize_act_rows(x, M, K, xq, xd, xs);
-    quant_matmul(fmt, w, N, K, xq, xd, xs, M, out);
+    struct act_block *act = (struct act_block *)scratch;
+    act_quantize(x, M, K, act);
+    struct matmul_job j = {fmt, w, N, M, K / QK, act, out};
+    pool_for((N + GROUP - 1) / GROUP, GROUP * M * K, matmul_groups, &j);
 }
+
+/* -- rows as floats: an embedding lookup ------------------------------------------------------- */
 
 struct dequant_job {
     int fmt;
@@ -257,45 +343,23 @@ struct dequant_job {
 
 static void dequant_range(void *arg, int64_t begin, int64_t end) {
     const struct dequant_job *job = arg;
-    const int fmt = job->fmt;
-    const int64_t K = job->K, nb = K / QK, bb = block_bytes(fmt);
+    const int fmt = job->fmt, bb = quant_block_bytes(fmt), off = int_offset(fmt);
+    const int64_t K = job->K, nb = K / QK;
     for (int64_t i = begin; i < end; i++) {
-        const uint8_t *row = job->w + (job->ids ? job->ids[i] : i) * nb * bb;
+        const int64_t row = job->ids ? job->ids[i] : i;
+        const int n = (int)(row % GROUP);
+        const uint8_t *wg = job->w + row / GROUP * nb * bb;
         float *o = job->out + i * K;
         for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *blk = row + b * bb;
-            const float d = load_f16(blk);
-            float *ob = o + b * QK;
-#if defined(__AVX2__)
-            const __m256i q = fmt == FMT_Q8_0 ? _mm256_loadu_si256((const __m256i *)(blk + 2))
-                                              : unpack_q4(blk + (fmt == FMT_Q4_1 ? 4 : 2));
-            const __m256 vd = _mm256_set1_ps(d);
-            const __m256 vm = _mm256_set1_ps(fmt == FMT_Q4_1 ? load_f16(blk + 2) : fmt == FMT_Q4_0 ? -8.f * d : 0.f);
-            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-            const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-            for (int j = 0; j < 4; j++) {
-                const __m256i v = fmt == FMT_Q8_0 ? _mm256_cvtepi8_epi32(parts[j]) : _mm256_cvtepu8_epi32(parts[j]);
-                _mm256_storeu_ps(ob + 8 * j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), vd, vm));
-            }
-            continue;
-#endif
-            if (fmt == FMT_Q8_0) {
-                const int8_t *q = (const int8_t *)(blk + 2);
-                for (int j = 0; j < QK; j++) ob[j] = d * q[j];
-            } else {
-                const float m = fmt == FMT_Q4_1 ? load_f16(blk + 2) : -8.f * d;
-                const uint8_t *qs = blk + (fmt == FMT_Q4_1 ? 4 : 2);
-                for (int j = 0; j < QK / 2; j++) {
-                    ob[j] = d * (qs[j] & 0x0f) + m;
-                    ob[j + QK / 2] = d * (qs[j] >> 4) + m;
-                }
-            }
+            const uint8_t *blk = wg + b * bb, *vals = blk + values_at(fmt);
+            const float d = load_f16(blk + 2 * n), m = fmt == FMT_Q4_1 ? load_f16(blk + 32 + 2 * n) : 0.f;
+            for (int k = 0; k < QK; k++) o[b * QK + k] = d * (float)(stored_value(fmt, vals, n, k) - off) + m;
         }
     }
 }
 
-/* out [n, K] = the dequantized rows ids[0..n) of w [*, K] (an embedding lookup), or rows
- * 0..n when ids is NULL. */
+/* out [n, K] = the rows ids[0..n) of w [*, K] as floats (an embedding lookup), or rows 0..n
+ * when ids is NULL. */
 void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int64_t n, float *out) {
     struct dequant_job j = {fmt, w, K, ids, out};
     pool_for(n, K, dequant_range, &j);
@@ -304,7 +368,16 @@ void dequant_rows(int fmt, const uint8_t *w, int64_t K, const int64_t *ids, int6
 /* How many threads share each product, the caller included. */
 void quant_set_threads(int threads) { pool_set_threads(threads); }
 
-/* -- a decoder layer's work around attention, for a few rows at a time ----------------------
+/* Whether this build multiplies with AVX-512 VNNI (else portable C). */
+int quant_vectorized(void) {
+#if defined(QUANT_VNNI)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* -- a decoder layer's work around attention ------------------------------------------------
  *
  * The same operations as models/llama.py's DecoderLayer, for rows that the
  * integer kernel multiplies, in two calls instead of a dozen tensor operations
@@ -313,27 +386,41 @@ void quant_set_threads(int threads) { pool_set_threads(threads); }
  * projection and residual after it. Every row is computed on its own, so a
  * row's result does not depend on the rows beside it.
  *
- * scratch holds, for M rows of at most `width` features: two float buffers of
- * M * width, the activations' scales and sums (2 * M * width / 32 floats) and
- * their 16-bit values (M * width int16): fused_scratch_bytes(M, width). */
+ * scratch holds, for M rows of at most `width` features, two float buffers of
+ * M * width and the quantized activations: fused_scratch_bytes(M, width). */
 
-int64_t fused_scratch_bytes(int64_t M, int64_t width) {
-    return M * width * (4 + 4 + 2) + 2 * 4 * M * (width / QK);
-}
+int64_t fused_scratch_bytes(int64_t M, int64_t width) { return 8 * M * width + quant_act_bytes(M, width); }
 
 struct fused_scratch {
-    float *a, *b, *xd, *xs;
-    int16_t *xq;
+    float *a, *b;
+    uint8_t *act;
 };
 
 static struct fused_scratch carve(uint8_t *scratch, int64_t M, int64_t width) {
     struct fused_scratch s;
     s.a = (float *)scratch;
     s.b = s.a + M * width;
-    s.xd = s.b + M * width;
-    s.xs = s.xd + M * (width / QK);
-    s.xq = (int16_t *)(s.xs + M * (width / QK));
+    s.act = (uint8_t *)(s.b + M * width);
     return s;
+}
+
+/* exp(x) within 2 ulp for |x| <= 87 (Cephes' polynomial; clamped beyond), branch-free so that a
+ * loop of it vectorizes, where a libm call per element cost as much as the gate/up product. */
+static inline float exp_f32(float x) {
+    x = x < -87.f ? -87.f : x > 87.f ? 87.f : x;
+    const float n = __builtin_rintf(x * 1.44269504088896341f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const float y = p * r * r + r + 1.f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    return y * scale;
 }
 
 static void rms_norm_rows(const float *x, int64_t M, int64_t H, const float *w, float eps, float *out) {
@@ -346,13 +433,6 @@ static void rms_norm_rows(const float *x, int64_t M, int64_t H, const float *w, 
     }
 }
 
-/* out [M, N] = quantize(x [M, K]) @ w^T, with x's quantized form in s. */
-static void product(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *x, int64_t M,
-                    const struct fused_scratch *s, float *out) {
-    quantize_act_rows(x, M, K, s->xq, s->xd, s->xs);
-    quant_matmul(fmt, w, N, K, s->xq, s->xd, s->xs, M, out);
-}
-
 /* qkv [M, N] = rope(rmsnorm(x [M, H]) @ w^T + bias): the first `rotated` heads of hd features
  * (queries and keys) rotated by cos and signed sin [M, hd] (RotaryEmbedding.tables' layout:
  * r[i] = x[i] * cos[i] + x[i +- hd/2] * sin[i]). bias may be NULL. */
@@ -361,7 +441,7 @@ void fused_norm_qkv(const float *x, int64_t M, int64_t H, const float *norm_w, f
                     int64_t rotated, int64_t hd, float *qkv, uint8_t *scratch, int64_t width) {
     const struct fused_scratch s = carve(scratch, M, width);
     rms_norm_rows(x, M, H, norm_w, eps, s.a);
-    product(fmt, w, N, H, s.a, M, &s, qkv);
+    quant_linear(fmt, w, N, H, s.a, M, qkv, s.act);
     const int64_t half = hd / 2;
     for (int64_t m = 0; m < M; m++) {
         float *row = qkv + m * N;
@@ -386,16 +466,16 @@ void fused_out_mlp(const float *x, const float *attn, int64_t M, int64_t H, int6
                    int64_t I, int down_fmt, const uint8_t *down_w, float *out, uint8_t *scratch,
                    int64_t width) {
     const struct fused_scratch s = carve(scratch, M, width);
-    product(o_fmt, o_w, H, A, attn, M, &s, out);
+    quant_linear(o_fmt, o_w, H, A, attn, M, out, s.act);
     for (int64_t i = 0; i < M * H; i++) out[i] = x[i] + out[i];
     rms_norm_rows(out, M, H, norm_w, eps, s.a);
-    product(gu_fmt, gu_w, 2 * I, H, s.a, M, &s, s.b);
+    quant_linear(gu_fmt, gu_w, 2 * I, H, s.a, M, s.b, s.act);
     for (int64_t m = 0; m < M; m++) {
         const float *gate = s.b + m * 2 * I, *up = gate + I;
         float *act = s.a + m * I;
-        for (int64_t i = 0; i < I; i++) act[i] = gate[i] / (1.f + expf(-gate[i])) * up[i];
+        for (int64_t i = 0; i < I; i++) act[i] = gate[i] / (1.f + exp_f32(-gate[i])) * up[i];
     }
-    product(down_fmt, down_w, H, I, s.a, M, &s, s.b);
+    quant_linear(down_fmt, down_w, H, I, s.a, M, s.b, s.act);
     for (int64_t i = 0; i < M * H; i++) out[i] += s.b[i];
 }
 
