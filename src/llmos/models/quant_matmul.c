@@ -153,27 +153,50 @@ int64_t quant_act_bytes(int64_t M, int64_t K) {
     return (M + TILE - 1) / TILE * (K / QK) * (int64_t)sizeof(struct act_block);
 }
 
+/* One block of 32 activations -> v = round(x / d) in [-QMAX, QMAX] with d = max|x| / QMAX
+ * (rounded to nearest even). A block with an infinity or a NaN gets v = 0 and d = NaN, so
+ * the products it enters are NaN, as in float arithmetic. Plain loops over 32 lanes, which the
+ * compiler vectorizes. */
+static inline float quantize_block(const float *x, int32_t *v) {
+    uint32_t bits[QK], top = 0;
+    memcpy(bits, x, sizeof bits);
+    for (int j = 0; j < QK; j++) top = (bits[j] & 0x7fffffffu) > top ? bits[j] & 0x7fffffffu : top;
+    float amax;
+    memcpy(&amax, &top, 4);
+    if (!(amax <= 3.4028234e38f)) { /* inf or NaN */
+        for (int j = 0; j < QK; j++) v[j] = 0;
+        return __builtin_nanf("");
+    }
+    const float d = amax / (float)QMAX, id = d != 0.f ? 1.f / d : 0.f;
+    for (int j = 0; j < QK; j++) {
+        const float r = __builtin_rintf(x[j] * id);
+        v[j] = (int32_t)(r > QMAX ? QMAX : r < -QMAX ? -QMAX : r);
+    }
+    return d;
+}
+
 static void act_quantize(const float *x, int64_t M, int64_t K, struct act_block *act) {
     const int64_t nb = K / QK;
-    memset(act, 0, (size_t)quant_act_bytes(M, K));
+    if (M % TILE) /* the last tile's missing rows read as zero */
+        memset(act + M / TILE * nb, 0, (size_t)nb * sizeof(struct act_block));
     for (int64_t m = 0; m < M; m++) {
+        const int r = (int)(m % TILE);
         for (int64_t b = 0; b < nb; b++) {
-            const float *xb = x + m * K + b * QK;
             struct act_block *blk = act + m / TILE * nb + b;
-            const int r = (int)(m % TILE);
-            float amax = 0.f;
-            for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(xb[j]));
-            const float dd = amax / (float)QMAX, id = dd != 0.f ? 1.f / dd : 0.f;
-            int sum = 0;
+            int32_t v[QK], sum = 0;
+            const float d = quantize_block(x + m * K + b * QK, v);
+            int8_t hi[QK], lo[QK];
             for (int j = 0; j < QK; j++) {
-                const float f = roundf(xb[j] * id);
-                const int v = (int)(f > QMAX ? QMAX : f < -QMAX ? -QMAX : f);
-                blk->q[j / 4][0][r][j % 4] = (int8_t)(v >> 7); /* floor(v / 128): arithmetic shift */
-                blk->q[j / 4][1][r][j % 4] = (int8_t)(v & 127);
-                sum += v;
+                hi[j] = (int8_t)(v[j] >> 7); /* floor(v / 128): arithmetic shift */
+                lo[j] = (int8_t)(v[j] & 127);
+                sum += v[j];
             }
-            blk->d[r] = dd;
-            blk->s[r] = dd * (float)sum;
+            for (int g = 0; g < QK / 4; g++) {
+                memcpy(blk->q[g][0][r], hi + 4 * g, 4);
+                memcpy(blk->q[g][1][r], lo + 4 * g, 4);
+            }
+            blk->d[r] = d;
+            blk->s[r] = d * (float)sum;
             blk->sum[r] = sum;
         }
     }
