@@ -36,6 +36,7 @@ from llmos.engine.sampling_params import InvalidRequestError, SamplingParams
 from llmos.engine.scheduler import Scheduler, SchedulerStats
 from llmos.engine.sequence import Sequence, SequenceStatus
 from llmos.models.loader import LoadedModel, load_model
+from llmos.models.quant import QuantizedLinear
 from llmos.models.tokenizer import Tokenizer
 
 logger = logging.getLogger("llmos.engine")
@@ -73,6 +74,10 @@ class LLMEngine:
         else:
             self.loaded = load_model(model, dtype=dtype, device=device, quantization=cfg.weight_quantization)
         self.model_config = self.loaded.config
+        if any(isinstance(m, QuantizedLinear) for m in self.loaded.model.modules()):
+            # A step's heavy work runs on the quantized kernels' own thread pool; torch's OpenMP
+            # threads, spinning after each of the step's few torch ops, would only take its cores.
+            torch.set_num_threads(1)
         self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)

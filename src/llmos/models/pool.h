@@ -47,7 +47,7 @@ typedef void (*pool_task)(void *arg, int64_t begin, int64_t end);
 #define POOL_MIN_WORK 40000    /* jobs cheaper than this (in the caller's cost units) run alone */
 #define POOL_CHUNK_WORK 20000  /* work per chunk: a few microseconds */
 #define POOL_STALL_NS 200000   /* a wait this long for another thread's chunk: it was descheduled */
-#define POOL_SOLO_JOBS 4096    /* after a stall, this many jobs run on the caller alone */
+#define POOL_SOLO_JOBS 256    /* after a stall, this many jobs (two decode steps) run on the caller alone */
 
 static struct {
     pthread_mutex_t job_lock;   /* held by the caller whose job is running */

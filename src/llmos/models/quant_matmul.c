@@ -175,21 +175,27 @@ static inline float quantize_block(const float *x, int32_t *v) {
     return d;
 }
 
-static void act_quantize(const float *x, int64_t M, int64_t K, struct act_block *act) {
-    const int64_t nb = K / QK;
-    if (M % TILE) /* the last tile's missing rows read as zero */
-        memset(act + M / TILE * nb, 0, (size_t)nb * sizeof(struct act_block));
-    for (int64_t m = 0; m < M; m++) {
+struct quantize_job {
+    const float *x;
+    int64_t M, K;
+    struct act_block *act;
+};
+
+/* Tiles [begin, end) of the activations (a tile's rows share cache lines: one thread a tile). */
+static void quantize_tiles(void *arg, int64_t begin, int64_t end) {
+    const struct quantize_job *j = arg;
+    const int64_t nb = j->K / QK;
+    for (int64_t m = begin * TILE; m < j->M && m < end * TILE; m++) {
         const int r = (int)(m % TILE);
         for (int64_t b = 0; b < nb; b++) {
-            struct act_block *blk = act + m / TILE * nb + b;
+            struct act_block *blk = j->act + m / TILE * nb + b;
             int32_t v[QK], sum = 0;
-            const float d = quantize_block(x + m * K + b * QK, v);
+            const float d = quantize_block(j->x + m * j->K + b * QK, v);
             int8_t hi[QK], lo[QK];
-            for (int j = 0; j < QK; j++) {
-                hi[j] = (int8_t)(v[j] >> 7); /* floor(v / 128): arithmetic shift */
-                lo[j] = (int8_t)(v[j] & 127);
-                sum += v[j];
+            for (int i = 0; i < QK; i++) {
+                hi[i] = (int8_t)(v[i] >> 7); /* floor(v / 128): arithmetic shift */
+                lo[i] = (int8_t)(v[i] & 127);
+                sum += v[i];
             }
             for (int g = 0; g < QK / 4; g++) {
                 memcpy(blk->q[g][0][r], hi + 4 * g, 4);
@@ -200,6 +206,13 @@ static void act_quantize(const float *x, int64_t M, int64_t K, struct act_block 
             blk->sum[r] = sum;
         }
     }
+}
+
+static void act_quantize(const float *x, int64_t M, int64_t K, struct act_block *act) {
+    if (M % TILE) /* the last tile's missing rows read as zero */
+        memset(act + M / TILE * (K / QK), 0, (size_t)(K / QK) * sizeof(struct act_block));
+    struct quantize_job j = {x, M, K, act};
+    pool_for((M + TILE - 1) / TILE, TILE * K, quantize_tiles, &j);
 }
 
 /* For tests: x [M, K] -> q = 128 hi + lo [M, K] and the scales d, d * sum(q) [M, K/32], as the
@@ -310,18 +323,25 @@ static inline void group_rows(int fmt, int R, const uint8_t *wg, const struct ac
 struct matmul_job {
     int fmt;
     const uint8_t *w;
-    int64_t N, M, nb;
+    int64_t N, M, nb, groups;
     const struct act_block *act;
     float *out;
 };
 
-static inline __attribute__((always_inline)) void groups_of(int fmt, const struct matmul_job *j,
-                                                            int64_t begin, int64_t end) {
+/* Rows of activations a work item takes: 8 tiles (a few hundred KiB of quantized
+ * activations, which stay in the L2 cache while every group of weights passes them). */
+#define PANEL (8 * TILE)
+
+/* Work items [begin, end): item i is group i % groups of weight rows against panel i / groups of
+ * activation rows, so consecutive items share a panel. */
+static inline __attribute__((always_inline)) void items_of(int fmt, const struct matmul_job *j,
+                                                           int64_t begin, int64_t end) {
     const int64_t nb = j->nb, M = j->M, N = j->N;
-    for (int64_t g = begin; g < end; g++) {
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t g = item % j->groups, m_end = (item / j->groups + 1) * PANEL;
         const uint8_t *wg = j->w + g * nb * quant_block_bytes(fmt);
         const int valid = (int)(N - g * GROUP < GROUP ? N - g * GROUP : GROUP);
-        for (int64_t m = 0; m < M; m += TILE) {
+        for (int64_t m = m_end - PANEL; m < M && m < m_end; m += TILE) {
             const struct act_block *x = j->act + m / TILE * nb;
             float *out = j->out + m * N + g * GROUP;
             switch (M - m < TILE ? M - m : TILE) { /* each row count gets its own specialised copy */
@@ -338,11 +358,11 @@ static inline __attribute__((always_inline)) void groups_of(int fmt, const struc
     }
 }
 
-static void matmul_groups(void *arg, int64_t begin, int64_t end) {
+static void matmul_items(void *arg, int64_t begin, int64_t end) {
     const struct matmul_job *j = arg;
-    if (j->fmt == FMT_Q4_1) groups_of(FMT_Q4_1, j, begin, end);
-    else if (j->fmt == FMT_Q4_0) groups_of(FMT_Q4_0, j, begin, end);
-    else groups_of(FMT_Q8_0, j, begin, end);
+    if (j->fmt == FMT_Q4_1) items_of(FMT_Q4_1, j, begin, end);
+    else if (j->fmt == FMT_Q4_0) items_of(FMT_Q4_0, j, begin, end);
+    else items_of(FMT_Q8_0, j, begin, end);
 }
 
 /* out [M, N] = x [M, K] @ w [N, K]^T, x quantized into scratch (quant_act_bytes(M, K)) first. */
@@ -350,8 +370,9 @@ void quant_linear(int fmt, const uint8_t *w, int64_t N, int64_t K, const float *
                   float *out, uint8_t *scratch) {
     struct act_block *act = (struct act_block *)scratch;
     act_quantize(x, M, K, act);
-    struct matmul_job j = {fmt, w, N, M, K / QK, act, out};
-    pool_for((N + GROUP - 1) / GROUP, GROUP * M * K, matmul_groups, &j);
+    const int64_t groups = (N + GROUP - 1) / GROUP, panels = (M + PANEL - 1) / PANEL;
+    struct matmul_job j = {fmt, w, N, M, K / QK, groups, act, out};
+    pool_for(groups * panels, GROUP * (M < PANEL ? M : PANEL) * K, matmul_items, &j);
 }
 
 /* -- rows as floats: an embedding lookup ------------------------------------------------------- */
