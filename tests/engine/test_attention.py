@@ -68,13 +68,15 @@ def test_native_decode_kernel_matches_torch_path():
 
     assert native.available(), "the C kernel must build here (cc is part of the set-up)"
     torch.manual_seed(1)
-    b, hq, hkv, d, bs, nblocks = 5, 9, 3, 64, 16, 40
+    # Contexts of one piece and of several (256 tokens a piece, merged by their softmax sums),
+    # a block size that puts piece boundaries inside blocks.
+    b, hq, hkv, d, bs, nblocks = 8, 9, 3, 64, 24, 80
     k = torch.randn(nblocks, bs, hkv, d)
-    v = torch.randn(nblocks, bs, hkv, d)
-    lens = torch.tensor([1, 16, 17, 40, 100])
-    tables = torch.stack([torch.randperm(nblocks)[:7] for _ in range(b)])
-    q = torch.randn(b, hq, d)
-    mask = (torch.arange(7 * bs)[None] < lens[:, None])[:, None, None, :]
+    v = torch.randn(nblocks, bs, hkv, d) * 3
+    lens = torch.tensor([1, 16, 17, 40, 256, 257, 700, 1100])
+    tables = torch.stack([torch.randperm(nblocks)[:47] for _ in range(b)])
+    q = torch.randn(b, hq, d) * 2
+    mask = (torch.arange(47 * bs)[None] < lens[:, None])[:, None, None, :]
     expected = _decode(q, k, v, tables, mask)
     torch.testing.assert_close(native.paged_decode(q, k, v, tables, lens), expected,
                                rtol=1e-5, atol=1e-5)

@@ -1,12 +1,15 @@
 /* Paged attention for single-token decodes on the CPU (float32).
  *
  * Reads each sequence's keys and values in place through its block table: no
- * gathered copy, no padding. The work is cut into one item per (sequence, KV
- * head: the query heads that share it read each key and value once), handed to a parallel-for (the quantized kernels' thread pool,
- * models/pool.h, passed in as a function so that one pool serves the whole
- * step). Each item is computed the same way whatever thread runs it and
- * whatever else is in the batch, so results depend neither on the thread count
- * nor on batch composition.
+ * gathered copy, no padding. The work is cut into one item per (piece of SPLIT
+ * tokens of a sequence's context, KV head: the query heads that share it read
+ * each key and value once), handed to a parallel-for (the quantized kernels'
+ * thread pool, models/pool.h, passed in as a function so that one pool serves
+ * the whole step); a sequence of several pieces has them merged by their
+ * softmax maxima and sums afterwards. Each item is computed the same way
+ * whatever thread runs it, and the pieces depend only on the sequence's own
+ * length, so results depend neither on the thread count nor on batch
+ * composition.
  */
 #include <math.h>
 #include <stdint.h>
@@ -50,85 +53,142 @@ static inline void prefetch_block(const float *first, int bs, int64_t row, int D
         for (int c = 0; c < D; c += 16) __builtin_prefetch(first + i * row + c, 0, 3);
 }
 
-/* The G query heads of one KV head of one sequence: softmax(q . K^T * scale) V over its cached
- * tokens, each key and value row read once for the G heads. Inlined with constant sizes for
- * the common shapes, so the output rows stay in registers; scores holds G * len floats. */
-static inline __attribute__((always_inline)) void decode_group_d(
-    const struct decode_args *a, int64_t b, int g, float *scores, const int D, const int G) {
+/* A sequence's context is cut into pieces of SPLIT tokens, each its own work item (so one long
+ * sequence keeps every thread busy: flash-decoding), merged afterwards. The cut depends only on
+ * the sequence's own length, so its result does not depend on the batch around it. */
+#define SPLIT 256
+
+/* The G query heads of one KV head of one sequence over tokens [t0, t1) of its context:
+ * scores q . K^T * scale, their maximum m and p = exp(score - m). With `out` (the whole context
+ * in one piece) it writes softmax(scores) V there; otherwise the piece's m, sum(p) and the
+ * unnormalized p V to part [G * (D + 2)]. Inlined with constant sizes for the common shapes, so
+ * the output rows stay in registers; each key and value row is read once for the G heads. */
+static inline __attribute__((always_inline)) void decode_piece_d(
+    const struct decode_args *a, int64_t b, int g, int64_t t0, int64_t t1, float *out, float *part,
+    const int D, const int G) {
     const int bs = a->block_size;
-    const int64_t len = a->lens[b], row = (int64_t)a->Hkv * D, kv = (int64_t)g * D;
+    const int64_t n = t1 - t0, row = (int64_t)a->Hkv * D, kv = (int64_t)g * D;
     const int64_t *table = a->tables + b * a->max_blocks;
     const float *q = a->q + (b * a->Hq + (int64_t)g * G) * D;
-    float mx[G];
+    float scores[G * SPLIT], mx[G];
     for (int h = 0; h < G; h++) mx[h] = -INFINITY;
-    for (int64_t t = 0, blk = 0; t < len; blk++) {
+    for (int64_t t = t0; t < t1;) {
+        const int64_t blk = t / bs;
         const float *kb = a->k_cache + table[blk] * bs * row + kv;
-        if (t + bs < len) prefetch_block(a->k_cache + table[blk + 1] * bs * row + kv, bs, row, D);
-        for (int i = 0; i < bs && t < len; i++, t++) {
+        if ((blk + 1) * bs < t1) prefetch_block(a->k_cache + table[blk + 1] * bs * row + kv, bs, row, D);
+        for (int i = (int)(t % bs); i < bs && t < t1; i++, t++) {
             const float *kh = kb + i * row;
             for (int h = 0; h < G; h++) {
                 float s = 0.f;
                 for (int d = 0; d < D; d++) s += q[h * D + d] * kh[d];
                 s *= a->scale;
-                scores[h * len + t] = s;
+                scores[h * SPLIT + (t - t0)] = s;
                 mx[h] = s > mx[h] ? s : mx[h];
             }
         }
     }
-    float inv[G];
+    float sums[G], inv[G];
     for (int h = 0; h < G; h++) {
-        float *sh = scores + h * len, sum = 0.f;
+        float *sh = scores + h * SPLIT, sum = 0.f;
         const float m = mx[h];
-        for (int64_t t = 0; t < len; t++) {
+        for (int64_t t = 0; t < n; t++) {
             sh[t] = exp_nonpositive(sh[t] - m);
             sum += sh[t];
         }
-        inv[h] = 1.f / sum;
+        sums[h] = sum;
+        inv[h] = out ? 1.f / sum : 1.f;
     }
     float acc[G * D];
     for (int i = 0; i < G * D; i++) acc[i] = 0.f;
-    for (int64_t t = 0, blk = 0; t < len; blk++) {
+    for (int64_t t = t0; t < t1;) {
+        const int64_t blk = t / bs;
         const float *vb = a->v_cache + table[blk] * bs * row + kv;
-        if (t + bs < len) prefetch_block(a->v_cache + table[blk + 1] * bs * row + kv, bs, row, D);
-        for (int i = 0; i < bs && t < len; i++, t++) {
+        if ((blk + 1) * bs < t1) prefetch_block(a->v_cache + table[blk + 1] * bs * row + kv, bs, row, D);
+        for (int i = (int)(t % bs); i < bs && t < t1; i++, t++) {
             const float *vh = vb + i * row;
             for (int h = 0; h < G; h++) {
-                const float p = scores[h * len + t] * inv[h];
+                const float p = scores[h * SPLIT + (t - t0)] * inv[h];
                 for (int d = 0; d < D; d++) acc[h * D + d] += p * vh[d];
             }
         }
     }
-    float *out = a->out + (b * a->Hq + (int64_t)g * G) * D;
-    for (int i = 0; i < G * D; i++) out[i] = acc[i];
-}
-
-static void decode_group(const struct decode_args *a, int64_t b, int g, float *scores) {
-    const int G = a->Hq / a->Hkv;
-    if (a->D == 64 && G == 3) decode_group_d(a, b, g, scores, 64, 3);
-    else if (a->D == 64 && G == 1) decode_group_d(a, b, g, scores, 64, 1);
-    else if (a->D == 64 && G == 4) decode_group_d(a, b, g, scores, 64, 4);
-    else if (a->D == 128 && G == 4) decode_group_d(a, b, g, scores, 128, 4);
-    else if (a->D == 128 && G == 8) decode_group_d(a, b, g, scores, 128, 8);
-    else decode_group_d(a, b, g, scores, a->D, G);
-}
-
-#define STACK_SCORES 8192
-
-static void decode_items(void *arg, int64_t begin, int64_t end) {
-    const struct decode_args *a = arg;
-    const int G = a->Hq / a->Hkv;
-    float stack[STACK_SCORES], *heap = NULL;
-    for (int64_t item = begin; item < end; item++) {
-        const int64_t b = item / a->Hkv, need = a->lens[b] * G;
-        float *scores = stack;
-        if (need > STACK_SCORES) {
-            free(heap);
-            heap = scores = malloc((size_t)need * sizeof(float));
-            if (!scores) abort();
-        }
-        decode_group(a, b, (int)(item % a->Hkv), scores);
+    if (out) {
+        for (int i = 0; i < G * D; i++) out[i] = acc[i];
+        return;
     }
-    free(heap);
+    for (int h = 0; h < G; h++) {
+        part[h * (D + 2)] = mx[h];
+        part[h * (D + 2) + 1] = sums[h];
+        for (int d = 0; d < D; d++) part[h * (D + 2) + 2 + d] = acc[h * D + d];
+    }
+}
+
+static void decode_piece(const struct decode_args *a, int64_t b, int g, int64_t t0, int64_t t1, float *out,
+                         float *part) {
+    const int G = a->Hq / a->Hkv;
+    if (a->D == 64 && G == 3) decode_piece_d(a, b, g, t0, t1, out, part, 64, 3);
+    else if (a->D == 64 && G == 1) decode_piece_d(a, b, g, t0, t1, out, part, 64, 1);
+    else if (a->D == 64 && G == 4) decode_piece_d(a, b, g, t0, t1, out, part, 64, 4);
+    else if (a->D == 128 && G == 4) decode_piece_d(a, b, g, t0, t1, out, part, 128, 4);
+    else if (a->D == 128 && G == 8) decode_piece_d(a, b, g, t0, t1, out, part, 128, 8);
+    else decode_piece_d(a, b, g, t0, t1, out, part, a->D, G);
+}
+
+struct decode_job {
+    const struct decode_args *a;
+    const int64_t *first; /* [B + 1]: sequence b's pieces are first[b] .. first[b + 1] - 1 */
+    float *parts;         /* [pieces * Hkv][G * (D + 2)] for sequences of more than one piece */
+};
+
+static int64_t pieces_of(int64_t len) { return len > SPLIT ? (len + SPLIT - 1) / SPLIT : 1; }
+
+/* Items: (piece, KV head), sequence by sequence. */
+static void decode_items(void *arg, int64_t begin, int64_t end) {
+    const struct decode_job *j = arg;
+    const struct decode_args *a = j->a;
+    const int G = a->Hq / a->Hkv;
+    int64_t b = 0;
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t piece = item / a->Hkv;
+        const int g = (int)(item % a->Hkv);
+        while (j->first[b + 1] <= piece) b++;
+        const int64_t s = piece - j->first[b], len = a->lens[b], t0 = s * SPLIT;
+        const int64_t t1 = t0 + SPLIT < len ? t0 + SPLIT : len;
+        if (j->first[b + 1] - j->first[b] == 1)
+            decode_piece(a, b, g, t0, t1, a->out + (b * a->Hq + (int64_t)g * G) * a->D, NULL);
+        else
+            decode_piece(a, b, g, t0, t1, NULL, j->parts + item * G * (a->D + 2));
+    }
+}
+
+/* The pieces of (sequence, KV head) items merged: out = sum_s w_s acc_s / sum_s w_s sum_s with
+ * w_s = exp(m_s - max m). */
+static void merge_items(void *arg, int64_t begin, int64_t end) {
+    const struct decode_job *j = arg;
+    const struct decode_args *a = j->a;
+    const int G = a->Hq / a->Hkv, D = a->D, stride = G * (D + 2);
+    for (int64_t item = begin; item < end; item++) {
+        const int64_t b = item / a->Hkv;
+        const int g = (int)(item % a->Hkv);
+        const int64_t p0 = j->first[b], p1 = j->first[b + 1];
+        if (p1 - p0 == 1) continue;
+        for (int h = 0; h < G; h++) {
+            float top = -INFINITY, total = 0.f;
+            for (int64_t p = p0; p < p1; p++) {
+                const float m = j->parts[(p * a->Hkv + g) * stride + h * (D + 2)];
+                top = m > top ? m : top;
+            }
+            float *o = a->out + (b * a->Hq + (int64_t)g * G + h) * D;
+            for (int d = 0; d < D; d++) o[d] = 0.f;
+            for (int64_t p = p0; p < p1; p++) {
+                const float *part = j->parts + (p * a->Hkv + g) * stride + h * (D + 2);
+                const float w = exp_nonpositive(part[0] - top);
+                total += w * part[1];
+                for (int d = 0; d < D; d++) o[d] += w * part[2 + d];
+            }
+            for (int d = 0; d < D; d++) o[d] /= total;
+        }
+    }
 }
 
 void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache, const int64_t *tables,
@@ -136,8 +196,22 @@ void paged_decode_f32(const float *q, const float *k_cache, const float *v_cache
                       int max_blocks, float scale, int64_t total_tokens, parallel_for_fn parallel_for) {
     struct decode_args a = {q, k_cache, v_cache, tables, lens, out, Hq, Hkv, D, block_size, max_blocks,
                             scale};
-    const int64_t items = (int64_t)B * Hkv;
-    parallel_for(items, 2 * D * (Hq / Hkv) * (total_tokens / B + 1), decode_items, &a);
+    int64_t *first = malloc(((size_t)B + 1) * sizeof(int64_t));
+    if (!first) abort();
+    first[0] = 0;
+    for (int b = 0; b < B; b++) first[b + 1] = first[b] + pieces_of(lens[b]);
+    const int64_t pieces = first[B];
+    float *parts = NULL;
+    if (pieces > B) {
+        parts = malloc((size_t)(pieces * Hkv) * (size_t)(Hq / Hkv) * (size_t)(D + 2) * sizeof(float));
+        if (!parts) abort();
+    }
+    struct decode_job j = {&a, first, parts};
+    const int64_t per_piece = total_tokens / pieces + 1;
+    parallel_for(pieces * Hkv, 2 * D * (Hq / Hkv) * per_piece, decode_items, &j);
+    if (parts) parallel_for((int64_t)B * Hkv, (pieces / B) * D * (Hq / Hkv), merge_items, &j);
+    free(parts);
+    free(first);
 }
 
 /* k_cache[slots[t]] = k[t] and v_cache[slots[t]] = v[t] for T tokens of `row` floats (all KV
