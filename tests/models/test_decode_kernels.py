@@ -64,3 +64,40 @@ def test_cache_write_declines_a_layout_it_cannot_copy_by_rows():
     k = torch.randn(2, 8, 3).transpose(1, 2)  # rows not contiguous
     assert not native.write_cache(k, k, torch.tensor([0, 1]), k_cache, v_cache)
     assert k_cache.abs().sum() == 0
+
+
+def test_a_float16_cache_is_read_as_its_float32_values():
+    # The kernel converts each cached half on load: the same result as the float32 cache of the
+    # same (rounded) values, for contexts of one piece and of several.
+    k, v = _cache(blocks=60)
+    k16, v16 = k.half(), v.half()
+    lens = torch.tensor([5, 300, 900])
+    tables = torch.stack([torch.randperm(60)[:57] for _ in range(3)])
+    q = torch.randn(3, 9, 64)
+    torch.testing.assert_close(native.paged_decode(q, k16, v16, tables, lens),
+                               native.paged_decode(q, k16.float(), v16.float(), tables, lens),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        native.paged_decode(q, k.bfloat16(), v.bfloat16(), tables, lens)
+
+
+def test_cache_write_rounds_into_a_float16_cache():
+    k_cache = torch.zeros(4, 16, 3, 64, dtype=torch.float16)
+    v_cache = torch.zeros_like(k_cache)
+    qkv = torch.randn(2, 15, 64) * 100  # k at heads 9..11, v at 12..14 of a fused projection
+    slots = torch.tensor([5, 40])
+    assert native.write_cache(qkv[:, 9:12], qkv[:, 12:15], slots, k_cache, v_cache)
+    flat_k, flat_v = k_cache.view(-1, 3, 64), v_cache.view(-1, 3, 64)
+    assert torch.equal(flat_k[slots], qkv[:, 9:12].half()) and torch.equal(flat_v[slots], qkv[:, 12:15].half())
+    assert flat_k.float().abs().sum() == qkv[:, 9:12].half().float().abs().sum()  # nothing else written
+
+
+def test_the_engine_caches_float16_beside_quantized_weights_only(smollm):
+    from llmos.engine import LLM
+
+    quantized = LLM("smollm2-135m-instruct", kv_budget="8MiB")
+    assert quantized.engine.kv_cache.kv.dtype == torch.float16
+    fp32 = LLM(smollm, kv_budget="8MiB")
+    assert fp32.engine.kv_cache.kv.dtype == torch.float32
+    # The same budget holds twice the blocks at half the bytes.
+    assert quantized.engine.blocks.num_blocks == 2 * fp32.engine.blocks.num_blocks

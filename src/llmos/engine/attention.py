@@ -60,8 +60,8 @@ class PagedAttention:
         kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
         slots = self.meta.slot_mapping
         if not (self._native_write and native.write_cache(k, v, slots.to(torch.int64), k_cache, v_cache)):
-            k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
-            v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+            k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+            v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
         nd, meta = self.meta.num_decodes, self.meta
         if nd and self._kernel is not None:
             extra = {}
@@ -84,8 +84,8 @@ class PagedAttention:
             if chunk.context_start == 0:  # nothing cached before: attend to the chunk itself
                 out[sl] = _prefill(q[sl], k[sl], v[sl], None)
             else:
-                keys = _gather(k_cache, chunk.block_table)[: chunk.context_start + chunk.length]
-                values = _gather(v_cache, chunk.block_table)[: chunk.context_start + chunk.length]
+                keys = _gather(k_cache, chunk.block_table)[: chunk.context_start + chunk.length].to(q.dtype)
+                values = _gather(v_cache, chunk.block_table)[: chunk.context_start + chunk.length].to(q.dtype)
                 out[sl] = _prefill(q[sl], keys, values, mask)
         return out
 
@@ -93,7 +93,7 @@ class PagedAttention:
 @cache
 def decode_kernel(device_type: str, dtype: torch.dtype) -> Callable | None:
     """The in-place paged decode kernel for this device, or None for the gather path."""
-    if device_type == "cpu" and dtype == torch.float32 and native.available():
+    if device_type == "cpu" and dtype in (torch.float32, torch.float16) and native.available():
         return native.paged_decode
     if device_type == "cuda":
         try:
@@ -136,8 +136,8 @@ def _decode(q, k_cache, v_cache, block_tables, mask):
     """Batched single-token decode; the query heads of a KV group share one matmul."""
     b, hq, d = q.shape
     hkv = k_cache.shape[2]
-    keys = _gather(k_cache, block_tables).permute(0, 2, 1, 3)  # [B, Hkv, L, D]
-    values = _gather(v_cache, block_tables).permute(0, 2, 1, 3)
+    keys = _gather(k_cache, block_tables).permute(0, 2, 1, 3).to(q.dtype)  # [B, Hkv, L, D]
+    values = _gather(v_cache, block_tables).permute(0, 2, 1, 3).to(q.dtype)
     qg = q.view(b, hkv, hq // hkv, d)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
     return out.reshape(b, hq, d)

@@ -26,7 +26,7 @@ from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import ConfigError, EngineConfig
 from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler, json_schema_grammar
 from llmos.engine.histograms import LatencyHistograms
-from llmos.engine.kv_cache import KVCache
+from llmos.engine.kv_cache import KVCache, kv_dtype
 from llmos.engine.metrics import EngineMetrics
 from llmos.engine.model_runner import ModelRunner
 from llmos.engine.output_processor import OutputProcessor, completion_output
@@ -81,14 +81,15 @@ class LLMEngine:
         self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, dtype)
+        self.kv_dtype = kv_dtype(self.loaded.model, dtype, device)
+        block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, self.kv_dtype)
         budget = cfg.kv_budget_bytes()
         num_blocks = budget // block_bytes
         if num_blocks < 1:
             raise ConfigError(f"kv_budget of {budget} bytes holds no block of {block_bytes} bytes; "
                               "give at least that much")
         num_swap = cfg.swap_space // block_bytes
-        self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, dtype, device)
+        self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, self.kv_dtype, device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks, SwapSpace(num_swap))
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, cfg.block_size)

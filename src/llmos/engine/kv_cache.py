@@ -3,8 +3,25 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from llmos.models.config import ModelConfig
+
+
+def kv_dtype(model: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """What the cache holds: float16 beside quantized weights on the CPU, else the model's dtype.
+
+    There a decode step reads every cached token once per layer from memory, so half the bytes
+    is up to half the attention's time (llama.cpp's default cache is f16 too); fp32 weights
+    keep an fp32 cache, which reproduces the dense computation exactly.
+    """
+    from llmos.engine import native
+    from llmos.models.quant import QuantizedLinear
+
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    if device.type == "cpu" and dtype == torch.float32 and quantized and native.available():
+        return torch.float16
+    return dtype
 
 
 class KVCache:
@@ -55,7 +72,7 @@ class KVCache:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros; on the CPU from calloc'ed pages, so a large pool costs memory only once used."""
-    if device.type == "cpu" and dtype == torch.float32:
+    if device.type == "cpu" and dtype in (torch.float32, torch.float16):
         import numpy as np
         from numpy._core.multiarray import _set_madvise_hugepage
 
@@ -63,7 +80,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         # 2 MiB resident in each layer; with small pages only the slots used cost memory.
         before = _set_madvise_hugepage(False)
         try:
-            return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+            return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
         finally:
             _set_madvise_hugepage(before)
     return torch.zeros(shape, dtype=dtype, device=device)

@@ -56,10 +56,11 @@ def engine(loaded: Any, num_blocks: int, **config: Any) -> Any:
     """An engine whose KV pool is exactly `num_blocks` blocks."""
     from llmos.engine import LLMEngine
     from llmos.engine.config import EngineConfig
-    from llmos.engine.kv_cache import KVCache
+    from llmos.engine.kv_cache import KVCache, kv_dtype
 
     cfg = EngineConfig(**config)
-    block_bytes = KVCache.block_bytes(loaded.config, cfg.block_size, cfg.torch_dtype)
+    dtype = kv_dtype(loaded.model, cfg.torch_dtype, cfg.torch_device)
+    block_bytes = KVCache.block_bytes(loaded.config, cfg.block_size, dtype)
     e = LLMEngine(loaded, kv_budget=num_blocks * block_bytes, **config)
     assert e.blocks.num_blocks == num_blocks, (e.blocks.num_blocks, num_blocks)
     return e
@@ -68,7 +69,7 @@ def engine(loaded: Any, num_blocks: int, **config: Any) -> Any:
 def block_bytes(e: Any) -> int:
     from llmos.engine.kv_cache import KVCache
 
-    return KVCache.block_bytes(e.model_config, e.config.block_size, e.config.torch_dtype)
+    return KVCache.block_bytes(e.model_config, e.config.block_size, e.kv_dtype)
 
 
 def pyplot() -> Any:
