@@ -88,7 +88,8 @@ def test_cache_write_rounds_into_a_float16_cache():
     slots = torch.tensor([5, 40])
     assert native.write_cache(qkv[:, 9:12], qkv[:, 12:15], slots, k_cache, v_cache)
     flat_k, flat_v = k_cache.view(-1, 3, 64), v_cache.view(-1, 3, 64)
-    assert torch.equal(flat_k[slots], qkv[:, 9:12].half()) and torch.equal(flat_v[slots], qkv[:, 12:15].half())
+    assert torch.equal(flat_k[slots], qkv[:, 9:12].half())
+    assert torch.equal(flat_v[slots], qkv[:, 12:15].half())
     assert flat_k.float().abs().sum() == qkv[:, 9:12].half().float().abs().sum()  # nothing else written
 
 

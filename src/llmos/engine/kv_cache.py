@@ -9,16 +9,21 @@ from llmos.models.config import ModelConfig
 
 
 def kv_dtype(model: nn.Module, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """What the cache holds: float16 beside quantized weights on the CPU, else the model's dtype.
+    """What the cache of an engine running `model` holds (kv_dtype_for its weights)."""
+    from llmos.models.quant import QuantizedLinear
+
+    return kv_dtype_for(any(isinstance(m, QuantizedLinear) for m in model.modules()), dtype, device)
+
+
+def kv_dtype_for(quantized: bool, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """float16 beside quantized weights on the CPU, else the model's dtype.
 
     There a decode step reads every cached token once per layer from memory, so half the bytes
     is up to half the attention's time (llama.cpp's default cache is f16 too); fp32 weights
     keep an fp32 cache, which reproduces the dense computation exactly.
     """
     from llmos.engine import native
-    from llmos.models.quant import QuantizedLinear
 
-    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
     if device.type == "cpu" and dtype == torch.float32 and quantized and native.available():
         return torch.float16
     return dtype
@@ -80,7 +85,8 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
         # 2 MiB resident in each layer; with small pages only the slots used cost memory.
         before = _set_madvise_hugepage(False)
         try:
-            return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+            element = np.float32 if dtype == torch.float32 else np.float16
+            return torch.from_numpy(np.zeros(shape, dtype=element))
         finally:
             _set_madvise_hugepage(before)
     return torch.zeros(shape, dtype=dtype, device=device)
