@@ -1,7 +1,7 @@
 /* Matrix products with GGUF-quantized weights read in place (Q4_0, Q4_1, Q8_0).
  *
- * The weights are kept in a kernel layout made once at load (quant.py's
- * QuantWeight.from_ggml, its exact inverse to_ggml): rows in groups of 16,
+ * The weights are kept in a kernel layout made once at load (quant_pack, from
+ * quant.py's GGMLWeight.pack; QuantWeight.to_ggml undoes it): rows in groups of 16,
  * and for each group and block of 32 columns, the 16 rows' fp16 scales d, for
  * Q4_1 their fp16 minimums m, then their quantized values as unsigned bytes
  * four columns to a 32-bit lane, one lane per row:
@@ -24,9 +24,10 @@
  * exact in integers, 128 (w . hi) + (w . lo) - offset * sum(q), converted and
  * scaled once by d dx; Q4_1 adds m dx sum(q).
  *
- * Every product's groups of 16 output rows are shared out, in small chunks
- * claimed one at a time, between the calling thread and a persistent pool of
- * workers (pool.h). Each output element is computed the same way whoever
+ * A product's work items, (group of 16 weight rows, panel of 64 activation
+ * rows: a few hundred KiB that stay in L2 while every group passes), are
+ * shared out in small chunks claimed one at a time between the calling thread
+ * and a persistent pool of workers (pool.h). Each output element is computed the same way whoever
  * computes it and whatever the batch (the integers are exact, and the float
  * steps run in one order per element), so results depend neither on the
  * thread count nor on batch composition, and the portable C path (no AVX-512
