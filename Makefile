@@ -16,7 +16,8 @@ TYPED := src/llmos/db.py src/llmos/security/fs.py src/llmos/security/audit.py sr
 	src/llmos/replicas/*.py src/llmos/models/quant.py src/llmos/models/cbuild.py \
 	src/llmos/engine/output_processor.py src/llmos/engine/retained.py src/llmos/kernel/retention.py \
 	src/llmos/kernel/sched.py src/llmos/bench/llamacpp.py src/llmos/bench/replicas.py \
-	src/llmos/bench/served.py src/llmos/bench/single_stream.py src/llmos/bench/rss.py
+	src/llmos/bench/served.py src/llmos/bench/single_stream.py src/llmos/bench/rss.py \
+	src/llmos/engine/native.py src/llmos/engine/kv_cache.py
 MYPY := $(BIN)/mypy --ignore-missing-imports --follow-imports=silent
 
 $(STAMP): pyproject.toml

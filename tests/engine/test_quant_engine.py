@@ -3,7 +3,7 @@
 Stated tolerance: the quantized model's logits are within 0.5% (relative L2,
 per position) and 0.05 (absolute) of the fp32 model's on the same dequantized
 weights, with the same argmax at every position; greedy generation gives the
-same tokens. Measured when written: 0.12% and 0.011.
+same tokens. Measured on the VNNI kernel (15-bit activations): 0.25% and 0.019.
 """
 
 import pytest

@@ -79,6 +79,14 @@ def test_the_kernel_layout_is_an_exact_rearrangement_of_the_files_blocks(fmt, ro
     torch.testing.assert_close(out, dense.T, atol=1e-6 * dense.abs().max(), rtol=1e-4)
 
 
+def test_malformed_blocks_are_refused_before_the_kernel_reads_them():
+    rows = np.zeros((3, 40), dtype=np.uint8)  # two Q4_1 blocks a row
+    with pytest.raises(ModelError, match="multiple of 32"):
+        quant.GGMLWeight(rows, QuantFormat.Q4_1, 48).pack()
+    with pytest.raises(ModelError, match="expected 60 bytes a row, got 40"):
+        quant.GGMLWeight(rows, QuantFormat.Q4_1, 96).pack()  # a row claims more columns than it holds
+
+
 def test_the_portable_path_gives_the_vectorized_paths_bits():
     import ctypes
     from pathlib import Path

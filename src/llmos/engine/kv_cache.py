@@ -79,7 +79,7 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     """Zeros; on the CPU from calloc'ed pages, so a large pool costs memory only once used."""
     if device.type == "cpu" and dtype in (torch.float32, torch.float16):
         import numpy as np
-        from numpy._core.multiarray import _set_madvise_hugepage
+        from numpy._core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined]
 
         # numpy asks for transparent huge pages on large arrays: a written slot would then make
         # 2 MiB resident in each layer; with small pages only the slots used cost memory.

@@ -15,28 +15,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "../models/vexp.h"
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-
-/* exp(x) for the softmax's x <= 0, within 2 ulp (Cephes' polynomial): branch-free, so a loop of
- * it vectorizes, where a libm call per score cost a fifth of the kernel. */
-static inline float exp_nonpositive(float x) {
-    x = x < -87.f ? -87.f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return y * scale;
-}
 
 typedef void (*task_fn)(void *arg, int64_t begin, int64_t end);
 typedef void (*parallel_for_fn)(int64_t n, int64_t cost, task_fn fn, void *arg);
@@ -115,7 +98,7 @@ static inline __attribute__((always_inline)) void decode_piece_d(
         float *sh = scores + h * SPLIT, sum = 0.f;
         const float m = mx[h];
         for (int64_t t = 0; t < n; t++) {
-            sh[t] = exp_nonpositive(sh[t] - m);
+            sh[t] = exp_f32(sh[t] - m);
             sum += sh[t];
         }
         sums[h] = sum;
@@ -148,7 +131,7 @@ static inline __attribute__((always_inline)) void decode_piece_d(
 }
 
 #if defined(__AVX512F__)
-/* exp_nonpositive on 16 lanes. */
+/* exp_f32 on 16 lanes, for x <= 0 (scores less their maximum). */
 static inline __m512 exp_nonpositive16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.f));
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -310,7 +293,7 @@ static void merge_items(void *arg, int64_t begin, int64_t end) {
             for (int d = 0; d < D; d++) o[d] = 0.f;
             for (int64_t p = p0; p < p1; p++) {
                 const float *part = j->parts + (p * a->Hkv + g) * stride + h * (D + 2);
-                const float w = exp_nonpositive(part[0] - top);
+                const float w = exp_f32(part[0] - top);
                 total += w * part[1];
                 for (int d = 0; d < D; d++) o[d] += w * part[2 + d];
             }

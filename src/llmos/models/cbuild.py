@@ -1,6 +1,6 @@
 """Native kernels: a C source built once with the system compiler, loaded with ctypes.
 
-The build is keyed by the source (with the headers it includes from its own
+The build is keyed by the source (with the headers it includes by a quoted path relative to its own
 directory), the flags and the machine, written into the
 llmos cache directory under a temporary name and renamed into place, so
 concurrent builders agree and a changed source rebuilds. Where no compiler
@@ -50,6 +50,6 @@ def build_library(source: Path, what: str = "kernel", defines: tuple[str, ...] =
 
 
 def _local_headers(source: Path) -> list[Path]:
-    """The headers `source` includes with quotes from its own directory (they change the build too)."""
+    """The headers `source` includes with quotes, relative to its directory (they change the build too)."""
     names = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', source.read_bytes(), flags=re.MULTILINE)
-    return [source.with_name(n.decode()) for n in names if source.with_name(n.decode()).is_file()]
+    return [source.parent / n.decode() for n in names if (source.parent / n.decode()).is_file()]

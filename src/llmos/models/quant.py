@@ -87,6 +87,9 @@ class GGMLWeight:
         columns to a 32-bit lane. Exactly undone by QuantWeight.to_ggml."""
         blocks = np.ascontiguousarray(self.blocks, dtype=np.uint8)
         rows, nb = blocks.shape[0], self.cols // BLOCK
+        if self.cols % BLOCK or self.cols <= 0:
+            raise ModelError(f"{self.fmt.name} weight: columns must be a positive multiple of {BLOCK}, "
+                             f"got {self.cols}")
         if blocks.size != rows * nb * self.fmt.block_bytes:
             raise ModelError(f"{self.fmt.name} weight of {self.cols} columns: expected "
                              f"{nb * self.fmt.block_bytes} bytes a row, got {blocks.size // max(rows, 1)}")

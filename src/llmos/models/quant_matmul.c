@@ -38,6 +38,7 @@
 #include <string.h>
 
 #include "pool.h"
+#include "vexp.h"
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(QUANT_PORTABLE)
 #define QUANT_VNNI 1
 #include <immintrin.h>
@@ -447,25 +448,6 @@ static struct fused_scratch carve(uint8_t *scratch, int64_t M, int64_t width) {
     s.b = s.a + M * width;
     s.act = (uint8_t *)(s.b + M * width);
     return s;
-}
-
-/* exp(x) within 2 ulp for |x| <= 87 (Cephes' polynomial; clamped beyond), branch-free so that a
- * loop of it vectorizes, where a libm call per element cost as much as the gate/up product. */
-static inline float exp_f32(float x) {
-    x = x < -87.f ? -87.f : x > 87.f ? 87.f : x;
-    const float n = __builtin_rintf(x * 1.44269504088896341f);
-    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    const float y = p * r * r + r + 1.f;
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    return y * scale;
 }
 
 static void rms_norm_rows(const float *x, int64_t M, int64_t H, const float *w, float eps, float *out) {
