@@ -102,3 +102,15 @@ def test_the_engine_caches_float16_beside_quantized_weights_only(smollm):
     assert fp32.engine.kv_cache.kv.dtype == torch.float32
     # The same budget holds twice the blocks at half the bytes.
     assert quantized.engine.blocks.num_blocks == 2 * fp32.engine.blocks.num_blocks
+    # A step runs torch on one thread beside the kernels' pool, and gives the setting back.
+    from llmos.engine import SamplingParams
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = []
+    quantized.generate([[1, 2, 3]], SamplingParams(max_tokens=2), on_step=lambda _: seen.append(
+        torch.get_num_threads()))
+    try:
+        assert torch.get_num_threads() == 2 and seen and all(n == 2 for n in seen)
+    finally:
+        torch.set_num_threads(before)

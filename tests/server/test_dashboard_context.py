@@ -35,8 +35,9 @@ def scripted(tmp_path) -> Iterator[dict]:
     thread.join(timeout=10)
 
 
-def _events(url: str, key: str, count: int) -> list[str]:
-    """The raw text of `count` events of the dashboard stream, as `key`'s user receives them."""
+def _events(url: str, key: str, count: int, until=None) -> list[str]:
+    """The raw text of `count` events of the dashboard stream, as `key`'s user receives them (fewer
+    when `until(event)` holds for one first)."""
     out: list[str] = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http, \
             http.stream("GET", "/v1/dashboard/events", params={"interval": 0.1}) as r:
@@ -44,7 +45,7 @@ def _events(url: str, key: str, count: int) -> list[str]:
         for line in r.iter_lines():
             if line.startswith("data: "):
                 out.append(line[6:])
-                if len(out) == count:
+                if len(out) == count or (until is not None and until(out[-1])):
                     return out
     return out
 
@@ -60,7 +61,13 @@ def test_a_users_stream_never_shows_another_users_agents(scripted):
                 {"role": "user", "content": "ALICE-QUESTION about my diary"}])),
             (bob, bob.agents.messages.create_async(theirs.id, messages=[
                 {"role": "user", "content": "BOB-QUESTION about the ledger"}]))]
-    seen = _events(scripted["url"], scripted["keys"]["alice"], 6)  # while both runs run
+    def shows_a_pid(event: str) -> bool:
+        return any(c["pid"] is not None for c in json.loads(event)["contexts"])
+
+    # While both runs run: until alice's context shows the pid running it (10 s at most, so a
+    # loaded machine that starts the run late still gets there).
+    seen = _events(scripted["url"], scripted["keys"]["alice"], 100, until=shows_a_pid)
+    running = [json.loads(s)["contexts"] for s in seen]
     for c, run in runs:
         assert wait_run(c, run.id, timeout=60).status == "completed"
     seen += _events(scripted["url"], scripted["keys"]["alice"], 2)  # and after: the contexts stay listed
@@ -73,7 +80,6 @@ def test_a_users_stream_never_shows_another_users_agents(scripted):
     assert ctx["name"] == "alice-diary" and ctx["owner"] == users["alice"] and ctx["pid"] is None
     assert [(b["label"], b["value"]) for b in ctx["core"] if b["label"] == "human"] == [
         ("human", "ALICE-MARKER likes the cello")]
-    running = [json.loads(s)["contexts"] for s in seen[:6]]
     assert any(cs and cs[0]["pid"] is not None for cs in running), "the pid is shown while the message runs"
     # the admin sees both agents' contexts, bob only his own
     root = json.loads(_events(scripted["url"], scripted["keys"]["root"], 1)[0])

@@ -269,7 +269,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
                      cb_max_batches: tuple[int, ...] = CB_MAX_BATCHES,
                      **engine_kwargs: Any) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    torch_threads = torch.get_num_threads()  # an engine on quantized weights sets torch's to 1
+    torch_threads = torch.get_num_threads()
     name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
     device = torch.device("cuda" if name == "G" else "cpu")
     quality: dict[str, Any] = {}
@@ -302,7 +302,6 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         results.append(run_llmos(loaded, requests, task("llmos"), device=str(device),
                                  dtype=str(dtype).removeprefix("torch."), **engine_kwargs))
         ours = results[0]
-        torch.set_num_threads(torch_threads)  # the peers run with every thread torch had
         if peers_too:
             hf = peers.build_hf_model(loaded.config, peer_weights(), dtype, device)
             if name == "C":

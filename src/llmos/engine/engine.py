@@ -74,10 +74,10 @@ class LLMEngine:
         else:
             self.loaded = load_model(model, dtype=dtype, device=device, quantization=cfg.weight_quantization)
         self.model_config = self.loaded.config
-        if any(isinstance(m, QuantizedLinear) for m in self.loaded.model.modules()):
-            # A step's heavy work runs on the quantized kernels' own thread pool; torch's OpenMP
-            # threads, spinning after each of the step's few torch ops, would only take its cores.
-            torch.set_num_threads(1)
+        # A step on quantized weights runs its heavy work on the kernels' own thread pool; torch's
+        # OpenMP threads, spinning after each of the step's few torch ops, would only take its
+        # cores, so the step runs torch on one thread (and gives the process its setting back).
+        self._one_torch_thread = any(isinstance(m, QuantizedLinear) for m in self.loaded.model.modules())
         self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
@@ -226,6 +226,16 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration; returns an output for every request that made progress."""
+        threads = torch.get_num_threads()
+        if not self._one_torch_thread or threads == 1:
+            return self._step()
+        torch.set_num_threads(1)
+        try:
+            return self._step()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
         self.kv_cache.swap_out(out.swap_out)
         self.kv_cache.swap_in(out.swap_in)
