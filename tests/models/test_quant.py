@@ -79,6 +79,20 @@ def test_the_kernel_layout_is_an_exact_rearrangement_of_the_files_blocks(fmt, ro
     torch.testing.assert_close(out, dense.T, atol=1e-6 * dense.abs().max(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 3e38])
+def test_a_non_finite_activation_poisons_only_its_own_row(bad):
+    qw = quant.quantize(torch.randn(20, 64), QuantFormat.Q4_1)
+    x = torch.randn(3, 64)
+    x[1, 40] = bad
+    out = quant.quant_linear(x, qw)
+    if bad == 3e38:  # huge but finite: quantized like any other block
+        assert torch.isfinite(out[1]).any()
+    else:  # the row's products are NaN, as in float arithmetic, never a wild integer conversion
+        assert torch.isnan(out[1]).all()
+    for i in (0, 2):
+        assert torch.equal(out[i], quant.quant_linear(x[i : i + 1], qw)[0])
+
+
 def test_malformed_blocks_are_refused_before_the_kernel_reads_them():
     rows = np.zeros((3, 40), dtype=np.uint8)  # two Q4_1 blocks a row
     with pytest.raises(ModelError, match="multiple of 32"):
