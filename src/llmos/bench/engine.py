@@ -269,7 +269,6 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
                      cb_max_batches: tuple[int, ...] = CB_MAX_BATCHES,
                      **engine_kwargs: Any) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
-    torch_threads = torch.get_num_threads()
     name = {"auto": "G" if cuda else "C", "c": "C", "g": "G"}.get(workload.lower(), workload)
     device = torch.device("cuda" if name == "G" else "cpu")
     quality: dict[str, Any] = {}
@@ -291,7 +290,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
     info = describe(requests)
     console.print(f"workload {name}{' (quick)' if quick else ''}: {info['requests']} requests, "
                   f"{info['prompt_tokens']} prompt tokens, {info['requested_output_tokens']} "
-                  f"output tokens requested; {dtype}, {device}, {torch_threads} threads")
+                  f"output tokens requested; {dtype}, {device}, {torch.get_num_threads()} threads")
     results: list[PeerResult | PeerSkipped] = []
     sweeps: dict[str, list[PeerResult | PeerSkipped]] = {}
     with _progress(console) as bar:
@@ -343,7 +342,7 @@ def run_engine_bench(console: Console, quick: bool = False, model: str = "smollm
         "workload_info": info,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
         or platform.machine(),
-        "threads": torch_threads,
+        "threads": torch.get_num_threads(),
         "results": [_row(r, ours) for r in results],
         "best_peer": best_peer.name if (best_peer := peers.fastest(results[1:])) else None,
         "llmos_vs_best_peer": ours.throughput / best_peer.throughput if best_peer else None,

@@ -26,7 +26,7 @@ from llmos.engine.block_manager import BlockManager, PrefixCacheStats, SwapSpace
 from llmos.engine.config import ConfigError, EngineConfig
 from llmos.engine.guided import BudgetGuard, Closing, GrammarCompiler, json_schema_grammar
 from llmos.engine.histograms import LatencyHistograms
-from llmos.engine.kv_cache import KVCache, kv_dtype
+from llmos.engine.kv_cache import KVCache, kv_dtype_for
 from llmos.engine.metrics import EngineMetrics
 from llmos.engine.model_runner import ModelRunner
 from llmos.engine.output_processor import OutputProcessor, completion_output
@@ -77,11 +77,12 @@ class LLMEngine:
         # A step on quantized weights runs its heavy work on the kernels' own thread pool; torch's
         # OpenMP threads, spinning after each of the step's few torch ops, would only take its
         # cores, so the step runs torch on one thread (and gives the process its setting back).
-        self._one_torch_thread = any(isinstance(m, QuantizedLinear) for m in self.loaded.model.modules())
+        quantized = any(isinstance(m, QuantizedLinear) for m in self.loaded.model.modules())
+        self._one_torch_thread = quantized
         self.tokenizer: Tokenizer | None = self.loaded.tokenizer
         self.max_model_len = min(cfg.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
-        self.kv_dtype = kv_dtype(self.loaded.model, dtype, device)
+        self.kv_dtype = kv_dtype_for(quantized, dtype, device)
         block_bytes = KVCache.block_bytes(self.model_config, cfg.block_size, self.kv_dtype)
         budget = cfg.kv_budget_bytes()
         num_blocks = budget // block_bytes
